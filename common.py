@@ -1,0 +1,786 @@
+"""Shared pieces of the AOT reference scripts, and nothing else.
+
+1. Model loading: the defender MLLM (Qwen2.5-VL), the attacker editor (Qwen-Image-Edit) with
+   its LoRA, and the model name ``tiny``: architecture-faithful tiny versions of both, built
+   offline and deterministically (same weights in every process and stage).
+2. The attacker's model interface (prompt + condition encoding, one velocity prediction with
+   true CFG, latent <-> image) and the defender's batched generation / P(Yes) scoring: every
+   stage calls these, so they live here once.
+3. torchrun setup.
+4. Prompts (official defender eval wording, the attacker's adversarial instruction).
+5. Rewards: answer extraction, the defender accuracy reward, DAPO's soft overlong penalty,
+   local SSIM and the attacker reward.
+6. Small I/O helpers: safetensors checkpoints, JSONL logs, atomic directory writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+TINY = "tiny"
+DEFENDER_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
+ATTACKER_ID = "Qwen/Qwen-Image-Edit"
+
+# LoRA targets of the Flow-GRPO Qwen-Image-Edit config (shared/PAPER_NOTES.md).
+ATTACKER_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+]
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tiny offline models
+# ---------------------------------------------------------------------------------------------
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# The Qwen2-VL chat template (as shipped with Qwen2.5-VL-7B-Instruct).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the tiny BPE is trained on: the prompts this project sends, so they tokenize compactly.
+_TINY_CORPUS = [
+    "You are a helpful assistant. Yes No yes no A B C D (A) (B) answer Answer \\boxed{A} "
+    "\\boxed{B} \\boxed{C} \\boxed{D} \\boxed{Yes} \\boxed{No} 0 1 2 3 4 5 6 7 8 9 [ ] { } , . : \"",
+    "Please answer the following question with only 'Yes' or 'No'. Answer with \\boxed{Yes} or "
+    "\\boxed{No}. Options: Provide your final answer in the format \\boxed{X}, where X is the "
+    "letter of your choice.",
+    "Describe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. "
+    "Generate a new image that meets the user's requirements while maintaining consistency with "
+    "the original input where appropriate.",
+    "Add a plausible distractor object to mislead a model answering: Is the red circle on the "
+    "left or right of the blue square? Is there a green triangle in the image? above below "
+    "object bbox small wooden clock cup lamp bottle cell phone",
+    "Does this image show one coherent scene in which the question can still be answered? Is "
+    "there more than one in this image? Does this image look like a single natural photograph? "
+    "Extend the scene naturally beyond its borders. Propose distractor objects as JSON.",
+]
+
+
+def build_tiny_tokenizer():
+    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus: deterministic, offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=768, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
+                         additional_special_tokens=QWEN_SPECIAL_TOKENS[1:])
+    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return tok
+
+
+def _tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    tok = build_tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                               video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+
+def _tiny_vl_config(tok):
+    from transformers import Qwen2_5_VLConfig
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                # head_dim 16 -> mrope sections must sum to head_dim / 2 = 8
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
+                  fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"])
+
+
+@contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_tiny_defender():
+    """A 2-layer Qwen2.5-VL (with vision tower) and its processor, same weights every call."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    processor = _tiny_vl_processor()
+    config = _tiny_vl_config(processor.tokenizer)
+    with _seeded(0):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model.eval(), processor
+
+
+def build_tiny_attacker():
+    """A Qwen-Image-Edit pipeline with a 2-block MMDiT, a small Qwen-Image VAE and the tiny VL."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
+    text_encoder, processor = build_tiny_defender()
+    with _seeded(1):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=text_encoder.config.text_config.hidden_size,
+            axes_dims_rope=(8, 12, 12))
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    return QwenImageEditPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder,
+                                 tokenizer=processor.tokenizer, processor=processor,
+                                 transformer=transformer)
+
+
+# Qwen-Image's released scheduler config.
+QWEN_IMAGE_SCHEDULER = dict(
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
+    num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type="exponential",
+    use_dynamic_shifting=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Loading
+# ---------------------------------------------------------------------------------------------
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=None,
+                  min_pixels: int | None = None, max_pixels: int | None = None):
+    """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    dtype = dtype or default_dtype(device)
+    if name_or_path == TINY:
+        model, processor = build_tiny_defender()
+    else:
+        kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, **kw)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    processor.tokenizer.padding_side = "left"  # batched generation
+    if min_pixels:
+        processor.image_processor.min_pixels = min_pixels
+    if max_pixels:
+        processor.image_processor.max_pixels = max_pixels
+    return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, device="cpu",
+                  dtype=None, trainable_lora: bool = False):
+    """-> diffusers QwenImageEditPipeline (all weights frozen), with an optional saved LoRA."""
+    from diffusers import QwenImageEditPipeline
+    dtype = dtype or default_dtype(device)
+    if name_or_path == TINY:
+        pipe = build_tiny_attacker()
+    else:
+        pipe = QwenImageEditPipeline.from_pretrained(name_or_path, torch_dtype=dtype,
+                                                     use_safetensors=True)
+    if pipe.transformer.dtype != dtype:
+        pipe.to(dtype=dtype)
+    pipe.to(device)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    if lora:
+        load_attacker_lora(pipe, lora, trainable=trainable_lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_attacker_lora(pipe, rank: int = 64, alpha: int = 128, targets=None, seed: int = 0):
+    """Fresh LoRA on the transformer (B = 0, so the edit starts as the base model's)."""
+    from peft import LoraConfig
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                     target_modules=targets or ATTACKER_LORA_TARGETS)
+    with _seeded(seed):
+        pipe.transformer.add_adapter(cfg)
+    return lora_parameters(pipe.transformer)
+
+
+def lora_parameters(module) -> list[torch.nn.Parameter]:
+    params = [p for n, p in module.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def save_attacker_lora(pipe, out_dir: str | Path):
+    """Write ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights(out_dir)``."""
+    from diffusers import QwenImageEditPipeline
+    from peft.utils import get_peft_model_state_dict
+    tr = pipe.transformer
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(tr).items()}
+    cfg = tr.peft_config["default"]
+    meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+    QwenImageEditPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
+                                            transformer_lora_adapter_metadata=meta,
+                                            safe_serialization=True)
+
+
+def load_attacker_lora(pipe, lora_dir: str | Path, trainable: bool = False):
+    """Load a LoRA saved by ``save_attacker_lora`` (or any diffusers Qwen-Image LoRA)."""
+    path = Path(lora_dir)
+    if not (path / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {path}")
+    pipe.load_lora_weights(str(path), adapter_name="default")
+    if trainable:
+        return lora_parameters(pipe.transformer)
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2a. The attacker's model interface (used by stages 01, 02, 03)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EditContext:
+    """Everything the transformer needs besides the noisy latents, for a batch of edits."""
+    prompt_embeds: torch.Tensor        # (B, Lt, D)
+    prompt_mask: torch.Tensor | None   # (B, Lt) or None when nothing is padded
+    neg_embeds: torch.Tensor | None    # true-CFG negative prompt, same layout
+    neg_mask: torch.Tensor | None
+    cond_latents: torch.Tensor         # (B, Lc, 64) packed VAE latents of the scene
+    img_shapes: list                   # per sample: [(1, h/16, w/16) target, (1, h/16, w/16) cond]
+    height: int
+    width: int
+
+    def repeat(self, n: int) -> EditContext:
+        """Each sample repeated n times in a row (a group of n edits of the same scene)."""
+        def r(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds),
+                           r(self.neg_mask), r(self.cond_latents),
+                           [s for s in self.img_shapes for _ in range(n)], self.height, self.width)
+
+
+def snap_size(image: Image.Image, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) with the image's aspect ratio, area ~ resolution^2, multiples of 16.
+    This is the edit resolution for both the condition and the output: no 1 MP resize."""
+    w, h = image.size
+    scale = resolution / math.sqrt(w * h)
+    return (max(multiple, round(w * scale / multiple) * multiple),
+            max(multiple, round(h * scale / multiple) * multiple))
+
+
+def images_to_tensor(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """PIL list -> (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL list."""
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _latent_stats(pipe, device, dtype):
+    c = pipe.vae.config.z_dim
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, c, 1, 1, 1).to(device, dtype)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, c, 1, 1, 1).to(device, dtype)
+    return mean, std
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, h, w) normalised VAE latents -> (B, h/2*w/2, C*4) transformer tokens."""
+    b, c, _, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, L, C*4) -> (B, C, 1, H/8, W/8)."""
+    b, _, c4 = x.shape
+    h, w = height // 8, width // 8
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, 1, h, w)
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> packed, normalised latents (B, L, 64) (VAE mode, no sampling)."""
+    vae = pipe.vae
+    x = images.to(vae.device, vae.dtype).unsqueeze(2)  # (B, 3, 1, H, W)
+    z = vae.encode(x).latent_dist.mode()
+    mean, std = _latent_stats(pipe, z.device, z.dtype)
+    return pack_latents((z - mean) / std)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents -> (B, 3, H, W) images in [-1, 1]."""
+    vae = pipe.vae
+    z = unpack_latents(latents.to(vae.dtype), height, width)
+    mean, std = _latent_stats(pipe, z.device, z.dtype)
+    return vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+
+
+@torch.no_grad()
+def encode_edit(pipe, images: list[Image.Image], instructions: list[str], resolution: int,
+                negative_prompt: str | None = " ") -> EditContext:
+    """Prompt embeddings of (scene + instruction) and the scene's condition latents.
+
+    All images of one call are edited at the size of the first (callers group by size)."""
+    width, height = snap_size(images[0], resolution)
+    cond = images_to_tensor(images, width, height)
+    prompt_images = [im.convert("RGB").resize((width, height), Image.BICUBIC) for im in images]
+    dev = pipe.transformer.device
+    emb, mask = pipe.encode_prompt(prompt=instructions, image=prompt_images, device=dev)
+    neg_emb = neg_mask = None
+    if negative_prompt is not None:
+        neg_emb, neg_mask = pipe.encode_prompt(prompt=[negative_prompt] * len(images),
+                                               image=prompt_images, device=dev)
+    shape = (1, height // 16, width // 16)
+    return EditContext(emb.to(pipe.transformer.dtype), mask, None if neg_emb is None else
+                       neg_emb.to(pipe.transformer.dtype), neg_mask, encode_images(pipe, cond),
+                       [[shape, shape] for _ in images], height, width)
+
+
+def predict_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, ctx: EditContext,
+                     cfg_scale: float) -> torch.Tensor:
+    """v = eps - x0 for the noisy latents (B, L, 64) at noise level sigma (B,), true CFG with
+    Qwen-Image's norm rescale. The condition latents ride along the sequence; the output is sliced
+    back to the noisy part."""
+    x = torch.cat([latents, ctx.cond_latents], dim=1).to(transformer.dtype)  # (B, L + Lc, 64)
+    t = sigma.to(transformer.dtype).expand(latents.shape[0])
+    n = latents.shape[1]
+    v = transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx.prompt_embeds,
+                    encoder_hidden_states_mask=ctx.prompt_mask, img_shapes=ctx.img_shapes,
+                    return_dict=False)[0][:, :n]
+    if cfg_scale > 1 and ctx.neg_embeds is not None:
+        v_neg = transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx.neg_embeds,
+                            encoder_hidden_states_mask=ctx.neg_mask, img_shapes=ctx.img_shapes,
+                            return_dict=False)[0][:, :n]
+        comb = v_neg + cfg_scale * (v - v_neg)
+        v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+    return v.float()
+
+
+def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
+    """The pipeline's sigma schedule (dynamic shift by sequence length), with the final 0."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+    c = scheduler.config
+    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.float().cpu().clone()  # (num_steps + 1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. The defender's model interface (used by stages 01, 03, 04, 05)
+# ---------------------------------------------------------------------------------------------
+def defender_inputs(processor, images: list[Image.Image], prompts: list[str], device,
+                    assistant_prefix: str = ""):
+    """Left-padded chat inputs, one image + one user turn each."""
+    texts = []
+    for p in prompts:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                     + assistant_prefix)
+    inputs = processor(text=texts, images=[im.convert("RGB") for im in images], padding=True,
+                       return_tensors="pt")
+    return inputs.to(device)
+
+
+@torch.no_grad()
+def defender_generate(model, processor, images, prompts, max_new_tokens=64, temperature=0.0,
+                      top_p=1.0, batch_size=16) -> list[str]:
+    """Batched answers (greedy when temperature == 0)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        inputs = defender_inputs(processor, images[i:i + batch_size], prompts[i:i + batch_size],
+                                 model.device)
+        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
+                  pad_token_id=processor.tokenizer.pad_token_id)
+        if temperature > 0:
+            kw.update(temperature=temperature, top_p=top_p, top_k=0)
+        seq = model.generate(**inputs, **kw)
+        out += processor.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def defender_p_yes(model, processor, images, questions, batch_size=16) -> torch.Tensor:
+    """P(Yes) / (P(Yes) + P(No)) at the first answer position: one forward, always defined."""
+    tok = processor.tokenizer
+    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+    out = []
+    for i in range(0, len(questions), batch_size):
+        inputs = defender_inputs(processor, images[i:i + batch_size],
+                                 [yes_no_prompt(q) for q in questions[i:i + batch_size]], model.device)
+        logits = model(**inputs).logits[:, -1].float()  # left padding: last position is the answer's
+        out.append(torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. torchrun
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """rank / world / device from torchrun's environment; one process when not under torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum or mean across ranks (identity in one process); returns a new tensor."""
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        y = x.to(dev)
+        dist.all_reduce(y)
+        x = y.to(x.device)
+        if op == "mean":
+            x /= dist.get_world_size()
+    return x
+
+
+def all_reduce_grads(params):
+    """Average gradients across ranks with one flat all-reduce (DDP's result, minus overlap)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).clone()
+        i += g.numel()
+
+
+def peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Prompts
+# ---------------------------------------------------------------------------------------------
+OPTION_LETTERS = "ABCDEFGH"
+ATTACK_INSTRUCTION = "Add a plausible distractor object to mislead a model answering: {question}"
+
+
+def yes_no_prompt(question: str) -> str:
+    return ("Please answer the following question with only 'Yes' or 'No'. "
+            f"{question} Answer with \\boxed{{Yes}} or \\boxed{{No}}.")
+
+
+def mcq_prompt(question: str, options: list[str]) -> str:
+    opts = "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return (f"{question}\nOptions:\n{opts}\nProvide your final answer in the format \\boxed{{X}}, "
+            "where X is the letter of your choice.")
+
+
+def defender_prompt(question: str, options: list[str]) -> str:
+    """Official eval wording: yes/no when there are no options, else the MCQ block."""
+    return mcq_prompt(question, options) if options else yes_no_prompt(question)
+
+
+def attack_instruction(question: str) -> str:
+    return ATTACK_INSTRUCTION.format(question=question)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Rewards
+# ---------------------------------------------------------------------------------------------
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_answer(text: str, options: list[str] | None = None) -> str | None:
+    """The answer in a defender response: "A".."H" for MCQ, "Yes"/"No" without options.
+
+    Order (as the official eval): the last \\boxed{...}; else a leading/standalone letter or
+    yes/no ("(B)", "B.", "Answer: B", "yes, ..."); else an exact option text. None if nothing."""
+    options = options or []
+    letters = OPTION_LETTERS[:len(options)]
+    boxed = _BOXED.findall(text)
+    candidates = [boxed[-1]] if boxed else []
+    candidates.append(text)
+    for cand in candidates:
+        c = cand.strip()
+        if options:
+            m = re.match(rf"^\(?([{letters}])\)?(?:[.:)\s]|$)", c) or \
+                re.search(rf"(?:answer|option)\s*(?:is)?\s*[:\s]\s*\(?([{letters}])\)?\b", c, re.I)
+            if m:
+                return m.group(1)
+            for i, o in enumerate(options):
+                if c.lower().rstrip(".") == o.lower():
+                    return letters[i]
+        else:
+            m = (re.match(r"^\W*(yes|no)\b", c, re.I)
+                 or re.search(r"(?:answer\s*(?:is)?\s*[:\s])\s*(yes|no)\b", c, re.I))
+            if m:
+                return m.group(1).capitalize()
+    return None
+
+
+def is_exact_format(text: str, options: list[str] | None = None) -> bool:
+    """The response is exactly \\boxed{X} (whitespace aside) with a valid X."""
+    m = re.fullmatch(r"\s*\\boxed\{([^{}]*)\}\s*", text)
+    if not m:
+        return False
+    x = m.group(1).strip()
+    return x in OPTION_LETTERS[:len(options)] if options else x in ("Yes", "No")
+
+
+def accuracy_reward(text: str, answer: str, options: list[str] | None = None) -> float:
+    """Official `correct_first`: 0.8 if correct, +0.2 if correct and exactly \\boxed{X}, else 0."""
+    pred = extract_answer(text, options)
+    if pred is None or pred.lower() != str(answer).strip().lower():
+        return 0.0
+    return 1.0 if is_exact_format(text, options) else 0.8
+
+
+def overlong_penalty(length: int, max_len: int, cache: int) -> float:
+    """DAPO soft overlong punishment: 0 up to max_len - cache, linear to -1 at max_len, -1 past it."""
+    if length <= max_len - cache:
+        return 0.0
+    if length <= max_len:
+        return ((max_len - cache) - length) / cache
+    return -1.0
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]  # (size, size)
+
+
+def _to_gray(image) -> torch.Tensor:
+    """PIL or (3, H, W) / (H, W, 3) uint8-range array -> (H, W) float64 luma in [0, 255]."""
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float64))
+    t = torch.as_tensor(np.asarray(image), dtype=torch.float64)
+    if t.ndim == 3:
+        t = t.permute(1, 2, 0) if t.shape[0] == 3 else t
+        t = t @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    return t
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5,
+             data_range: float = 255.0) -> torch.Tensor:
+    """SSIM map (Wang et al. 2004; Gaussian window, K1=0.01, K2=0.03), 'same' size via reflect pad."""
+    w = _gaussian_window(size, sigma).to(a)[None, None]
+    pad = size // 2
+    x = torch.stack([a, b])[:, None]  # (2, 1, H, W)
+    if min(a.shape) > pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    else:
+        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    mu = F.conv2d(x, w)
+    sq = F.conv2d(x * x, w)
+    xy = F.conv2d(x[:1] * x[1:], w)[0, 0]
+    mu_a, mu_b = mu[0, 0], mu[1, 0]
+    var_a, var_b = sq[0, 0] - mu_a**2, sq[1, 0] - mu_b**2
+    cov = xy - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+
+
+def local_ssim(original, edited, boxes: list[list[float]]) -> float:
+    """Mean SSIM over the target boxes (grayscale, 11x11 Gaussian window, sigma 1.5).
+
+    The map is computed on the whole image and averaged inside each box, then over boxes;
+    with no boxes the whole image counts. ``edited`` is resized to ``original`` if needed."""
+    if isinstance(edited, Image.Image) and isinstance(original, Image.Image) and edited.size != original.size:
+        edited = edited.resize(original.size, Image.BICUBIC)
+    a, b = _to_gray(original), _to_gray(edited)
+    if a.shape != b.shape:
+        raise ValueError(f"local_ssim: image shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+    smap = ssim_map(a, b)
+    h, w = smap.shape
+    if not boxes:
+        return float(smap.mean())
+    vals = []
+    for x1, y1, x2, y2 in boxes:
+        x1, y1 = max(0, int(math.floor(x1))), max(0, int(math.floor(y1)))
+        x2, y2 = min(w, int(math.ceil(x2))), min(h, int(math.ceil(y2)))
+        if x2 > x1 and y2 > y1:
+            vals.append(smap[y1:y2, x1:x2].mean())
+    return float(torch.stack(vals).mean()) if vals else float(smap.mean())
+
+
+def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
+                    w_fraction: float = 0.5, w_all: float = 0.5) -> float:
+    """SSIM gate x defender failures: ok * (w_fraction * wrong_fraction + w_all * all_k_wrong)."""
+    ok = float(ssim_local >= tau)
+    return ok * (w_fraction * wrong_fraction + w_all * float(wrong_fraction >= 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. I/O: safetensors checkpoints, logs, atomic outputs
+# ---------------------------------------------------------------------------------------------
+def save_state(path: str | Path, state: dict):
+    """Nested dict of tensors / numbers / strings -> <path>.safetensors (tensors) + <path>.json."""
+    from safetensors.torch import save_file
+    tensors = {}
+
+    def walk(obj, key):
+        if isinstance(obj, torch.Tensor):
+            tensors[key] = obj.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            # list of pairs, so int keys (optimizer state) survive JSON
+            return {"__dict__": [[k, walk(v, f"{key}.{k}")] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return {"__list__": [walk(v, f"{key}.{i}") for i, v in enumerate(obj)]}
+        return obj
+
+    meta = walk(state, "s")
+    path = Path(path)
+    save_file(tensors, str(path) + ".safetensors")
+    Path(str(path) + ".json").write_text(json.dumps(meta))
+
+
+def load_state(path: str | Path) -> dict:
+    from safetensors.torch import load_file
+    tensors = load_file(str(path) + ".safetensors")
+    meta = json.loads(Path(str(path) + ".json").read_text())
+
+    def build(obj):
+        if isinstance(obj, dict) and "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if isinstance(obj, dict) and "__dict__" in obj:
+            return {k: build(v) for k, v in obj["__dict__"]}
+        if isinstance(obj, dict) and "__list__" in obj:
+            return [build(v) for v in obj["__list__"]]
+        return obj
+
+    return build(meta)
+
+
+class JsonlLogger:
+    """One JSON object per line under runs/<name>/logs/<stage>.jsonl (rank 0 only)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, row: dict):
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def tmp_dir_for(final: str | Path) -> Path:
+    """The temporary sibling a stage writes into before renaming it to ``final``."""
+    final = Path(final)
+    return final.parent / f".tmp_{final.name}"
+
+
+def commit_dir(tmp: str | Path, final: str | Path):
+    """Atomically move a finished output into place (replacing an older one)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_args(args, out_dir: str | Path):
+    from dataclasses import asdict
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
+
+
+def parse_args(args_cls, presets: dict, argv=None):
+    """HfArgumentParser over a dataclass; ``--preset NAME`` applies overrides, explicit flags win."""
+    import sys
+
+    from transformers import HfArgumentParser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(args=argv)
+    preset = getattr(args, "preset", None)
+    if preset:
+        if preset not in presets:
+            raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for k, v in presets[preset].items():
+            if k not in given:
+                setattr(args, k, v)
+    return args

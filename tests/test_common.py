@@ -1,0 +1,208 @@
+"""common.py: prompts, answer extraction, rewards, SSIM, tiny models, LoRA round trip."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+
+
+# --------------------------------------------------------------------------- extraction
+@pytest.mark.parametrize("text,options,expected", [
+    ("\\boxed{B}", ["left", "right"], "B"),
+    ("I think \\boxed{A} ... no wait, \\boxed{B}", ["x", "y"], "B"),  # last box wins
+    ("The answer is (B).", ["x", "y"], "B"),
+    ("B. right", ["left", "right"], "B"),
+    ("Answer: A", ["left", "right"], "A"),
+    ("right", ["left", "right"], "B"),                                # option text fallback
+    ("\\boxed{C}", ["left", "right"], None),                         # not a valid letter
+    ("Because of the lamp", ["left", "right"], None),                 # 'B' inside a word is no answer
+    ("\\boxed{Yes}", [], "Yes"),
+    ("no, it is not there", [], "No"),
+    ("The answer is: yes", [], "Yes"),
+    ("\\boxed{ No }", [], "No"),
+    ("Nothing to say", [], None),                                     # 'No' prefix of a word
+    ("", [], None),
+])
+def test_extract_answer(text, options, expected):
+    assert common.extract_answer(text, options) == expected
+
+
+def test_accuracy_reward_values():
+    assert common.accuracy_reward("\\boxed{A}", "A", ["p", "q"]) == 1.0
+    assert common.accuracy_reward("So \\boxed{A}", "A", ["p", "q"]) == 0.8   # correct, format off
+    assert common.accuracy_reward("\\boxed{B}", "A", ["p", "q"]) == 0.0
+    assert common.accuracy_reward(" \\boxed{Yes} ", "Yes", []) == 1.0
+    assert common.accuracy_reward("yes", "Yes", []) == 0.8
+    assert common.accuracy_reward("\\boxed{No}", "Yes", []) == 0.0
+
+
+def test_overlong_penalty_three_regimes():
+    assert common.overlong_penalty(100, max_len=512, cache=128) == 0.0
+    assert common.overlong_penalty(384, max_len=512, cache=128) == 0.0     # boundary
+    assert common.overlong_penalty(448, max_len=512, cache=128) == pytest.approx(-0.5)
+    assert common.overlong_penalty(512, max_len=512, cache=128) == pytest.approx(-1.0)
+    assert common.overlong_penalty(600, max_len=512, cache=128) == -1.0
+
+
+def test_prompts_official_wording():
+    p = common.defender_prompt("Is it red?", [])
+    assert p == ("Please answer the following question with only 'Yes' or 'No'. Is it red? "
+                 "Answer with \\boxed{Yes} or \\boxed{No}.")
+    q = common.defender_prompt("Where?", ["left", "right"])
+    assert q == ("Where?\nOptions:\nA. left\nB. right\nProvide your final answer in the format "
+                 "\\boxed{X}, where X is the letter of your choice.")
+    assert common.attack_instruction("Where?") == \
+        "Add a plausible distractor object to mislead a model answering: Where?"
+
+
+# --------------------------------------------------------------------------- SSIM
+def test_ssim_identical_is_one():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    assert common.local_ssim(img, img, [[5, 5, 30, 30]]) == pytest.approx(1.0, abs=1e-12)
+    assert common.local_ssim(img, img, []) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_constant_images_closed_form():
+    # zero variance: SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b = 100.0, 140.0
+    c1 = (0.01 * 255) ** 2
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    x = torch.full((32, 32), a, dtype=torch.float64)
+    y = torch.full((32, 32), b, dtype=torch.float64)
+    assert common.local_ssim(x.numpy(), y.numpy(), [[0, 0, 16, 16]]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ssim_matches_direct_window_computation():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 255, (24, 24))
+    b = np.clip(a + rng.normal(0, 20, a.shape), 0, 255)
+    i, j = 12, 11   # interior pixel: the 11x11 window needs no padding
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    pa, pb = a[i - 5:i + 6, j - 5:j + 6], b[i - 5:i + 6, j - 5:j + 6]
+    ma, mb = (w * pa).sum(), (w * pb).sum()
+    va, vb = (w * pa * pa).sum() - ma**2, (w * pb * pb).sum() - mb**2
+    cov = (w * pa * pb).sum() - ma * mb
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    direct = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    smap = common.ssim_map(torch.tensor(a), torch.tensor(b))
+    assert smap[i, j].item() == pytest.approx(direct, rel=1e-9)
+    # local SSIM = mean of the map inside the box, averaged over boxes
+    boxes = [[2, 3, 10, 9], [14, 14, 24, 20]]
+    expected = (smap[3:9, 2:10].mean() + smap[14:20, 14:24].mean()).item() / 2
+    assert common.local_ssim(a, b, boxes) == pytest.approx(expected, rel=1e-12)
+
+
+def test_attacker_reward_gate_and_failures():
+    assert common.attacker_reward(0.9, 1.0) == pytest.approx(1.0)   # all k wrong
+    assert common.attacker_reward(0.9, 0.5) == pytest.approx(0.25)  # half wrong, not all
+    assert common.attacker_reward(0.9, 0.0) == 0.0
+    assert common.attacker_reward(0.84, 1.0) == 0.0                 # gate closed
+    assert common.attacker_reward(0.9, 0.75, tau=0.5, w_fraction=1.0, w_all=0.0) == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_save_load_state_roundtrip(tmp_path):
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.sum().backward()
+    opt.step()
+    state = {"step": 7, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "name": "x"}
+    common.save_state(tmp_path / "ckpt", state)
+    back = common.load_state(tmp_path / "ckpt")
+    assert back["step"] == 7 and back["name"] == "x"
+    assert torch.equal(back["rng"], state["rng"])
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1.0)
+    opt2.load_state_dict(back["optimizer"])   # int keys restored
+    assert torch.equal(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"],
+                       opt.state[p]["exp_avg"])
+    assert opt2.param_groups[0]["lr"] == 1e-3
+
+
+# --------------------------------------------------------------------------- tiny models
+def test_tiny_tokenizer_has_qwen_special_tokens():
+    tok = common.build_tiny_tokenizer()
+    for t in common.QWEN_SPECIAL_TOKENS:
+        ids = tok.encode(t, add_special_tokens=False)
+        assert len(ids) == 1 and tok.decode(ids) == t
+    assert len(tok.encode("Yes", add_special_tokens=False)) == 1
+    assert len(tok.encode("No", add_special_tokens=False)) == 1
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tiny_defender_generates_and_is_deterministic():
+    m1, proc = common.load_defender("tiny")
+    m2, _ = common.load_defender("tiny")
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert m1.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    head_dim = m1.config.text_config.hidden_size // m1.config.text_config.num_attention_heads
+    assert sum(m1.config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    imgs = [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (96, 64), (0, 0, 255))]
+    out = common.defender_generate(m1, proc, imgs, ["Is it red?", "A longer question here?"],
+                                   max_new_tokens=6)
+    assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
+    p = common.defender_p_yes(m1, proc, imgs, ["q?", "q?"])
+    assert p.shape == (2,) and torch.all((p > 0) & (p < 1))
+
+
+def test_defender_save_load_identical_logits(tmp_path):
+    model, proc = common.load_defender("tiny")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)  # not the tiny build's weights any more
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    proc.save_pretrained(tmp_path)
+    model2, proc2 = common.load_defender(str(tmp_path))
+    img = Image.new("RGB", (64, 64), (10, 200, 30))
+    inp = common.defender_inputs(proc, [img], ["What is it?"], "cpu")
+    inp2 = common.defender_inputs(proc2, [img], ["What is it?"], "cpu")
+    assert torch.equal(inp["input_ids"], inp2["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**inp).logits, model2(**inp2).logits)
+
+
+def test_tiny_edit_pipeline_produces_image():
+    pipe = common.load_attacker("tiny")
+    img = Image.new("RGB", (64, 64), (120, 60, 30))
+    # diffusers' own __call__ path (it resizes to 1 MP, so ask for a small output)
+    out = pipe(image=img, prompt="add a cup", negative_prompt=" ", true_cfg_scale=2.0,
+               num_inference_steps=2, height=64, width=64,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (64, 64)
+    # our interface: condition kept at the edit resolution (no 1 MP resize)
+    ctx = common.encode_edit(pipe, [img], ["add a cup"], resolution=64)
+    assert ctx.cond_latents.shape == (1, 16, 64) and ctx.img_shapes == [[(1, 4, 4), (1, 4, 4)]]
+    sig = common.sigma_schedule(pipe.scheduler, 4, 16)
+    assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[-2] == pytest.approx(0.02)
+    v = common.predict_velocity(pipe.transformer, torch.randn(1, 16, 64), sig[:1], ctx, 4.0)
+    assert v.shape == (1, 16, 64) and torch.isfinite(v).all()
+    x = common.decode_latents(pipe, torch.randn(1, 16, 64), 64, 64)
+    assert x.shape == (1, 3, 64, 64)
+
+
+def test_attacker_lora_roundtrip_and_effect(tmp_path):
+    img = Image.new("RGB", (64, 64), (120, 60, 30))
+    pipe = common.load_attacker("tiny")
+    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    assert params and all(p.requires_grad for p in params)
+    ctx = common.encode_edit(pipe, [img], ["add a cup"], resolution=64)
+    x, s = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
+    base = common.predict_velocity(pipe.transformer, x, s, ctx, 1.0)  # B = 0: LoRA is a no-op
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    trained = common.predict_velocity(pipe.transformer, x, s, ctx, 1.0)
+    assert (trained - base).abs().max() > 1e-3
+    common.save_attacker_lora(pipe, tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    pipe2 = common.load_attacker("tiny", lora=str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(common.predict_velocity(pipe2.transformer, x, s, ctx, 1.0), trained)
+    # scale alpha / r survives the round trip (r=4, alpha=8 -> 2.0)
+    assert pipe2.transformer.peft_config["default"].lora_alpha == 8
