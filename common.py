@@ -187,6 +187,16 @@ QWEN_IMAGE_SCHEDULER = dict(
 # ---------------------------------------------------------------------------------------------
 # 1b. Loading
 # ---------------------------------------------------------------------------------------------
+def quiet():
+    """Silence progress bars and load-time chatter of datasets / transformers / diffusers."""
+    import datasets
+    import diffusers
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    diffusers.logging.set_verbosity_error()
+
+
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

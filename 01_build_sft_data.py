@@ -1,0 +1,610 @@
+"""Stage 01: build AOT-SFT (scene extension + adversarial distractor implantation).
+
+Reads seed VQA items with target boxes and writes, under the run directory:
+  data/seed/       the synthetic seeds (only with --seed_data synthetic)
+  data/scenes/     extended scenes that passed the three MLLM checks (the pool stages 03-05 attack)
+  data/aot_sft/    (scene, adversarial instruction, scene + effective distractor) triples, train split
+  data/funnel.json every decision counted (seed -> extended -> checks -> proposals -> effective),
+                   skipped seed rows named;  data/gallery_01.png: scene | implanted | difference
+
+  python 01_build_sft_data.py --preset tiny --run_dir runs/tiny            # CPU, synthetic seeds
+  python 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl   # paper models, 1 GPU
+  torchrun --nproc_per_node 8 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl
+
+Seed JSONL, one object per line (image path relative to the file):
+  {"id": "v1", "image": "img/1.jpg", "question": "Is the bottle left or right of the cup?",
+   "options": ["left", "right"], "answer": "A", "targets": [{"name": "bottle", "bbox": [x1,y1,x2,y2]}],
+   "split": "train"}          # options [] and answer "Yes"/"No" for yes/no questions
+
+Mechanism (shared/PAPER_NOTES.md, "Stage 01"):
+  1. scene extension: pad the canvas by --pad_ratio per side, outpaint the border with the editor
+     (masked flow sampling: outside the mask the latents are re-noised from the original at every
+     step, as diffusers' inpaint pipelines do), paste the original pixels back, then three judge
+     checks asked as yes/no questions and decided from P(Yes) at the answer position:
+     composition, duplication (one question per target category), realism;
+  2. distractor proposal (MLLM JSON or random), validated: inside the image, no overlap with a
+     target box (IoU and cover), not a target category or synonym, not named in the question;
+  3. implantation: masked edit inside the distractor box with the object text;
+  4. effectiveness: the target MLLM answers before and after; kept only if right before
+     (--require_correct_before) and wrong after.
+
+Our choices where the paper is silent:
+  1. the three checks' wording and P(Yes) thresholds (flags); the original pixels are pasted back,
+     so composition only has to judge coherence, not preservation;
+  2. the extended scene is stored at the edit resolution (--resolution), boxes rescaled, so every
+     later edit and SSIM compares images of one size;
+  3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker;
+  4. one distractor per scene: the first valid proposal (up to --num_proposals are checked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+import common
+
+PRESETS = {
+    "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
+                 resolution=64, outpaint_steps=4, inpaint_steps=4, chunk_size=8, proposer="random",
+                 require_correct_before=False, max_duplication=0.6, max_new_tokens=8),
+}
+
+
+@dataclass
+class Args:
+    run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
+    preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic' or a seed JSONL path"})
+    num_synthetic: int = field(default=2000, metadata={"help": "synthetic seed items"})
+    synthetic_size: int = field(default=512, metadata={"help": "synthetic image side (pixels)"})
+    test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
+    judge: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM for checks and proposals"})
+    target: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM whose failure = effective"})
+    editor: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit (hub id/path)"})
+    pad_ratio: float = field(default=0.25, metadata={"help": "canvas padding per side (x width/height)"})
+    resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
+    outpaint_steps: int = field(default=30, metadata={"help": "sampling steps for outpainting"})
+    inpaint_steps: int = field(default=30, metadata={"help": "sampling steps for implantation"})
+    cfg: float = field(default=4.0, metadata={"help": "true CFG scale of the editor"})
+    min_composition: float = field(default=0.5, metadata={"help": "P(Yes) >= this passes composition"})
+    max_duplication: float = field(default=0.5, metadata={"help": "P(Yes: duplicate) <= this passes"})
+    min_realism: float = field(default=0.5, metadata={"help": "P(Yes) >= this passes realism"})
+    proposer: str = field(default="mllm", metadata={"help": "'mllm' (JSON proposals) or 'random'"})
+    num_proposals: int = field(default=3, metadata={"help": "proposals checked per scene"})
+    proposal_retries: int = field(default=3, metadata={"help": "MLLM retries on unparseable answers"})
+    max_iou: float = field(default=0.0, metadata={"help": "max IoU of a distractor with a target box"})
+    max_cover: float = field(default=0.0, metadata={"help": "max share of a target box it may cover"})
+    min_box_frac: float = field(default=0.12, metadata={"help": "random proposer: min box side / image"})
+    max_box_frac: float = field(default=0.3, metadata={"help": "random proposer: max box side / image"})
+    require_correct_before: bool = field(default=True, metadata={"help": "keep only if right before"})
+    max_new_tokens: int = field(default=128, metadata={"help": "target/proposer answer length"})
+    chunk_size: int = field(default=64, metadata={"help": "rows per resumable chunk"})
+    batch_size: int = field(default=8, metadata={"help": "model batch size"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    gallery_rows: int = field(default=4, metadata={"help": "rows in data/gallery_01.png"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed data: synthetic generator and JSONL reader
+# ---------------------------------------------------------------------------------------------
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
+          "yellow": (240, 220, 20), "purple": (150, 40, 190), "orange": (250, 130, 10)}
+SHAPES = ["circle", "square", "triangle"]
+
+
+def draw_shape(draw, shape, box, color):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=color)
+    elif shape == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=color)
+    else:
+        draw.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=color)
+
+
+def synthetic_item(i: int, size: int, test_fraction: float, seed: int) -> dict:
+    """Coloured shapes on a textured grey background; a spatial MCQ or an existence yes/no."""
+    rng = random.Random(seed * 1_000_003 + i)
+    nrng = np.random.default_rng(seed * 1_000_003 + i)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = 90 + 60 * (rng.random() * xx + rng.random() * yy) + nrng.normal(0, 6, (size, size))
+    bg = np.clip(np.stack([base, base * 0.97, base * 0.94], -1), 40, 200).astype(np.uint8)
+    img = Image.fromarray(bg).filter(ImageFilter.GaussianBlur(0.6))
+    draw = ImageDraw.Draw(img)
+    kinds = [(c, rng.choice(SHAPES)) for c in rng.sample(list(COLORS), 3)]  # one shape per colour
+    objects = []
+    for color, shape in kinds[:rng.choice([2, 3])]:
+        side = int(size * rng.uniform(0.15, 0.25))
+        for _ in range(100):  # rejection-sample a box that overlaps no other shape
+            x1, y1 = rng.randrange(0, size - side), rng.randrange(0, size - side)
+            box = [x1, y1, x1 + side, y1 + side]
+            if all(box[2] <= o["bbox"][0] or o["bbox"][2] <= box[0] or box[3] <= o["bbox"][1]
+                   or o["bbox"][3] <= box[1] for o in objects):
+                break
+        else:  # no free spot: the scene keeps the shapes placed so far
+            continue
+        draw_shape(draw, shape, box, COLORS[color])
+        objects.append({"name": f"{color} {shape}", "bbox": [float(v) for v in box]})
+    split = "test" if rng.random() < test_fraction else "train"
+    a, b = objects[0], objects[1]
+    (ax, ay), (bx, by) = [((o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2) for o in (a, b)]
+    kind = rng.choice(["horizontal", "vertical", "exists"])
+    if kind == "exists":
+        present = {o["name"] for o in objects}
+        absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present])
+        ask = rng.choice([a["name"], absent])
+        return dict(id=f"syn{i:06d}", image=img, question=f"Is there a {ask} in the image?", options=[],
+                    answer="Yes" if ask == a["name"] else "No",
+                    targets=[a] if ask == a["name"] else [], split=split)
+    if kind == "horizontal":
+        q, opts, first = f"Is the {a['name']} to the left or to the right of the {b['name']}?", ["left", "right"], ax < bx
+    else:
+        q, opts, first = f"Is the {a['name']} above or below the {b['name']}?", ["above", "below"], ay < by
+    return dict(id=f"syn{i:06d}", image=img, question=q, options=opts, answer="A" if first else "B",
+                targets=[a, b], split=split)
+
+
+def read_seed_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """Valid rows and the names of skipped ones (line number + reason)."""
+    rows, skipped = [], []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw.decode("utf-8"))
+            for key in ("image", "question", "answer", "targets"):
+                if key not in item:
+                    raise ValueError(f"missing field '{key}'")
+            options = list(item.get("options") or [])
+            answer = str(item["answer"]).strip()
+            valid = common.OPTION_LETTERS[:len(options)] if options else ("Yes", "No")
+            if answer not in valid:
+                raise ValueError(f"answer {answer!r} not in {list(valid)}")
+            with Image.open(path.parent / item["image"]) as im:
+                image = im.convert("RGB")
+            targets = []
+            for t in item["targets"]:
+                x1, y1, x2, y2 = (float(v) for v in t["bbox"])
+                if not (0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height):
+                    raise ValueError(f"box {t['bbox']} outside the {image.width}x{image.height} image")
+                targets.append({"name": str(t["name"]), "bbox": [x1, y1, x2, y2]})
+            rows.append(dict(id=str(item.get("id", f"line{n}")), image=image, question=str(item["question"]),
+                             options=[str(o) for o in options], answer=answer, targets=targets,
+                             split=str(item.get("split", "train"))))
+        except UnicodeDecodeError:
+            skipped.append(f"line {n}: not UTF-8 text")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            skipped.append(f"line {n}: {type(e).__name__}: {e}")
+    return rows, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked editing (outpainting and implantation share it)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolution):
+    """Edit only where mask == 1 (PIL 'L' masks, image size). Flow-matching inpainting: after
+    each Euler step the unmasked region is reset to the original latents noised to the next
+    sigma, so the model fills the hole consistently with what surrounds it."""
+    ctx = common.encode_edit(pipe, images, instructions, resolution)
+    w, h = ctx.width, ctx.height
+    x0 = ctx.cond_latents.float()                               # (B, L, 64) original latents
+    m = torch.stack([torch.from_numpy(np.asarray(mk.resize((w // 8, h // 8), Image.BILINEAR),
+                                                 dtype=np.float32) / 255.0) for mk in masks])
+    m = common.pack_latents((m > 0.01).float()[:, None, None].expand(-1, 16, 1, -1, -1).contiguous())
+    sigmas = common.sigma_schedule(pipe.scheduler, steps, x0.shape[1])
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x = noise.clone()
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = common.predict_velocity(pipe.transformer, x, s.view(1).to(x.device), ctx, cfg)
+        x = x + (s_next - s) * v
+        known = (1 - s_next) * x0 + s_next * noise
+        x = m * x + (1 - m) * known
+    out = common.tensor_to_images(common.decode_latents(pipe, x, h, w))
+    results = []
+    for orig, edited, mk in zip(images, out, masks):  # paste the original back outside the mask
+        edited = edited.resize(orig.size, Image.BICUBIC)
+        results.append(Image.composite(edited, orig.convert("RGB"), mk))
+    return results
+
+
+def extend_canvas(image: Image.Image, targets, pad_ratio: float, resolution: int):
+    """Pad (edge colours, blurred) -> canvas, border mask, boxes in canvas coords, all resized
+    to the edit size."""
+    w, h = image.size
+    px, py = int(round(w * pad_ratio)), int(round(h * pad_ratio))
+    cw, ch = w + 2 * px, h + 2 * py
+    canvas = image.resize((cw, ch), Image.BILINEAR).filter(ImageFilter.GaussianBlur(max(2, cw // 32)))
+    canvas.paste(image, (px, py))
+    mask = Image.new("L", (cw, ch), 255)
+    mask.paste(0, (px, py, px + w, py + h))
+    ew, eh = common.snap_size(canvas, resolution)
+    sx, sy = ew / cw, eh / ch
+    boxes = [{"name": t["name"], "bbox": [(t["bbox"][0] + px) * sx, (t["bbox"][1] + py) * sy,
+                                          (t["bbox"][2] + px) * sx, (t["bbox"][3] + py) * sy]} for t in targets]
+    return canvas.resize((ew, eh), Image.BICUBIC), mask.resize((ew, eh), Image.NEAREST), boxes
+
+
+# ---------------------------------------------------------------------------------------------
+# The three checks, proposals and their validation
+# ---------------------------------------------------------------------------------------------
+CHECKS = {
+    "composition": "Does this image show one coherent scene in which this question can still be "
+                   "answered: \"{question}\"?",
+    "duplication": "Is there more than one {name} in this image?",
+    "realism": "Does this image look like a single natural photograph rather than a collage or an edit?",
+}
+
+
+def check_decisions(p_comp, p_dup_per_row, p_real, args) -> list[dict]:
+    """Per row: pass/fail of each check from P(Yes) (duplication: every target must pass)."""
+    return [{"composition": pc >= args.min_composition,
+             "duplication": all(p <= args.max_duplication for p in pd),
+             "realism": pr >= args.min_realism} for pc, pd, pr in zip(p_comp, p_dup_per_row, p_real)]
+
+
+SYNONYMS = [{"cell phone", "phone", "cellphone", "mobile phone", "smartphone", "mobile"},
+            {"cup", "mug"}, {"bottle", "flask"}, {"sofa", "couch"}, {"tv", "television", "monitor", "screen"},
+            {"person", "man", "woman", "people", "boy", "girl", "child"}, {"car", "vehicle", "automobile"},
+            {"bike", "bicycle"}, {"laptop", "computer", "notebook"}, {"dog", "puppy"}, {"cat", "kitten"},
+            {"square", "box", "cube"}, {"circle", "ball", "disc", "disk"}, {"triangle", "pyramid"}]
+DISTRACTOR_CATEGORIES = ["clock", "cup", "lamp", "book", "vase", "plant", "chair", "bottle", "cell phone",
+                         "ball", "box", "hat", "shoe", "apple", "bowl", "toy car", "candle", "bag"]
+
+
+def _concepts(name: str) -> set[str]:
+    """Words and multi-word names of an object, closed under the synonym table."""
+    name = name.lower().strip()
+    words = set(name.replace("-", " ").split()) | {name}
+    out = set(words)
+    for group in SYNONYMS:
+        if group & words:
+            out |= group
+    return out
+
+
+def box_overlap(a, b) -> tuple[float, float]:
+    """(IoU, share of b covered by a)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return inter / max(area_a + area_b - inter, 1e-9), inter / max(area_b, 1e-9)
+
+
+def validate_proposal(prop: dict, targets: list[dict], question: str, size, args) -> str | None:
+    """None if valid, else the reason ('outside', 'overlap', 'category')."""
+    w, h = size
+    x1, y1, x2, y2 = prop["bbox"]
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h) or (x2 - x1) < 4 or (y2 - y1) < 4:
+        return "outside"
+    for t in targets:
+        iou, cover = box_overlap(prop["bbox"], t["bbox"])
+        if iou > args.max_iou or cover > args.max_cover:
+            return "overlap"
+    head = prop["object"].lower().split()[-1] if prop["object"].split() else ""
+    concepts = _concepts(prop["object"])
+    target_concepts = set().union(*[_concepts(t["name"].split()[-1]) for t in targets]) if targets else set()
+    question_words = set(question.lower().replace("?", " ").replace(",", " ").split())
+    if not head or concepts & target_concepts or _concepts(head) & question_words:
+        return "category"
+    return None
+
+
+def random_proposals(size, n, rng: random.Random, args) -> list[dict]:
+    w, h = size
+    out = []
+    for _ in range(n):
+        side = rng.uniform(args.min_box_frac, args.max_box_frac) * min(w, h)
+        x1, y1 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        out.append({"object": rng.choice(DISTRACTOR_CATEGORIES), "bbox": [x1, y1, x1 + side, y1 + side]})
+    return out
+
+
+PROPOSE = ("The image is {w}x{h} pixels. Propose {n} small everyday objects that could plausibly be in "
+           "this scene and could mislead someone answering: \"{question}\". Do not propose {avoid}. "
+           "Answer only with JSON: [{{\"object\": \"small wooden clock\", \"bbox\": [x1, y1, x2, y2]}}, ...] "
+           "in pixel coordinates.")
+
+
+def parse_proposals(text: str) -> list[dict] | None:
+    """JSON list of {object, bbox[4]} found in the answer; None when nothing parses."""
+    start, end = text.find("["), text.rfind("]")
+    for cand in ([text[start:end + 1]] if 0 <= start < end else []) + [text]:
+        try:
+            data = json.loads(cand)
+        except json.JSONDecodeError:
+            continue
+        data = data if isinstance(data, list) else [data]
+        props = [{"object": str(d["object"]), "bbox": [float(v) for v in d["bbox"]]} for d in data
+                 if isinstance(d, dict) and isinstance(d.get("object"), str)
+                 and isinstance(d.get("bbox"), list) and len(d["bbox"]) == 4
+                 and all(isinstance(v, (int, float)) for v in d["bbox"])]
+        if props:
+            return props
+    return None
+
+
+def mllm_proposals(model, processor, scenes, args, counts) -> list[list[dict] | None]:
+    """Ask the judge for JSON proposals; retry unparseable ones (sampling) a bounded number of times."""
+    result: list[list[dict] | None] = [None] * len(scenes)
+    todo = list(range(len(scenes)))
+    for attempt in range(1 + args.proposal_retries):
+        if not todo:
+            break
+        prompts = [PROPOSE.format(w=scenes[i]["image"].width, h=scenes[i]["image"].height, n=args.num_proposals,
+                                  question=scenes[i]["question"],
+                                  avoid=", ".join(t["name"] for t in scenes[i]["targets"]) or "anything asked about")
+                   for i in todo]
+        answers = common.defender_generate(model, processor, [scenes[i]["image"] for i in todo], prompts,
+                                           max_new_tokens=args.max_new_tokens,
+                                           temperature=0.0 if attempt == 0 else 0.7, batch_size=args.batch_size)
+        still = []
+        for i, text in zip(todo, answers):
+            props = parse_proposals(text)
+            if props is None:
+                counts["proposal_unparseable_answers"] += 1
+                still.append(i)
+            else:
+                result[i] = props
+        todo = still
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk: everything for a fixed slice of the seed rows
+# ---------------------------------------------------------------------------------------------
+def new_counts() -> dict:
+    keys = ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
+            "scenes", "proposal_unparseable_answers", "proposal_scenes_skipped_unparseable",
+            "proposals_checked", "rejected_outside", "rejected_overlap", "rejected_category",
+            "scenes_with_valid_proposal", "implanted", "correct_before", "wrong_after", "effective"]
+    return {k: 0 for k in keys}
+
+
+def process_chunk(rows, chunk_idx, models, args):
+    judge, judge_proc, target, target_proc, editor = models
+    counts = new_counts()
+    counts["seed_rows"] = len(rows)
+    gen = torch.Generator().manual_seed(args.seed * 7919 + chunk_idx)
+    rng = random.Random(args.seed * 7919 + chunk_idx)
+
+    # 1. scene extension (grouped by edit size so a batch shares one latent shape)
+    canvases = [extend_canvas(r["image"], r["targets"], args.pad_ratio, args.resolution) for r in rows]
+    extended = [None] * len(rows)
+    by_size: dict = {}
+    for i, (canvas, _, _) in enumerate(canvases):
+        by_size.setdefault(canvas.size, []).append(i)
+    for idx in by_size.values():
+        for j in range(0, len(idx), args.batch_size):
+            b = idx[j:j + args.batch_size]
+            outs = masked_edit(editor, [canvases[i][0] for i in b],
+                               ["Extend the scene naturally beyond its borders."] * len(b),
+                               [canvases[i][1] for i in b], args.outpaint_steps, args.cfg, gen, args.resolution)
+            for i, o in zip(b, outs):
+                extended[i] = o
+    counts["extended"] = len(rows)
+
+    # 2. the three checks, P(Yes) from one forward each
+    imgs = extended
+    p_comp = common.defender_p_yes(judge, judge_proc, imgs, [CHECKS["composition"].format(question=r["question"])
+                                                             for r in rows], args.batch_size).tolist()
+    dup_q = [(i, CHECKS["duplication"].format(name=t["name"])) for i, (_, _, boxes) in enumerate(canvases)
+             for t in boxes]
+    p_dup_flat = common.defender_p_yes(judge, judge_proc, [imgs[i] for i, _ in dup_q], [q for _, q in dup_q],
+                                       args.batch_size).tolist()
+    p_dup = [[p for (i, _), p in zip(dup_q, p_dup_flat) if i == k] for k in range(len(rows))]
+    p_real = common.defender_p_yes(judge, judge_proc, imgs, [CHECKS["realism"]] * len(rows),
+                                   args.batch_size).tolist()
+    decisions = check_decisions(p_comp, p_dup, p_real, args)
+    scenes = []
+    for r, (_, _, boxes), img, d in zip(rows, canvases, extended, decisions):
+        counts["passed_composition"] += d["composition"]
+        counts["passed_duplication"] += d["composition"] and d["duplication"]
+        if d["composition"] and d["duplication"] and d["realism"]:
+            counts["passed_realism"] += 1
+            scenes.append({**r, "image": img, "targets": boxes})
+    counts["scenes"] = len(scenes)
+
+    # 3. distractor proposals + validation (train scenes only feed AOT-SFT)
+    train = [s for s in scenes if s["split"] == "train"]
+    if args.proposer == "mllm":
+        proposals = mllm_proposals(judge, judge_proc, train, args, counts)
+    else:
+        proposals = [random_proposals(s["image"].size, args.num_proposals, rng, args) for s in train]
+    chosen = []
+    for s, props in zip(train, proposals):
+        if props is None:
+            counts["proposal_scenes_skipped_unparseable"] += 1
+            continue
+        for p in props[:args.num_proposals]:
+            counts["proposals_checked"] += 1
+            reason = validate_proposal(p, s["targets"], s["question"], s["image"].size, args)
+            if reason:
+                counts[f"rejected_{reason}"] += 1
+                continue
+            chosen.append((s, p))
+            counts["scenes_with_valid_proposal"] += 1
+            break
+
+    # 4. implantation: masked edit inside the distractor box
+    implanted = []
+    for j in range(0, len(chosen), args.batch_size):
+        batch = chosen[j:j + args.batch_size]
+        by = {}
+        for s, p in batch:
+            by.setdefault(s["image"].size, []).append((s, p))
+        for group in by.values():
+            masks = []
+            for s, p in group:
+                mk = Image.new("L", s["image"].size, 0)
+                ImageDraw.Draw(mk).rectangle([int(v) for v in p["bbox"]], fill=255)
+                masks.append(mk)
+            outs = masked_edit(editor, [s["image"] for s, _ in group],
+                               [f"Add a {p['object']} in this place." for _, p in group], masks,
+                               args.inpaint_steps, args.cfg, gen, args.resolution)
+            implanted += [(s, p, o) for (s, p), o in zip(group, outs)]
+    counts["implanted"] = len(implanted)
+
+    # 5. effectiveness: the target answers on the scene and on the implanted scene
+    sft = []
+    if implanted:
+        prompts = [common.defender_prompt(s["question"], s["options"]) for s, _, _ in implanted]
+        before = common.defender_generate(target, target_proc, [s["image"] for s, _, _ in implanted], prompts,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        after = common.defender_generate(target, target_proc, [o for _, _, o in implanted], prompts,
+                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        for (s, p, o), a0, a1 in zip(implanted, before, after):
+            right0 = common.extract_answer(a0, s["options"]) == s["answer"]
+            wrong1 = common.extract_answer(a1, s["options"]) != s["answer"]
+            counts["correct_before"] += right0
+            counts["wrong_after"] += wrong1
+            if wrong1 and (right0 or not args.require_correct_before):
+                counts["effective"] += 1
+                sft.append({**s, "edited_image": o, "instruction": common.attack_instruction(s["question"]),
+                            "distractor": {"name": p["object"], "bbox": p["bbox"]},
+                            "defender_answer_clean": a0, "defender_answer_edited": a1})
+    return scenes, sft, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets on disk
+# ---------------------------------------------------------------------------------------------
+def features(kind: str):
+    from datasets import Features, List, Value
+    from datasets import Image as DImage
+    box = {"name": Value("string"), "bbox": List(Value("float32"))}
+    f = {"id": Value("string"), "image": DImage(), "question": Value("string"),
+         "options": List(Value("string")), "answer": Value("string"), "targets": List(box),
+         "split": Value("string")}
+    if kind == "aot_sft":
+        f.update(edited_image=DImage(), instruction=Value("string"), distractor=box,
+                 defender_answer_clean=Value("string"), defender_answer_edited=Value("string"))
+    return Features(f)
+
+
+def save_rows(rows, kind, path):
+    from datasets import Dataset
+    keys = list(features(kind))
+    Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features(kind)).save_to_disk(str(path))
+
+
+def diff_map(a: Image.Image, b: Image.Image) -> Image.Image:
+    d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b.resize(a.size), dtype=np.float32)).mean(-1)
+    d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
+    return Image.fromarray(np.stack([d, d // 3, 255 - d], -1))
+
+
+def save_gallery(triples, path: Path, cell: int = 192):
+    """Rows of (left | middle | difference map)."""
+    if not triples:
+        return
+    sheet = Image.new("RGB", (3 * cell, cell * len(triples)), "white")
+    for r, (a, b) in enumerate(triples):
+        for c, im in enumerate([a, b, diff_map(a, b)]):
+            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
+    sheet.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    from datasets import concatenate_datasets, load_from_disk
+
+    common.quiet()
+    ddp = common.setup_distributed()
+    run = Path(args.run_dir)
+    data = run / "data"
+    work = data / ".tmp_01_chunks"
+    if (data / "scenes").exists() and (data / "aot_sft").exists():
+        common.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
+        return
+    torch.manual_seed(args.seed + ddp.rank)
+    t0 = time.time()
+
+    # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
+    if args.seed_data == "synthetic":
+        rows = [synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
+        skipped = []
+        if ddp.master and not (data / "seed").exists():
+            save_rows(rows, "seed", common.tmp_dir_for(data / "seed"))
+            common.commit_dir(common.tmp_dir_for(data / "seed"), data / "seed")
+    else:
+        rows, skipped = read_seed_jsonl(Path(args.seed_data))
+        for s in skipped:
+            common.print0(f"[01] skipped seed row: {s}")
+    if not rows:
+        raise SystemExit(f"[01] no usable seed rows in {args.seed_data} ({len(skipped)} skipped): nothing to build")
+    n_chunks = math.ceil(len(rows) / args.chunk_size)
+    mine = [c for c in range(n_chunks) if c % ddp.world == ddp.rank]
+    done = [c for c in mine if (work / f"chunk_{c:05d}" / "counts.json").exists()]
+    common.print0(f"[01] {len(rows)} seed rows ({len(skipped)} skipped) -> {n_chunks} chunks of {args.chunk_size} "
+                  f"over {ddp.world} rank(s); judge={args.judge} target={args.target} editor={args.editor}")
+    if done:
+        print(f"[01] rank {ddp.rank}: resuming, {len(done)}/{len(mine)} chunk(s) already done", flush=True)
+
+    todo = [c for c in mine if c not in done]
+    if todo:
+        judge, judge_proc = common.load_defender(args.judge, ddp.device)
+        target, target_proc = (judge, judge_proc) if args.target == args.judge else \
+            common.load_defender(args.target, ddp.device)
+        editor = common.load_attacker(args.editor, device=ddp.device)
+        models = (judge, judge_proc, target, target_proc, editor)
+        for c in todo:
+            tc = time.time()
+            scenes, sft, counts = process_chunk(rows[c * args.chunk_size:(c + 1) * args.chunk_size], c, models, args)
+            tmp = work / f".tmp_chunk_{c:05d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_rows(scenes, "scenes", tmp / "scenes")
+            save_rows(sft, "aot_sft", tmp / "aot_sft")
+            (tmp / "counts.json").write_text(json.dumps(counts))
+            common.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
+            print(f"[01] rank {ddp.rank} chunk {c + 1}/{n_chunks}: {counts['scenes']} scenes, "
+                  f"{counts['effective']} effective ({len(sft) / max(1, time.time() - tc):.2f} rows/s)", flush=True)
+    common.barrier()
+
+    if ddp.master:  # merge chunks in order -> data/scenes, data/aot_sft, funnel, gallery
+        total = new_counts()
+        parts = {"scenes": [], "aot_sft": []}
+        for c in range(n_chunks):
+            d = work / f"chunk_{c:05d}"
+            for k, v in json.loads((d / "counts.json").read_text()).items():
+                total[k] += v
+            for kind in parts:
+                parts[kind].append(load_from_disk(str(d / kind)))
+        for kind, dsets in parts.items():
+            ds = concatenate_datasets(dsets)
+            assert len(set(ds["id"])) == len(ds), f"duplicate ids in {kind}"
+            if len(ds) == 0:
+                raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
+            ds.save_to_disk(str(common.tmp_dir_for(data / kind)))
+        funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
+                  "args": {k: v for k, v in vars(args).items()}}
+        (data / "funnel.json").write_text(json.dumps(funnel, indent=2))
+        sft = load_from_disk(str(common.tmp_dir_for(data / "aot_sft")))
+        save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
+                     data / "gallery_01.png")
+        for kind in ("scenes", "aot_sft"):
+            common.commit_dir(common.tmp_dir_for(data / kind), data / kind)
+        shutil.rmtree(work, ignore_errors=True)
+        print("[01] funnel: " + " -> ".join(f"{k} {total[k]}" for k in
+              ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
+               "scenes_with_valid_proposal", "implanted", "effective"]) + f" | skipped seed rows {len(skipped)}")
+        print(f"[01] wrote {data}/scenes ({total['scenes']}), aot_sft ({total['effective']}) in "
+              f"{time.time() - t0:.0f}s, peak mem {common.peak_memory_gb(ddp.device):.2f} GB")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, PRESETS))

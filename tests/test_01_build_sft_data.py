@@ -1,0 +1,167 @@
+"""Stage 01: synthetic seeds, proposal validation, the P(Yes) checks, the funnel, resume, bad rows."""
+import json
+import signal
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import load_script
+from datasets import load_from_disk
+from helpers import run_stage, start_stage
+from PIL import Image
+
+s01 = load_script("01_build_sft_data.py")
+ARGS = SimpleNamespace(max_iou=0.0, max_cover=0.0, min_composition=0.5, max_duplication=0.5, min_realism=0.5)
+
+
+def test_synthetic_boxes_match_drawn_shapes_and_answers_are_right():
+    for i in range(40):
+        item = s01.synthetic_item(i, 96, 0.2, seed=3)
+        arr = np.asarray(item["image"])
+        names = [t["name"] for t in item["targets"]]
+        for t in item["targets"]:
+            color = s01.COLORS[t["name"].split()[0]]
+            ys, xs = np.nonzero(np.all(arr == np.array(color, dtype=np.uint8), axis=-1))
+            x1, y1, x2, y2 = t["bbox"]
+            assert xs.min() == x1 and ys.min() == y1                # drawn pixels start at the box corner
+            assert x2 - 2 <= xs.max() + 1 <= x2 and y2 - 2 <= ys.max() + 1 <= y2
+        if item["options"]:
+            (ax, ay), (bx, by) = [(np.mean(t["bbox"][0::2]), np.mean(t["bbox"][1::2])) for t in item["targets"]]
+            first = ax < bx if item["options"] == ["left", "right"] else ay < by
+            assert item["answer"] == ("A" if first else "B")
+            assert names[0] in item["question"] and names[1] in item["question"]
+        else:
+            asked = item["question"].removeprefix("Is there a ").removesuffix(" in the image?")
+            color = np.array(s01.COLORS[asked.split()[0]], dtype=np.uint8)
+            present = asked in names
+            assert item["answer"] == ("Yes" if present else "No")
+            if not present:   # the colour may belong to another shape, but not this one
+                assert item["targets"] == []
+            else:
+                assert np.all(arr == color, axis=-1).any()
+    splits = [s01.synthetic_item(i, 32, 0.2, 0)["split"] for i in range(200)]
+    assert 0.1 < splits.count("test") / 200 < 0.3
+
+
+def test_proposal_validation():
+    targets = [{"name": "red cup", "bbox": [10, 10, 30, 30]}]
+    q = "Is the red cup left of the lamp?"
+    ok = {"object": "small wooden clock", "bbox": [40, 40, 60, 60]}
+    assert s01.validate_proposal(ok, targets, q, (100, 100), ARGS) is None
+    assert s01.validate_proposal({**ok, "bbox": [90, 90, 110, 99]}, targets, q, (100, 100), ARGS) == "outside"
+    assert s01.validate_proposal({**ok, "bbox": [25, 25, 45, 45]}, targets, q, (100, 100), ARGS) == "overlap"
+    inside = {**ok, "bbox": [12, 12, 20, 20]}  # fully inside the target: IoU 0.16 but covers 16%
+    assert s01.validate_proposal(inside, targets, q, (100, 100), SimpleNamespace(**{**vars(ARGS), "max_iou": 0.5})) \
+        == "overlap"
+    loose = SimpleNamespace(**{**vars(ARGS), "max_iou": 0.5, "max_cover": 0.5})
+    assert s01.validate_proposal(inside, targets, q, (100, 100), loose) is None
+    assert s01.validate_proposal({**ok, "object": "blue mug"}, targets, q, (100, 100), ARGS) == "category"  # synonym
+    assert s01.validate_proposal({**ok, "object": "desk lamp"}, targets, q, (100, 100), ARGS) == "category"  # asked
+    assert s01.box_overlap([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx((50 / 150, 0.5))
+
+
+def test_parse_proposals_messy():
+    assert s01.parse_proposals('Sure! [{"object": "clock", "bbox": [1, 2, 3, 4]}] hope it helps') == \
+        [{"object": "clock", "bbox": [1.0, 2.0, 3.0, 4.0]}]
+    assert s01.parse_proposals('{"object": "vase", "bbox": [0, 0, 5, 5]}') == [{"object": "vase", "bbox": [0, 0, 5, 5]}]
+    assert s01.parse_proposals('[{"object": "clock", "bbox": [1, 2]}]') is None
+    assert s01.parse_proposals("a clock at the top") is None
+
+
+def test_check_decisions_from_p_yes():
+    d = s01.check_decisions([0.7, 0.4, 0.9], [[0.1, 0.2], [0.1], [0.2, 0.6]], [0.6, 0.9, 0.9], ARGS)
+    assert d == [{"composition": True, "duplication": True, "realism": True},
+                 {"composition": False, "duplication": True, "realism": True},
+                 {"composition": True, "duplication": False, "realism": True}]
+
+
+def _funnel(run):
+    return json.loads((run / "data" / "funnel.json").read_text())
+
+
+def test_stage01_tiny_outputs_schema_and_funnel(tiny_run):
+    data = tiny_run / "data"
+    scenes, sft = load_from_disk(str(data / "scenes")), load_from_disk(str(data / "aot_sft"))
+    f = _funnel(tiny_run)["counts"]
+    assert len(scenes) == f["scenes"] > 0 and len(sft) == f["effective"] > 0
+    chain = ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
+             "scenes_with_valid_proposal", "implanted", "effective"]
+    assert all(f[a] >= f[b] for a, b in zip(chain, chain[1:]))
+    assert f["proposals_checked"] == f["scenes_with_valid_proposal"] + f["rejected_outside"] + \
+        f["rejected_overlap"] + f["rejected_category"]
+    row = sft[0]
+    assert set(row) >= {"id", "image", "question", "options", "answer", "targets", "split", "edited_image",
+                        "instruction", "distractor", "defender_answer_clean", "defender_answer_edited"}
+    assert isinstance(row["image"], Image.Image) and row["image"].size == row["edited_image"].size
+    assert row["instruction"] == f"Add a plausible distractor object to mislead a model answering: {row['question']}"
+    assert set(sft["split"]) == {"train"} and {"train", "test"} >= set(scenes["split"])
+    # pixels outside the distractor box are the scene's own
+    a, b = np.asarray(row["image"], dtype=int), np.asarray(row["edited_image"], dtype=int)
+    x1, y1, x2, y2 = [int(v) for v in row["distractor"]["bbox"]]
+    outside = np.ones(a.shape[:2], bool)
+    outside[max(0, y1 - 1):y2 + 2, max(0, x1 - 1):x2 + 2] = False
+    assert np.array_equal(a[outside], b[outside])
+    assert (data / "gallery_01.png").is_file()
+
+
+@pytest.mark.slow
+def test_stage01_torchrun_same_rows(tiny_run, tmp_path):
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, nproc=2)
+    one, two = _funnel(tiny_run)["counts"], _funnel(tmp_path)["counts"]
+    assert one == two
+    a = load_from_disk(str(tiny_run / "data" / "aot_sft"))
+    b = load_from_disk(str(tmp_path / "data" / "aot_sft"))
+    assert a["id"] == b["id"]
+
+
+@pytest.mark.slow
+def test_stage01_resumes_after_kill(tiny_run, tmp_path):
+    proc = start_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--chunk_size", "4")
+    chunks = tmp_path / "data" / ".tmp_01_chunks"
+    t0 = time.time()
+    while not (chunks / "chunk_00001").exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "data" / "aot_sft").exists(), "killed too late to test resume"
+    p = run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--chunk_size", "4")
+    assert "resuming" in p.stdout
+    ids = load_from_disk(str(tmp_path / "data" / "aot_sft"))["id"]
+    assert len(ids) == len(set(ids))
+    scenes = load_from_disk(str(tmp_path / "data" / "scenes"))["id"]
+    assert sorted(scenes) == [f"syn{i:06d}" for i in range(32)]          # no gaps, no duplicates
+    assert ids == load_from_disk(str(tiny_run / "data" / "aot_sft"))["id"]  # same as an uninterrupted run
+
+
+def test_stage01_bad_seed_rows_are_named(tmp_path):
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for i in range(3):
+        s01.synthetic_item(i, 48, 0.0, 0)["image"].save(seeds / f"{i}.png")
+    good = {"image": "0.png", "question": "Is the red square left or right of the blue circle?",
+            "options": ["left", "right"], "answer": "A", "targets": [{"name": "red square", "bbox": [2, 2, 12, 12]}]}
+    lines = [json.dumps({**good, "id": "ok1"}), json.dumps({**good, "id": "ok2", "image": "1.png"}),
+             json.dumps({k: v for k, v in good.items() if k != "answer"}),
+             json.dumps({**good, "image": "missing.png"}),
+             json.dumps({**good, "targets": [{"name": "x", "bbox": [40, 40, 60, 60]}]})]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"question": "caf\xe9"}\n'
+    (seeds / "seeds.jsonl").write_bytes(raw)
+    run = tmp_path / "run"
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", run, "--seed_data", seeds / "seeds.jsonl",
+              "--min_box_frac", "0.05", "--max_box_frac", "0.1", "--num_proposals", "8")
+    report = _funnel(run)
+    skipped = report["skipped_seed_rows"]
+    assert report["num_skipped_seed_rows"] == 4 and report["counts"]["seed_rows"] == 2
+    assert any("line 3" in s and "'answer'" in s for s in skipped)
+    assert any("line 4" in s and "missing.png" in s for s in skipped)
+    assert any("line 5" in s and "outside" in s for s in skipped)
+    assert any("line 6" in s and "UTF-8" in s for s in skipped)
+    assert sorted(load_from_disk(str(run / "data" / "scenes"))["id"]) == ["ok1", "ok2"]
+
+
+def test_stage01_all_rows_bad_fails_clearly(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"question": "q"}\n')
+    p = run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path / "run",
+                  "--seed_data", tmp_path / "s.jsonl", check=False)
+    assert p.returncode != 0 and "no usable seed rows" in p.stderr + p.stdout
