@@ -195,6 +195,7 @@ def quiet():
     import transformers
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     diffusers.logging.set_verbosity_error()
 
 
@@ -307,6 +308,13 @@ class EditContext:
         return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds),
                            r(self.neg_mask), r(self.cond_latents),
                            [s for s in self.img_shapes for _ in range(n)], self.height, self.width)
+
+    def select(self, idx: slice) -> EditContext:
+        """A slice of the batch (training micro-batches)."""
+        def r(t):
+            return None if t is None else t[idx]
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
+                           r(self.cond_latents), self.img_shapes[idx], self.height, self.width)
 
 
 def snap_size(image: Image.Image, resolution: int, multiple: int = 16) -> tuple[int, int]:

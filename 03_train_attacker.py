@@ -1,0 +1,433 @@
+"""Stage 03: train the attacker with Flow-GRPO against the frozen defender, write the curriculum.
+
+Attacker round k starts from attacker k-1 (round 1: the SFT adapter) and attacks defender k-1.
+Reads:  data/scenes/, attacker/sft/ or attacker/round_{k-1}/, defender/round_{k-1}/
+Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (DatasetDict: train =
+        the defender's curriculum, test = held-out attacks for 05), attacks/round_k/gallery.png,
+        logs/03_round_k.jsonl
+
+  python 03_train_attacker.py --preset tiny --run_dir runs/tiny --round 1
+  python 03_train_attacker.py --run_dir runs/aot --round 1 --grad_ckpt               # 1 GPU
+  torchrun --nproc_per_node 8 03_train_attacker.py --run_dir runs/aot --round 1 --grad_ckpt
+
+Flow-GRPO, every piece in this file (shared/PAPER_NOTES.md, "Flow-GRPO", "Attacker reward"):
+  rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
+             its log-prob recorded (per-element mean, float32); true CFG; condition at --resolution
+  reward     the defender answers every edit k times (T = 1); local SSIM on the target boxes gates
+             it: r = [ssim >= tau] * (0.5 * wrong_fraction + 0.5 * all_k_wrong)   (common.py)
+  advantage  (r - mean_group) / (std_group + 1e-4), clipped to [-5, 5]
+  update     log-probs recomputed on the trained steps with the rollout's own sigmas; PPO clip
+             (range 1e-4), optional KL to the LoRA-disabled model; gradients accumulated over
+             steps and samples, one optimizer step per rollout batch; LoRA only
+  curriculum the final attacker edits the train scenes (curriculum) and the test scenes (eval)
+Our choices where the paper is silent:
+  1. the reward formula above (the paper gives its two parts, not how they combine);
+  2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks
+     whose local SSIM passes the gate (others could have changed the true answer);
+  3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
+     reward for checking that the RL loop learns (the tests use it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+
+PRESETS = {"tiny": dict(model="tiny", resolution=64, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
+                        train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
+                        defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3)}
+
+
+@dataclass
+class Args:
+    run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
+    preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models"})
+    round: int = field(default=1, metadata={"help": "attacker round k >= 1"})
+    model: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
+    init_lora: str | None = field(default=None, metadata={"help": "default attacker/round_{k-1} (k=1: sft)"})
+    defender: str | None = field(default=None, metadata={"help": "default defender/round_{k-1}"})
+    reward: str = field(default="defender", metadata={"help": "'defender' or 'brightness' (sanity check)"})
+    resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
+    num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
+    eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
+    noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
+    sde_window: int = field(default=0, metadata={"help": "stochastic + trained steps per rollout "
+                                                         "(0 = every step but the last)"})
+    cfg: float = field(default=4.0, metadata={"help": "true CFG scale"})
+    group_size: int = field(default=16, metadata={"help": "edits per scene (G)"})
+    scenes_per_step: int = field(default=2, metadata={"help": "scenes per rollout batch and rank"})
+    train_iters: int = field(default=100, metadata={"help": "rollout + update iterations"})
+    micro_batch: int = field(default=4, metadata={"help": "samples per training forward"})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range"})
+    adv_clip: float = field(default=5.0, metadata={"help": "advantage clip"})
+    kl_beta: float = field(default=0.0, metadata={"help": "KL weight to the LoRA-disabled model"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (when starting a fresh adapter)"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha (when starting a fresh adapter)"})
+    defender_k: int = field(default=4, metadata={"help": "defender answers per edit"})
+    defender_temperature: float = field(default=1.0, metadata={"help": "defender sampling temperature"})
+    defender_max_new_tokens: int = field(default=256, metadata={"help": "defender answer length"})
+    tau: float = field(default=0.85, metadata={"help": "local-SSIM gate"})
+    w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
+    w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    save_every: int = field(default=20, metadata={"help": "checkpoint every N iterations"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The SDE step (Flow-GRPO) and the rollout
+# ---------------------------------------------------------------------------------------------
+def sde_step(v, x, s, s_next, noise_level, sigma_max, prev=None, generator=None):
+    """One step of the flow-matching SDE (diffusers convention: v = eps - x0, dt = s_next - s < 0).
+    Returns (x_next, log_prob per sample (mean over elements), mean). With prev given, scores it."""
+    v, x = v.float(), x.float()
+    dt = s_next - s
+    std = noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+    mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+    scale = std * math.sqrt(-dt)
+    if prev is None:
+        noise = torch.randn(x.shape, generator=generator).to(x.device) if scale > 0 else 0.0
+        prev = mean + scale * noise
+    if scale == 0:
+        return prev, torch.zeros(x.shape[0], device=x.device), mean
+    logp = -((prev.detach() - mean) ** 2) / (2 * scale**2) - math.log(scale) - 0.5 * math.log(2 * math.pi)
+    return prev, logp.mean(dim=tuple(range(1, logp.ndim))), mean
+
+
+def sde_steps(args, T, rng: random.Random) -> list[int]:
+    """Indices of the stochastic, trained steps: all but the last, or a random window of them."""
+    steps = list(range(T - 1))
+    if args.sde_window and args.sde_window < len(steps):
+        start = rng.randrange(0, len(steps) - args.sde_window + 1)
+        steps = steps[start:start + args.sde_window]
+    return steps
+
+
+@torch.no_grad()
+def rollout(pipe, ctx, sigmas, train_steps, noise_level, cfg, generator):
+    """Sample edits for every row of ctx. Returns latents (T+1, B, L, C), log-probs (T, B), final."""
+    B, L, C = ctx.cond_latents.shape
+    x = torch.randn((B, L, C), generator=generator).to(ctx.cond_latents.device)
+    xs, logps = [x], []
+    sigma_max = sigmas[1].item()
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+        v = common.predict_velocity(pipe.transformer, x, sigmas[i:i + 1].to(x.device), ctx, cfg)
+        x, logp, _ = sde_step(v, x, s, s_next, noise_level if i in train_steps else 0.0, sigma_max,
+                              generator=generator)
+        xs.append(x)
+        logps.append(logp)
+    return torch.stack(xs), torch.stack(logps), x
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward
+# ---------------------------------------------------------------------------------------------
+def defender_failures(defender, processor, scenes, edits, args):
+    """Wrong fraction over k sampled answers per edit. scenes[i] is the scene edited into edits[i]."""
+    k = args.defender_k
+    prompts = [common.defender_prompt(s["question"], s["options"]) for s in scenes for _ in range(k)]
+    answers = common.defender_generate(defender, processor, [e for e in edits for _ in range(k)], prompts,
+                                       max_new_tokens=args.defender_max_new_tokens,
+                                       temperature=args.defender_temperature, batch_size=64)
+    wrong = [common.extract_answer(a, s["options"]) != s["answer"]
+             for a, s in zip(answers, [s for s in scenes for _ in range(k)])]
+    return torch.tensor(wrong, dtype=torch.float32).view(-1, k).mean(1)
+
+
+def compute_rewards(scenes, edits, images, defender, processor, args):
+    """-> rewards (B,), local SSIM (B,), wrong fraction (B,)."""
+    if args.reward == "brightness":
+        bright = ((images.float().clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3)).cpu()
+        return bright, torch.ones_like(bright), torch.zeros_like(bright)
+    ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]])
+                         for s, e in zip(scenes, edits)])
+    wrong = defender_failures(defender, processor, scenes, edits, args)
+    r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all)
+                      for a, b in zip(ssim.tolist(), wrong.tolist())])
+    return r, ssim, wrong
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
+    """(B*G,) -> (B*G,): normalised within each group of G, clipped."""
+    r = rewards.view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    return adv.clamp(-clip, clip).flatten()
+
+
+# ---------------------------------------------------------------------------------------------
+# Update
+# ---------------------------------------------------------------------------------------------
+def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, generator=None):
+    """PPO-clip on every trained step of every sample; one optimizer step. Returns stats."""
+    tr = pipe.transformer
+    B = adv.shape[0]
+    order = list(train_steps)
+    n_terms = len(order) * math.ceil(B / args.micro_batch)
+    sigma_max = sigmas[1].item()
+    stats = dict(clip_frac=0.0, approx_kl=0.0, ratio=0.0, kl=0.0, n=0)
+    opt.zero_grad(set_to_none=True)
+    for j in order:
+        s, s_next = sigmas[j].item(), sigmas[j + 1].item()
+        for m in range(0, B, args.micro_batch):
+            idx = slice(m, m + args.micro_batch)
+            sub = ctx.select(idx)
+            v = common.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+            _, logp, mean = sde_step(v, xs[j, idx], s, s_next, args.noise_level, sigma_max, prev=xs[j + 1, idx])
+            ratio = torch.exp(logp - old_logps[j, idx])
+            a = adv[idx].to(ratio.device)
+            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)).mean()
+            if args.kl_beta > 0:
+                with torch.no_grad():
+                    tr.disable_adapters()
+                    v_ref = common.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+                    tr.enable_adapters()
+                    _, _, mean_ref = sde_step(v_ref, xs[j, idx], s, s_next, args.noise_level, sigma_max,
+                                              prev=xs[j + 1, idx])
+                scale2 = (args.noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))) ** 2 * (s - s_next)
+                kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2)) / (2 * scale2)
+                loss = loss + args.kl_beta * kl.mean()
+                stats["kl"] += kl.mean().item()
+            (loss / n_terms).backward()
+            with torch.no_grad():
+                stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
+                stats["approx_kl"] += (0.5 * (logp - old_logps[j, idx]) ** 2).mean().item()
+                stats["ratio"] += ratio.mean().item()
+                stats["n"] += 1
+    common.all_reduce_grads(params)
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+    opt.step()
+    n = max(stats.pop("n"), 1)
+    return {k: (v / n if k != "grad_norm" else v) for k, v in stats.items()}
+
+
+def encode_scenes(pipe, scenes, args):
+    return common.encode_edit(pipe, [s["image"] for s in scenes],
+                              [common.attack_instruction(s["question"]) for s in scenes], args.resolution,
+                              negative_prompt=" " if args.cfg > 1 else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attack_scenes(pipe, scenes, defender, processor, args, seed):
+    """One deterministic (ODE) attack per scene: rows for attacks/round_k."""
+    rows = []
+    for i in range(0, len(scenes), args.scenes_per_step):
+        batch = scenes[i:i + args.scenes_per_step]
+        by_size = {}
+        for s in batch:
+            by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
+        for group in by_size.values():
+            ctx = encode_scenes(pipe, group, args)
+            sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.cond_latents.shape[1])
+            _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(seed + i))
+            images = common.decode_latents(pipe, x, ctx.height, ctx.width)
+            edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
+            r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)
+            for s, e, a, w in zip(group, edits, ssim.tolist(), wrong.tolist()):
+                rows.append({**s, "attacked_image": e, "instruction": common.attack_instruction(s["question"]),
+                             "ssim_local": a, "defender_wrong_fraction": w})
+    return rows
+
+
+def attack_features():
+    from datasets import Features, Image, List, Value
+    box = {"name": Value("string"), "bbox": List(Value("float32"))}
+    return Features({"id": Value("string"), "image": Image(), "question": Value("string"),
+                     "options": List(Value("string")), "answer": Value("string"), "targets": List(box),
+                     "split": Value("string"), "attacked_image": Image(), "instruction": Value("string"),
+                     "ssim_local": Value("float32"), "defender_wrong_fraction": Value("float32")})
+
+
+def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
+    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+    shard_dir = run / "attacks" / f".tmp_shards_round_{args.round}"
+    feats = attack_features()
+    mine = [scenes_ds[i] for i in range(ddp.rank, len(scenes_ds), ddp.world)]
+    rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank)
+    (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats).save_to_disk(
+        str(shard_dir / f"rank_{ddp.rank}"))
+    common.barrier()
+    if not ddp.master:
+        return
+    allrows = concatenate_datasets([load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(ddp.world)])
+    train = allrows.filter(lambda s, a: s == "train" and a >= args.tau, input_columns=["split", "ssim_local"])
+    test = allrows.filter(lambda s: s == "test", input_columns="split")
+    n_gate = sum(1 for s, a in zip(allrows["split"], allrows["ssim_local"]) if s == "train" and a < args.tau)
+    tmp = common.tmp_dir_for(out)
+    DatasetDict(train=train, test=test).save_to_disk(str(tmp))
+    g = [(r["image"], r["attacked_image"]) for r in allrows.select(range(min(4, len(allrows))))]
+    save_gallery(g, tmp / "gallery.png")
+    common.commit_dir(tmp, out)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    wf = sum(test["defender_wrong_fraction"]) / max(1, len(test))
+    print(f"[03] curriculum {out}: {len(train)} train attacks ({n_gate} failed the SSIM gate, dropped), "
+          f"{len(test)} test attacks, test wrong fraction {wf:.3f}")
+
+
+def save_gallery(pairs, path: Path, cell: int = 192):
+    """Rows of scene | attack | difference map (as stage 01's gallery)."""
+    import numpy as np
+    from PIL import Image
+    if not pairs:
+        return
+    sheet = Image.new("RGB", (3 * cell, cell * len(pairs)), "white")
+    for r, (a, b) in enumerate(pairs):
+        d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b.resize(a.size), dtype=np.float32)).mean(-1)
+        d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
+        for c, im in enumerate([a, b, Image.fromarray(np.stack([d, d // 3, 255 - d], -1))]):
+            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
+    sheet.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(args: Args):
+    common.quiet()
+    ddp = common.setup_distributed()
+    run = Path(args.run_dir)
+    out_lora, out_attacks = run / "attacker" / f"round_{args.round}", run / "attacks" / f"round_{args.round}"
+    if out_lora.exists() and out_attacks.exists():
+        common.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
+        return
+    from datasets import load_from_disk
+    scenes_ds = load_from_disk(str(run / "data" / "scenes"))
+    train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
+    if not train_scenes:
+        raise SystemExit(f"[03] no train scenes in {run / 'data' / 'scenes'}")
+    init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
+    pipe = common.load_attacker(args.model, device=ddp.device)
+    if Path(init).exists():
+        params = common.load_attacker_lora(pipe, init, trainable=True)
+    elif args.init_lora:
+        raise SystemExit(f"[03] --init_lora {init} does not exist")
+    else:
+        common.print0(f"[03] no adapter at {init}: starting a fresh LoRA (r={args.lora_rank})")
+        params = common.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
+    if args.grad_ckpt:
+        pipe.transformer.enable_gradient_checkpointing()
+    defender = processor = None
+    if args.reward == "defender":
+        dpath = args.defender or str(run / "defender" / f"round_{args.round - 1}")
+        if dpath != common.TINY and not Path(dpath).exists() and not args.defender:
+            raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round "
+                             f"{args.round - 1})")
+        defender, processor = common.load_defender(dpath, ddp.device)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    torch.manual_seed(args.seed + ddp.rank)
+    gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
+    rng = random.Random(args.seed * 100 + ddp.rank)
+    ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
+    logger = common.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master)
+    start = 0
+    if out_lora.exists():
+        start = args.train_iters   # training finished earlier; only the curriculum is missing
+    elif (ckpt_dir / "latest.json").exists():
+        st = common.load_state(ckpt_dir / json.loads((ckpt_dir / "latest.json").read_text())["name"])
+        for p, v in zip(params, st["lora"]):
+            p.data.copy_(v)
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["gen"][ddp.rank])
+        rng.setstate((3, tuple(st["rng"][ddp.rank]), None))
+        start = st["step"]
+        common.print0(f"[03] resumed at iteration {start}")
+    common.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
+                  f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
+                  f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
+                  f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
+
+    for it in range(start, args.train_iters):
+        t0 = time.time()
+        scenes = [train_scenes[rng.randrange(len(train_scenes))] for _ in range(args.scenes_per_step)]
+        size = common.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
+        scenes = [s for s in scenes if common.snap_size(s["image"], args.resolution) == size]
+        pipe.transformer.eval()
+        ctx = encode_scenes(pipe, scenes, args).repeat(args.group_size)   # (B*G, ...)
+        sigmas = common.sigma_schedule(pipe.scheduler, args.num_steps, ctx.cond_latents.shape[1])
+        steps = sde_steps(args, args.num_steps, rng)
+        xs, logps, x = rollout(pipe, ctx, sigmas, steps, args.noise_level, args.cfg, gen)
+        images = common.decode_latents(pipe, x, ctx.height, ctx.width)
+        group_scenes = [s for s in scenes for _ in range(args.group_size)]
+        edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group_scenes)]
+        t_roll = time.time() - t0
+        rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
+        adv = group_advantages(rewards, args.group_size, args.adv_clip)
+        zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
+        t1 = time.time()
+        pipe.transformer.train()
+        st = grpo_update(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args)
+        t_train = time.time() - t1
+        sums = common.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
+                                               float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
+                                               st["clip_frac"], st["approx_kl"], st["ratio"]], dtype=torch.float64))
+        n = sums[2].item()
+        mean = sums[0].item() / n
+        row = dict(iter=it + 1, reward_mean=mean, reward_std=math.sqrt(max(sums[1].item() / n - mean**2, 0)),
+                   attack_success=sums[3].item() / n, ssim_local=sums[4].item() / n, wrong_fraction=sums[5].item() / n,
+                   zero_var_groups=int(sums[6].item()), clip_frac=sums[7].item() / ddp.world,
+                   approx_kl=sums[8].item() / ddp.world, ratio_mean=sums[9].item() / ddp.world,
+                   grad_norm=st["grad_norm"], rollout_s=t_roll, train_s=t_train,
+                   edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=common.peak_memory_gb(ddp.device))
+        logger.log(row)
+        common.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
+                      f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
+                      f"kl {row['approx_kl']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
+                      f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+        if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
+            save_checkpoint(ckpt_dir, it + 1, params, opt, gen, rng, ddp)
+
+    if ddp.master and not out_lora.exists():
+        tmp = common.tmp_dir_for(out_lora)
+        common.save_attacker_lora(pipe, tmp)
+        common.save_args(args, tmp)
+        common.commit_dir(tmp, out_lora)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        print(f"[03] wrote {out_lora}")
+    common.barrier()
+    if start == args.train_iters and out_lora.exists():   # resuming into the curriculum: use the saved adapter
+        pipe.transformer.delete_adapters("default")
+        common.load_attacker_lora(pipe, out_lora)
+    if not out_attacks.exists():
+        pipe.transformer.eval()
+        if args.reward == "brightness":
+            common.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
+        write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)
+    common.cleanup_distributed()
+
+
+def save_checkpoint(ckpt_dir, step, params, opt, gen, rng, ddp):
+    """LoRA, optimizer (identical on every rank), and every rank's sampler state."""
+    import torch.distributed as dist
+    local = dict(gen=gen.get_state(), rng=list(rng.getstate()[1]))
+    gathered = [None] * ddp.world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    if ddp.master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:06d}"
+        common.save_state(ckpt_dir / name, dict(step=step, lora=[p.detach() for p in params],
+                                                optimizer=opt.state_dict(), gen=[g["gen"] for g in gathered],
+                                                rng=[g["rng"] for g in gathered]))
+        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name}))
+        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
+    common.barrier()
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, PRESETS))

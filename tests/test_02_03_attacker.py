@@ -1,0 +1,203 @@
+"""Stages 02 + 03: the SDE step, log-prob recomputation, Flow-GRPO and SFT learning, stage runs."""
+import json
+import math
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import load_script
+from datasets import load_from_disk
+from helpers import run_stage, start_stage
+from PIL import Image
+
+import common
+
+s02 = load_script("02_sft_attacker.py")
+s03 = load_script("03_train_attacker.py")
+
+
+def test_sde_step_noise0_is_scheduler_euler_step():
+    pipe = common.load_attacker("tiny")
+    sigmas = common.sigma_schedule(pipe.scheduler, 6, 16)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
+    for i in range(6):
+        pipe.scheduler._step_index = i
+        ref = pipe.scheduler.step(v, pipe.scheduler.timesteps[i], x, return_dict=False)[0]
+        out, logp, mean = s03.sde_step(v, x, sigmas[i].item(), sigmas[i + 1].item(), 0.0, sigmas[1].item())
+        assert torch.allclose(out, ref, atol=1e-6) and torch.allclose(mean, ref, atol=1e-6)
+
+
+def test_sde_step_logprob_is_gaussian_density():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, 4, generator=g)
+    for s, s_next in [(1.0, 0.8), (0.5, 0.3)]:
+        sigma_max = 0.8
+        prev, logp, mean = s03.sde_step(v, x, s, s_next, 0.7, sigma_max, generator=g)
+        dt = s_next - s
+        std = 0.7 * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+        exp_mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+        assert torch.allclose(mean, exp_mean, atol=1e-6)
+        direct = torch.distributions.Normal(exp_mean, std * math.sqrt(-dt)).log_prob(prev).mean(dim=(1, 2))
+        assert torch.allclose(logp, direct, atol=1e-5)
+        # scoring a given sample gives the same number
+        _, logp2, _ = s03.sde_step(v, x, s, s_next, 0.7, sigma_max, prev=prev)
+        assert torch.allclose(logp2, logp)
+
+
+def _args(**kw):
+    base = dict(micro_batch=4, cfg=1.0, noise_level=1.0, clip_range=1e-4, kl_beta=0.0, grad_clip=1.0, sde_window=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_recomputed_logprobs_match_rollout():
+    torch.manual_seed(0)
+    pipe = common.load_attacker("tiny")
+    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+    img = Image.new("RGB", (64, 64), (90, 120, 30))
+    ctx = common.encode_edit(pipe, [img, img], ["add a cup", "add a lamp"], 64).repeat(3)
+    sig = common.sigma_schedule(pipe.scheduler, 5, 16)
+    steps = list(range(4))
+    xs, logps, _ = s03.rollout(pipe, ctx, sig, steps, 1.0, 4.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for j in steps:
+            v = common.predict_velocity(pipe.transformer, xs[j], sig[j:j + 1], ctx, 4.0)
+            _, lp, _ = s03.sde_step(v, xs[j], sig[j].item(), sig[j + 1].item(), 1.0, sig[1].item(), prev=xs[j + 1])
+            assert torch.allclose(lp, logps[j], atol=1e-6, rtol=0)
+    # and inside the update (micro-batched), the first on-policy ratio is 1 to 1e-5
+    opt = torch.optim.AdamW(params, lr=0.0)
+    st = s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, torch.randn(6), steps, _args(cfg=4.0, micro_batch=4))
+    assert abs(st["ratio"] - 1) < 1e-5 and st["clip_frac"] == 0.0
+
+
+def test_group_advantages_clip():
+    r = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    a = s03.group_advantages(r, 4, clip=1.0)
+    d = 0.5 + 1e-4   # sample std of [0, 0, 0, 1] is 0.5
+    assert a[:4].tolist() == pytest.approx([-0.25 / d] * 3 + [1.0])   # 0.75 / d = 1.4997 clipped to 1.0
+    assert a[4:].tolist() == [0.0] * 4
+
+
+def test_flow_grpo_raises_brightness():
+    """A verifiable reward (decoded brightness) rises under a few dozen Flow-GRPO steps."""
+    torch.manual_seed(0)
+    pipe = common.load_attacker("tiny")
+    params = common.add_attacker_lora(pipe, rank=8, alpha=8)
+    opt = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
+    img = Image.new("RGB", (32, 32), (128, 128, 128))
+    ctx = common.encode_edit(pipe, [img], ["make it brighter"], 32, negative_prompt=None).repeat(8)
+    sig = common.sigma_schedule(pipe.scheduler, 6, ctx.cond_latents.shape[1])
+    steps, gen, history = list(range(5)), torch.Generator().manual_seed(0), []
+    args = _args(micro_batch=8)
+    for _ in range(60):
+        xs, logps, x = s03.rollout(pipe, ctx, sig, steps, 1.0, 1.0, gen)
+        images = common.decode_latents(pipe, x, 32, 32)
+        r = ((images.clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3))
+        history.append(r.mean().item())
+        s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, s03.group_advantages(r, 8, 5.0), steps, args)
+    start, end = sum(history[:10]) / 10, sum(history[-10:]) / 10
+    # a random tiny VAE decodes to a narrow brightness range: the group std is ~0.0017, so a
+    # rise of 0.005 is ~3 group standard deviations (measured: 0.4913 -> 0.4990)
+    assert end > start + 0.005, (start, end, history)
+
+
+def test_sft_loss_falls(tiny_run):
+    torch.manual_seed(0)
+    ds = load_from_disk(str(tiny_run / "data" / "aot_sft"))
+    pipe = common.load_attacker("tiny")
+    params = common.add_attacker_lora(pipe, rank=8, alpha=16)
+    cache = s02.cache_rows(pipe, [ds[i] for i in range(4)], 64)
+    g = torch.Generator().manual_seed(0)
+    fixed = [(c, torch.rand(1, generator=g), torch.randn(c[1].shape, generator=g)) for c in cache for _ in range(4)]
+
+    def eval_loss():
+        with torch.no_grad():
+            return sum(s02.sft_loss(pipe.transformer, c[0], c[1], s, e).item() for c, s, e in fixed) / len(fixed)
+
+    before = eval_loss()
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    for step in range(40):
+        (ctx, x0), s, e = fixed[step % len(fixed)][0], torch.rand(1, generator=g), None
+        e = torch.randn(x0.shape, generator=g)
+        opt.zero_grad()
+        s02.sft_loss(pipe.transformer, ctx, x0, s, e).backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.9 * before, (before, after)
+
+
+def _copy_run(tiny_run, dst):
+    import shutil
+    shutil.copytree(tiny_run / "data", dst / "data")
+    return dst
+
+
+@pytest.mark.slow
+def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "a")
+    run_stage("02_sft_attacker.py", "--preset", "tiny", "--run_dir", run)
+    logs = [json.loads(x) for x in (run / "logs" / "02_sft.jsonl").read_text().splitlines()]
+    assert len(logs) == 20 and all(math.isfinite(r["loss"]) for r in logs)
+    # the saved LoRA loads into the pipeline and changes its output
+    img = Image.new("RGB", (64, 64), (90, 120, 30))
+    base = common.load_attacker("tiny")
+    tuned = common.load_attacker("tiny", lora=str(run / "attacker" / "sft"))
+    ctx = common.encode_edit(base, [img], ["x"], 64)
+    x = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        d = (common.predict_velocity(base.transformer, x, torch.tensor([0.5]), ctx, 1.0)
+             - common.predict_velocity(tuned.transformer, x, torch.tensor([0.5]), ctx, 1.0)).abs().max()
+    assert d > 1e-4
+    run2 = _copy_run(tiny_run, tmp_path / "b")
+    run_stage("02_sft_attacker.py", "--preset", "tiny", "--run_dir", run2, nproc=2)
+    assert (run2 / "attacker" / "sft" / "pytorch_lora_weights.safetensors").is_file()
+    run3 = _copy_run(tiny_run, tmp_path / "c")
+    proc = start_stage("02_sft_attacker.py", "--preset", "tiny", "--run_dir", run3, "--max_steps", "400")
+    ck = run3 / "attacker" / ".ckpt_sft" / "latest.json"
+    t0 = time.time()
+    while not ck.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists() and not (run3 / "attacker" / "sft").exists()
+    p = run_stage("02_sft_attacker.py", "--preset", "tiny", "--run_dir", run3, "--max_steps", "400")
+    assert "resumed at step" in p.stdout and (run3 / "attacker" / "sft").exists()
+
+
+@pytest.mark.slow
+def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "a")
+    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run, "--round", "1", "--defender", "tiny")
+    assert "starting a fresh LoRA" in p.stdout
+    logs = [json.loads(x) for x in (run / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert len(logs) == 4 and abs(logs[0]["ratio_mean"] - 1) < 1e-4
+    assert {"reward_mean", "reward_std", "attack_success", "ssim_local", "clip_frac", "approx_kl", "rollout_s",
+            "train_s", "peak_mem_gb"} <= set(logs[0])
+    att = load_from_disk(str(run / "attacks" / "round_1"))
+    scenes = load_from_disk(str(run / "data" / "scenes"))
+    assert len(att["test"]) == scenes["split"].count("test")
+    assert all(a >= 0.3 for a in att["train"]["ssim_local"])
+    assert (run / "attacks" / "round_1" / "gallery.png").is_file()
+    run2 = _copy_run(tiny_run, tmp_path / "b")
+    run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run2, "--round", "1", "--defender", "tiny",
+              nproc=2)
+    att2 = load_from_disk(str(run2 / "attacks" / "round_1"))
+    assert len(att2["test"]) == len(att["test"])
+    run3 = _copy_run(tiny_run, tmp_path / "c")
+    args = ["--preset", "tiny", "--run_dir", run3, "--round", "1", "--defender", "tiny", "--train_iters", "400"]
+    proc = start_stage("03_train_attacker.py", *args)
+    ck = run3 / "attacker" / ".ckpt_round_1" / "latest.json"
+    t0 = time.time()
+    while not ck.exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ck.exists()
+    p = run_stage("03_train_attacker.py", *args[:-2], "--train_iters", "6")
+    assert "resumed at iteration" in p.stdout and (run3 / "attacks" / "round_1").exists()
