@@ -91,6 +91,7 @@ class Args:
     chunk_size: int = field(default=64, metadata={"help": "rows per resumable chunk"})
     batch_size: int = field(default=8, metadata={"help": "model batch size"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     gallery_rows: int = field(default=4, metadata={"help": "rows in data/gallery_01.png"})
 
 
@@ -555,10 +556,11 @@ def main(args: Args):
 
     todo = [c for c in mine if c not in done]
     if todo:
-        judge, judge_proc = common.load_defender(args.judge, ddp.device)
+        dtype = common.resolve_dtype(args.dtype, ddp.device)
+        judge, judge_proc = common.load_defender(args.judge, ddp.device, dtype=dtype)
         target, target_proc = (judge, judge_proc) if args.target == args.judge else \
-            common.load_defender(args.target, ddp.device)
-        editor = common.load_attacker(args.editor, device=ddp.device)
+            common.load_defender(args.target, ddp.device, dtype=dtype)
+        editor = common.load_attacker(args.editor, device=ddp.device, dtype=dtype)
         models = (judge, judge_proc, target, target_proc, editor)
         for c in todo:
             tc = time.time()

@@ -16,12 +16,13 @@ Our choices where the paper is silent (shared/PAPER_NOTES.md, "Attacker SFT"):
   2. s ~ U(0, 1) by default (--timestep_sampling logit_normal as in SD3 is a flag);
   3. prompt embeddings and VAE latents are computed once per row and cached (encoders are frozen);
   4. one row per forward, --grad_accum rows per optimizer step and rank; data-parallel by
-     averaging LoRA gradients with one all-reduce.
+     averaging LoRA gradients with one all-reduce;
+  5. precision as flow_grpo: frozen transformer / encoders in --dtype (bf16 on GPU), the LoRA in fp32
+     (peft computes the adapter branch in fp32), the loss in fp32.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -54,6 +55,8 @@ class Args:
     grad_accum: int = field(default=4, metadata={"help": "rows per optimizer step and rank"})
     timestep_sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'logit_normal'"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the transformer"})
+    dtype: str = field(default="auto", metadata={"help": "frozen model / compute dtype: bf16, fp32, auto "
+                                                          "(bf16 on GPU); the LoRA is always fp32"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -98,7 +101,7 @@ def main(args: Args):
         raise SystemExit(f"[02] {data_path} is empty")
     rows = [ds[i] for i in range(ddp.rank, len(ds), ddp.world)] or [ds[ddp.rank % len(ds)]]
     torch.manual_seed(args.seed + ddp.rank)
-    pipe = common.load_attacker(args.model, device=ddp.device)
+    pipe = common.load_attacker(args.model, device=ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
     params = common.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
     if args.grad_ckpt:
         pipe.transformer.enable_gradient_checkpointing()
@@ -115,14 +118,11 @@ def main(args: Args):
     ckpt_dir = run / "attacker" / ".ckpt_sft"
     logger = common.JsonlLogger(run / "logs" / "02_sft.jsonl", ddp.master)
     start = 0
-    if (ckpt_dir / "latest.json").exists():
-        st = common.load_state(ckpt_dir / json.loads((ckpt_dir / "latest.json").read_text())["name"])
-        for p, v in zip(params, st["lora"]):
-            p.data.copy_(v)
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["gen"][ddp.rank])
-        rng.setstate((3, tuple(st["rng"][ddp.rank]), None))
-        start = st["step"]
+    resumed = common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)
+    if resumed:
+        start, extra = resumed
+        gen.set_state(extra["gen"])
+        rng.setstate((3, tuple(extra["rng"]), None))
         common.print0(f"[02] resumed at step {start}")
 
     for step in range(start, steps):
@@ -146,7 +146,8 @@ def main(args: Args):
         common.print0(f"[02] step {step + 1}/{steps} loss {loss_all:.4f} grad {gnorm:.3f} {row['step_s']:.2f}s "
                       f"mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_checkpoint(ckpt_dir, step + 1, params, opt, gen, rng, ddp)
+            common.save_checkpoint(ckpt_dir, step + 1, pipe.transformer, opt,
+                                   dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
 
     if ddp.master:
         tmp = common.tmp_dir_for(out)
@@ -157,26 +158,6 @@ def main(args: Args):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"[02] wrote {out} in {time.time() - t0:.0f}s")
     common.cleanup_distributed()
-
-
-def save_checkpoint(ckpt_dir, step, params, opt, gen, rng, ddp):
-    """LoRA, optimizer (identical on every rank), and every rank's sampler state."""
-    import torch.distributed as dist
-    local = dict(gen=gen.get_state(), rng=list(rng.getstate()[1]))
-    gathered = [None] * ddp.world
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
-    if ddp.master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{step:06d}"
-        common.save_state(ckpt_dir / name, dict(step=step, lora=[p.detach() for p in params],
-                                                optimizer=opt.state_dict(), gen=[g["gen"] for g in gathered],
-                                                rng=[g["rng"] for g in gathered]))
-        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name}))
-        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
-    common.barrier()
 
 
 if __name__ == "__main__":

@@ -26,11 +26,15 @@ Our choices where the paper is silent:
      whose local SSIM passes the gate (others could have changed the true answer);
   3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
      reward for checking that the RL loop learns (the tests use it).
+  4. precision as flow_grpo: transformer, text encoder, VAE and defender frozen in --dtype (bf16 on
+     GPU), the LoRA in fp32, the SDE step and its log-probs in fp32. The update recomputes each
+     log-prob with the rollout's own inputs and kernels, so the first ratio is 1 in bf16 too (tested
+     on CPU to 1e-5, inside the 1e-4 clip range; GPU kernels that depend on the batch size can
+     move it by bf16 rounding, as in flow_grpo).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -82,6 +86,8 @@ class Args:
     w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
     w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    dtype: str = field(default="auto", metadata={"help": "frozen models / compute dtype: bf16, fp32, auto "
+                                                          "(bf16 on GPU); the LoRA is always fp32"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N iterations"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -310,7 +316,8 @@ def main(args: Args):
     if not train_scenes:
         raise SystemExit(f"[03] no train scenes in {run / 'data' / 'scenes'}")
     init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
-    pipe = common.load_attacker(args.model, device=ddp.device)
+    dtype = common.resolve_dtype(args.dtype, ddp.device)
+    pipe = common.load_attacker(args.model, device=ddp.device, dtype=dtype)
     if Path(init).exists():
         params = common.load_attacker_lora(pipe, init, trainable=True)
     elif args.init_lora:
@@ -326,7 +333,7 @@ def main(args: Args):
         if dpath != common.TINY and not Path(dpath).exists() and not args.defender:
             raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round "
                              f"{args.round - 1})")
-        defender, processor = common.load_defender(dpath, ddp.device)
+        defender, processor = common.load_defender(dpath, ddp.device, dtype=dtype)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
@@ -336,14 +343,10 @@ def main(args: Args):
     start = 0
     if out_lora.exists():
         start = args.train_iters   # training finished earlier; only the curriculum is missing
-    elif (ckpt_dir / "latest.json").exists():
-        st = common.load_state(ckpt_dir / json.loads((ckpt_dir / "latest.json").read_text())["name"])
-        for p, v in zip(params, st["lora"]):
-            p.data.copy_(v)
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["gen"][ddp.rank])
-        rng.setstate((3, tuple(st["rng"][ddp.rank]), None))
-        start = st["step"]
+    elif resumed := common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank):
+        start, extra = resumed
+        gen.set_state(extra["gen"])
+        rng.setstate((3, tuple(extra["rng"]), None))
         common.print0(f"[03] resumed at iteration {start}")
     common.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
                   f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
@@ -388,7 +391,8 @@ def main(args: Args):
                       f"kl {row['approx_kl']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
                       f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
-            save_checkpoint(ckpt_dir, it + 1, params, opt, gen, rng, ddp)
+            common.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
+                                   dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
 
     if ddp.master and not out_lora.exists():
         tmp = common.tmp_dir_for(out_lora)
@@ -407,26 +411,6 @@ def main(args: Args):
             common.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
         write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)
     common.cleanup_distributed()
-
-
-def save_checkpoint(ckpt_dir, step, params, opt, gen, rng, ddp):
-    """LoRA, optimizer (identical on every rank), and every rank's sampler state."""
-    import torch.distributed as dist
-    local = dict(gen=gen.get_state(), rng=list(rng.getstate()[1]))
-    gathered = [None] * ddp.world
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
-    if ddp.master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{step:06d}"
-        common.save_state(ckpt_dir / name, dict(step=step, lora=[p.detach() for p in params],
-                                                optimizer=opt.state_dict(), gen=[g["gen"] for g in gathered],
-                                                rng=[g["rng"] for g in gathered]))
-        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name}))
-        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
-    common.barrier()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,13 @@ Departures / our choices:
   3. old log-probs are recomputed with a no-grad forward before the updates (verl's way), not taken
      from the sampler; --old_logp rollout uses the sampler's instead;
   4. --epochs passes over the prompt pool set the step count (the paper gives no step count);
-  5. multi-GPU uses FSDP2 (fully_shard per decoder / vision block); one process trains plainly,
-     and CPU runs under torchrun average gradients with one all-reduce.
+  5. precision and sharding (verl / EasyR1): the trained weights and AdamW state are fp32 master
+     weights, compute is --dtype (bf16 on GPU). Under torchrun, on GPU or CPU alike: FSDP2
+     (fully_shard per vision block and decoder layer, then the root) with
+     MixedPrecisionPolicy(param bf16, reduce fp32); in one process: torch.autocast. Checkpoints are
+     torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
+  6. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
+     token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +88,8 @@ class Args:
     lora_rank: int = field(default=0, metadata={"help": "0 = full-parameter training, else LoRA rank"})
     train_vision: bool = field(default=True, metadata={"help": "train the vision tower too"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype: bf16, fp32, auto (bf16 on GPU); trained "
+                                                          "weights and optimizer state are always fp32"})
     min_pixels: int = field(default=262144, metadata={"help": "image min pixels (processor)"})
     max_pixels: int = field(default=4194304, metadata={"help": "image max pixels (processor)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
@@ -150,10 +158,11 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
         inputs = common.defender_inputs(processor, [p["image"] for p in chunk],
                                         [common.defender_prompt(p["question"], p["options"]) for p in chunk],
                                         model.device)
-        out = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                             max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                             suppress_tokens=media_token_ids(model), synced_gpus=getattr(model, "_is_fsdp", False),
-                             return_dict_in_generate=True, output_logits=True)
+        with gathered_for_generation(model), compute_dtype(model):
+            out = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 suppress_tokens=media_token_ids(model), return_dict_in_generate=True,
+                                 output_logits=True)
         plen = inputs["input_ids"].shape[1]
         comp = out.sequences[:, plen:]                                         # (B, T)
         logits = torch.stack(out.logits, dim=1).float() / args.temperature     # (B, T, V)
@@ -204,12 +213,13 @@ def collate(samples, pad_id, device):
 
 def token_logprobs(model, batch, P, T, temperature, with_entropy=False):
     """Log-probs (B, T) of the completion tokens under the model (logits / temperature)."""
-    logits = model(**batch, use_cache=False).logits[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
+    with compute_dtype(model):
+        logits = model(**batch, use_cache=False).logits[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
     logits[..., media_token_ids(model)] = -float("inf")  # as suppressed at sampling time
     targets = batch["input_ids"][:, P:P + T]
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if with_entropy else None
+    ent = torch.special.entr(logp_all.exp()).sum(-1).detach() if with_entropy else None  # 0 where p = 0
     return logp, ent
 
 
@@ -346,9 +356,10 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
             for k in ("clip_frac", "ratio_sum", "tokens"):
                 stats[k] += st[k]
             stats["entropy_sum"] += (ent * cmask).sum().item()
-        if not getattr(model, "_is_fsdp", False):
+        if not is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
             common.all_reduce_grads(params)
-        stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        stats["grad_norm"] += float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         opt.step()
         stats["updates"] += 1
     stats["train_s"] = time.time() - t0
@@ -359,48 +370,100 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
 # Model setup, checkpoints
 # ---------------------------------------------------------------------------------------------
 def setup_model(args, ddp, init):
-    model, processor = common.load_defender(init, ddp.device, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.lora_rank > 0:
+    """Full-parameter: fp32 master weights (the update at lr 1e-6 is below bf16's resolution), bf16
+    compute: FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32) under torchrun, on GPU and on CPU
+    alike (verl / EasyR1's setting), torch.autocast in one process (accelerate / TRL's).
+    LoRA: the frozen base in --dtype, the adapter in fp32."""
+    dtype = common.resolve_dtype(args.dtype, ddp.device)
+    full = args.lora_rank == 0
+    model, processor = common.load_defender(init, ddp.device, dtype=torch.float32 if full else dtype,
+                                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if not full:
         from peft import LoraConfig, get_peft_model
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                  target_modules=targets))
+        common.lora_parameters(model)
     else:
         model.requires_grad_(True)
         if not args.train_vision:
             model.model.visual.requires_grad_(False)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if ddp.world > 1 and ddp.device.type == "cuda" and args.lora_rank == 0:
-        from torch.distributed.fsdp import fully_shard
+    if full and ddp.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
-            fully_shard(block)
-        fully_shard(model)
-        model._is_fsdp = True
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        with torch.no_grad():  # FSDP's root must see a forward before generate() calls the vision tower alone
+            model(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=ddp.device), use_cache=False)
+        model.reshard()  # the root keeps its weights gathered after a forward: the optimizer needs the fp32 shards
+    elif full and dtype != torch.float32:
+        model._autocast_dtype = dtype
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, processor, params
 
 
-def model_state(model):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def precision_summary(model, args, ddp) -> str:
+    dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[common.resolve_dtype(args.dtype, ddp.device)]
+    if args.lora_rank > 0:
+        return f"LoRA r{args.lora_rank}: fp32 adapter on a frozen {dt} base"
+    if is_fsdp(model):
+        return f"FSDP2 over {ddp.world} ranks, MixedPrecisionPolicy({dt} params, fp32 reduce), fp32 master weights"
+    return f"one process, fp32 master weights, {'torch.autocast(bf16)' if dt == 'bf16' else 'fp32 compute'}"
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def compute_dtype(model):
+    """bf16 autocast around the forward of a one-process fp32 model; FSDP2 casts by itself."""
+    from contextlib import nullcontext
+    dt = getattr(model, "_autocast_dtype", None)
+    return torch.autocast(model.device.type, dtype=dt) if dt else nullcontext()
+
+
+@contextmanager
+def gathered_for_generation(model):
+    """FSDP2: all-gather every layer once (in the bf16 param dtype), generate with no collective at
+    all, reshard after. Per-layer all-gathers for every decoded token (synced_gpus) would cost
+    tokens x layers collectives; the price is one full bf16 copy of the weights per rank during the
+    rollout, as verl / EasyR1 hold one in vLLM. Also: generate() runs the vision tower before the root
+    forward, which needs the root's own (patch-embedding) weights unsharded."""
+    if not is_fsdp(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's defaults: root False
 
 
 def save_final(model, processor, out: Path, ddp, args):
-    state = model_state(model)
+    """A save_pretrained directory in fp32: a round's total change is often below bf16's resolution."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ddp.master:
         tmp = common.tmp_dir_for(out)
-        base = model
         if args.lora_rank > 0:
-            base = model.merge_and_unload()
-        elif getattr(model, "_is_fsdp", False):
-            base, _ = common.load_defender(args.init_path, "cpu")
-            base.load_state_dict(state)
-        base.save_pretrained(tmp, safe_serialization=True)
+            model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         processor.save_pretrained(tmp)
         common.save_args(args, tmp)
         common.commit_dir(tmp, out)
+    common.barrier()
 
 
 def main(args: Args):
@@ -414,11 +477,11 @@ def main(args: Args):
     torch.manual_seed(args.seed + ddp.rank)
     random.seed(args.seed + ddp.rank)
     init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
-    args.init_path = init
     if args.round > 0 and not args.init and not Path(init).exists():
         raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
     model, processor, params = setup_model(args, ddp, init)
-    ref_model = common.load_defender(init, ddp.device)[0] if args.kl_coef > 0 else None
+    ref_model = common.load_defender(init, ddp.device, common.resolve_dtype(args.dtype, ddp.device))[0] \
+        if args.kl_coef > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     pool = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
@@ -427,27 +490,17 @@ def main(args: Args):
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master)
     start = 0
-    if (ckpt_dir / "latest.json").exists():  # resume: model, optimizer, step, data position, RNG
-        import json
-
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        name = json.loads((ckpt_dir / "latest.json").read_text())["name"]
-        st = common.load_state(ckpt_dir / name)
-        set_model_state_dict(model, st["model"], options=StateDictOptions(full_state_dict=True))
-        if getattr(model, "_is_fsdp", False):
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-            set_optimizer_state_dict(model, opt, st["optimizer"][0], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(st["optimizer"][ddp.rank])
-        stream.epoch, stream.pos = st["stream"][ddp.rank]
+    resumed = common.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, data position, RNG
+    if resumed:
+        start, extra = resumed
+        stream.epoch, stream.pos = extra["stream"]
         stream._order()
-        torch.set_rng_state(st["rng"][ddp.rank])
-        start = st["step"]
-        common.print0(f"[04] resumed from {ckpt_dir / name} at step {start}")
+        torch.set_rng_state(extra["rng"])
+        common.print0(f"[04] resumed from {ckpt_dir} at step {start}")
     common.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
                   f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
                   f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
-                  f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params")
+                  f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {precision_summary(model, args, ddp)}")
 
     for step in range(start, steps):
         t0 = time.time()
@@ -480,42 +533,14 @@ def main(args: Args):
                       f"clip {row['clip_frac']:.3f} ent {row['entropy']:.3f} gen {row['gen_tok_per_s']:.0f} tok/s "
                       f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_checkpoint(model, opt, stream, step + 1, ckpt_dir, ddp)
+            common.save_checkpoint(ckpt_dir, step + 1, model, opt,
+                                   dict(stream=[stream.epoch, stream.pos], rng=torch.get_rng_state()), ddp.rank)
     save_final(model, processor, out, ddp, args)
     if ddp.master:
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"[04] wrote {out}")
     common.cleanup_distributed()
-
-
-def save_checkpoint(model, opt, stream, step, ckpt_dir: Path, ddp):
-    """One step-numbered checkpoint: full model, every rank's optimizer / data position / RNG."""
-    import json
-
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    state = model_state(model)
-    fsdp = getattr(model, "_is_fsdp", False)
-    full_opt = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if fsdp else None
-    local = dict(optimizer=None if fsdp else opt.state_dict(), stream=[stream.epoch, stream.pos],
-                 rng=torch.get_rng_state())
-    gathered = [None] * ddp.world
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
-    if ddp.master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{step:06d}"
-        optim = [full_opt] if fsdp else [g["optimizer"] for g in gathered]
-        common.save_state(ckpt_dir / name, dict(step=step, model=state, optimizer=optim,
-                                                stream=[g["stream"] for g in gathered],
-                                                rng=[g["rng"] for g in gathered]))
-        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name}))
-        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
-    common.barrier()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class Args:
     max_new_tokens: int = field(default=1024, metadata={"help": "answer length"})
     batch_size: int = field(default=16, metadata={"help": "generation batch"})
     max_items: int = field(default=0, metadata={"help": "cap per benchmark (0 = all)"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     paper_table: bool = field(default=True, metadata={"help": "print the paper's numbers beside ours"})
 
 
@@ -293,7 +294,7 @@ def main(args: Args):
     if path != common.TINY and not Path(path).exists() and "/" not in path:
         raise SystemExit(f"[05] no defender at {path}")
     t0 = time.time()
-    model, processor = common.load_defender(path, ddp.device)
+    model, processor = common.load_defender(path, ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
     result = dict(round=args.round, defender=path, benchmarks={}, robustness={})
     n_items = 0
     for spec in args.bench:

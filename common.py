@@ -10,7 +10,7 @@
 4. Prompts (official defender eval wording, the attacker's adversarial instruction).
 5. Rewards: answer extraction, the defender accuracy reward, DAPO's soft overlong penalty,
    local SSIM and the attacker reward.
-6. Small I/O helpers: safetensors checkpoints, JSONL logs, atomic directory writes.
+6. Small I/O helpers: checkpoints (torch.distributed.checkpoint), JSONL logs, atomic directory writes.
 """
 
 from __future__ import annotations
@@ -199,15 +199,23 @@ def quiet():
     diffusers.logging.set_verbosity_error()
 
 
-def default_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=None,
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """``--dtype``: 'bf16' | 'fp32' | 'auto' (bf16 on GPU, fp32 on CPU). This is the dtype of frozen
+    models and of compute; trainable weights are fp32 whatever it is (verl, EasyR1, flow_grpo)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.float32,
                   min_pixels: int | None = None, max_pixels: int | None = None):
     """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-    dtype = dtype or default_dtype(device)
     if name_or_path == TINY:
         model, processor = build_tiny_defender()
     else:
@@ -224,10 +232,9 @@ def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=None,
 
 
 def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, device="cpu",
-                  dtype=None, trainable_lora: bool = False):
-    """-> diffusers QwenImageEditPipeline (all weights frozen), with an optional saved LoRA."""
+                  dtype=torch.float32, trainable_lora: bool = False):
+    """-> diffusers QwenImageEditPipeline (all weights frozen, in ``dtype``), with an optional saved LoRA."""
     from diffusers import QwenImageEditPipeline
-    dtype = dtype or default_dtype(device)
     if name_or_path == TINY:
         pipe = build_tiny_attacker()
     else:
@@ -256,8 +263,12 @@ def add_attacker_lora(pipe, rank: int = 64, alpha: int = 128, targets=None, seed
 
 
 def lora_parameters(module) -> list[torch.nn.Parameter]:
+    """The adapter's weights, made trainable and fp32 whatever the frozen base's dtype (flow_grpo
+    keeps its LoRA in fp32 too: an AdamW step at lr 1e-4 is below bf16's resolution for most
+    weights). peft runs the adapter branch in the adapter's dtype and casts back to the base's."""
     params = [p for n, p in module.named_parameters() if "lora_" in n]
     for p in params:
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -276,14 +287,24 @@ def save_attacker_lora(pipe, out_dir: str | Path):
 
 
 def load_attacker_lora(pipe, lora_dir: str | Path, trainable: bool = False):
-    """Load a LoRA saved by ``save_attacker_lora`` (or any diffusers Qwen-Image LoRA)."""
-    path = Path(lora_dir)
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
-        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {path}")
-    pipe.load_lora_weights(str(path), adapter_name="default")
-    if trainable:
-        return lora_parameters(pipe.transformer)
-    return []
+    """Load a LoRA saved by ``save_attacker_lora`` (or any diffusers Qwen-Image LoRA), in fp32.
+
+    diffusers builds the adapter in the base's dtype, so on a bf16 base the loaded values are
+    rounded: the adapter is cast to fp32 and the file's exact values are copied in again."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    file = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {file.parent}")
+    pipe.load_lora_weights(str(file.parent), adapter_name="default")
+    params = lora_parameters(pipe.transformer)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    result = set_peft_model_state_dict(pipe.transformer, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"{file}: keys that match no LoRA layer: {result.unexpected_keys[:3]}")
+    for p in params:
+        p.requires_grad_(trainable)
+    return params if trainable else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,45 +733,69 @@ def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. I/O: safetensors checkpoints, logs, atomic outputs
+# 6. I/O: checkpoints, logs, atomic outputs
 # ---------------------------------------------------------------------------------------------
-def save_state(path: str | Path, state: dict):
-    """Nested dict of tensors / numbers / strings -> <path>.safetensors (tensors) + <path>.json."""
+def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict, rank: int = 0):
+    """One step-numbered checkpoint, written by every rank (torch.distributed.checkpoint):
+    the trainable weights and the optimizer, each rank its own shard under FSDP2 (replicated LoRA
+    weights are written once), plus this rank's ``extra`` (RNG and data positions: tensors in a
+    safetensors file, the rest as JSON in its metadata). ``latest.json`` names it once complete;
+    the previous checkpoint is then deleted. Resume needs the same world size."""
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    tensors = {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    ckpt_dir = Path(ckpt_dir)
+    name = f"step_{step:06d}"
+    opts = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / name), no_dist=not dist.is_initialized())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}
+    save_file(tensors, str(ckpt_dir / name / f"rank_{rank}.safetensors"), metadata={"json": json.dumps(rest)})
+    barrier()
+    if rank == 0:
+        previous = json.loads((ckpt_dir / "latest.json").read_text())["name"] if (ckpt_dir / "latest.json").exists() else None
+        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name, "step": step}))
+        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
+        if previous and previous != name:
+            shutil.rmtree(ckpt_dir / previous, ignore_errors=True)
+    barrier()
 
-    def walk(obj, key):
-        if isinstance(obj, torch.Tensor):
-            tensors[key] = obj.detach().cpu().contiguous()
-            return {"__tensor__": key}
-        if isinstance(obj, dict):
-            # list of pairs, so int keys (optimizer state) survive JSON
-            return {"__dict__": [[k, walk(v, f"{key}.{k}")] for k, v in obj.items()]}
-        if isinstance(obj, (list, tuple)):
-            return {"__list__": [walk(v, f"{key}.{i}") for i, v in enumerate(obj)]}
-        return obj
 
-    meta = walk(state, "s")
-    path = Path(path)
-    save_file(tensors, str(path) + ".safetensors")
-    Path(str(path) + ".json").write_text(json.dumps(meta))
-
-
-def load_state(path: str | Path) -> dict:
-    from safetensors.torch import load_file
-    tensors = load_file(str(path) + ".safetensors")
-    meta = json.loads(Path(str(path) + ".json").read_text())
-
-    def build(obj):
-        if isinstance(obj, dict) and "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if isinstance(obj, dict) and "__dict__" in obj:
-            return {k: build(v) for k, v in obj["__dict__"]}
-        if isinstance(obj, dict) and "__list__" in obj:
-            return [build(v) for v in obj["__list__"]]
-        return obj
-
-    return build(meta)
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tuple[int, dict] | None:
+    """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (in place, re-sharded
+    by DCP); returns (step, this rank's extra), or None when there is no checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest.json").exists():
+        return None
+    latest = json.loads((ckpt_dir / "latest.json").read_text())
+    path = ckpt_dir / latest["name"]
+    opts = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    state = {"model": model_sd, "optim": optim_sd}
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in model_sd if f"model.{k}" not in saved]
+    if missing:
+        raise SystemExit(f"{path} lacks trained weights {missing[:3]}: not a checkpoint of this model / these flags")
+    # partial: AdamW keeps no state for weights that never got a gradient (e.g. the last MMDiT block's
+    # text stream), while get_state_dict above made one for every weight
+    dcp.load(state, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+             no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights: not saved
+    for fqn, p in model.named_parameters():  # no state saved -> none restored (AdamW's step count starts at 0)
+        if p in optimizer.state and f"optim.state.{fqn}.step" not in saved:
+            del optimizer.state[p]
+    rank_file = path / f"rank_{rank}.safetensors"
+    if not rank_file.exists():
+        raise SystemExit(f"{rank_file} is missing: resume with the world size that wrote {path}")
+    with safe_open(str(rank_file), "pt") as f:
+        extra = json.loads(f.metadata()["json"])
+        extra.update({k: f.get_tensor(k) for k in f.keys()})
+    return latest["step"], extra
 
 
 class JsonlLogger:

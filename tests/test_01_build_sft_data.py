@@ -1,14 +1,12 @@
 """Stage 01: synthetic seeds, proposal validation, the P(Yes) checks, the funnel, resume, bad rows."""
 import json
-import signal
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import load_script
 from datasets import load_from_disk
-from helpers import run_stage, start_stage
+from helpers import kill_when_exists, run_stage, start_stage
 from PIL import Image
 
 s01 = load_script("01_build_sft_data.py")
@@ -118,12 +116,7 @@ def test_stage01_torchrun_same_rows(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_stage01_resumes_after_kill(tiny_run, tmp_path):
     proc = start_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--chunk_size", "4")
-    chunks = tmp_path / "data" / ".tmp_01_chunks"
-    t0 = time.time()
-    while not (chunks / "chunk_00001").exists() and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert kill_when_exists(proc, tmp_path / "data" / ".tmp_01_chunks" / "chunk_00001")
     assert not (tmp_path / "data" / "aot_sft").exists(), "killed too late to test resume"
     p = run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--chunk_size", "4")
     assert "resuming" in p.stdout

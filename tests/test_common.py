@@ -105,21 +105,40 @@ def test_attacker_reward_gate_and_failures():
 
 
 # --------------------------------------------------------------------------- checkpoints
-def test_save_load_state_roundtrip(tmp_path):
-    p = torch.nn.Parameter(torch.randn(3, 2))
-    opt = torch.optim.AdamW([p], lr=1e-3)
-    p.sum().backward()
-    opt.step()
-    state = {"step": 7, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "name": "x"}
-    common.save_state(tmp_path / "ckpt", state)
-    back = common.load_state(tmp_path / "ckpt")
-    assert back["step"] == 7 and back["name"] == "x"
-    assert torch.equal(back["rng"], state["rng"])
-    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1.0)
-    opt2.load_state_dict(back["optimizer"])   # int keys restored
-    assert torch.equal(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"],
-                       opt.state[p]["exp_avg"])
-    assert opt2.param_groups[0]["lr"] == 1e-3
+def test_checkpoint_roundtrip_trainable_only_and_previous_removed(tmp_path):
+    """torch.distributed.checkpoint in one process: trainable weights + AdamW state + this rank's
+    extras come back exactly; frozen weights are not written; only the newest checkpoint stays."""
+    torch.manual_seed(0)
+
+    def build():   # layer 0 frozen; layer 2 trainable but never used, so it never gets a gradient
+        m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+        m[0].requires_grad_(False)
+        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+
+    m, opt = build()
+    for _ in range(3):
+        m[1](m[0](torch.randn(5, 4))).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert common.load_checkpoint(tmp_path, m, opt) is None
+    gen = torch.Generator().manual_seed(3)
+    common.save_checkpoint(tmp_path, 2, m, opt, {"gen": gen.get_state(), "pos": [1, 2]})
+    common.save_checkpoint(tmp_path, 3, m, opt, {"gen": gen.get_state(), "pos": [5, 6]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_000003"]
+    torch.manual_seed(1)
+    m2, opt2 = build()
+    frozen = m2[0].weight.detach().clone()
+    step, extra = common.load_checkpoint(tmp_path, m2, opt2)
+    assert step == 3 and extra["pos"] == [5, 6] and torch.equal(extra["gen"], gen.get_state())
+    assert torch.equal(m2[1].weight, m[1].weight) and torch.equal(m2[1].bias, m[1].bias)
+    assert torch.equal(m2[0].weight, frozen)                     # not in the checkpoint: left as built
+    assert m2[2].weight not in opt2.state                        # no state saved, none restored
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["state"].keys() == s2["state"].keys() == {0, 1}
+    for k in s1["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    assert s2["param_groups"][0]["lr"] == 1e-3
 
 
 # --------------------------------------------------------------------------- tiny models
