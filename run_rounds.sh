@@ -6,7 +6,8 @@
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
 #
 # Env: PRESET (tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
-#      SEED_DATA (synthetic or a seed JSONL), BENCH ("name=path.tsv name=path.tsv" for stage 05).
+#      SEED_DATA (synthetic or a seed JSONL), BENCH ("name=path.tsv name=path.tsv" for stage 05),
+#      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32).
 # Every stage skips work whose output directory is complete, so re-running continues after a failure.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,6 +20,7 @@ SEED_DATA=${SEED_DATA:-synthetic}
 BENCH=${BENCH:-}
 PY=${PYTHON:-python}
 if [ "$PRESET" = "tiny" ]; then export HF_HUB_OFFLINE=1; P=(--preset tiny); else P=(); fi
+if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
 
 run() {  # one stage: plain python for one process, torchrun otherwise (extra args passed through)
@@ -31,7 +33,7 @@ run() {  # one stage: plain python for one process, torchrun otherwise (extra ar
 EXTRA="$*"
 done_() { [ -e "$1" ]; }   # a stage's output exists (outputs are renamed into place only when complete)
 
-echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es)"
+echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 
 # 1. AOT-SFT: extended scenes + effective distractors
 done_ "$RUN_DIR/data/aot_sft" || run 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
