@@ -55,7 +55,7 @@ import common
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
-                 resolution=64, outpaint_steps=4, inpaint_steps=4, chunk_size=8, proposer="random",
+                 resolution=64, cond_resolution=0, outpaint_steps=4, inpaint_steps=4, chunk_size=8, proposer="random",
                  require_correct_before=False, max_duplication=0.6, max_new_tokens=8),
 }
 
@@ -73,6 +73,9 @@ class Args:
     editor: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit (hub id/path)"})
     pad_ratio: float = field(default=0.25, metadata={"help": "canvas padding per side (x width/height)"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
+    cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
+                                                                   "encoder sees) at ~this^2 pixels, as the pipeline; 0 = "
+                                                                   "at --resolution"})
     outpaint_steps: int = field(default=30, metadata={"help": "sampling steps for outpainting"})
     inpaint_steps: int = field(default=30, metadata={"help": "sampling steps for implantation"})
     cfg: float = field(default=4.0, metadata={"help": "true CFG scale of the editor"})
@@ -193,13 +196,13 @@ def read_seed_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 # Masked editing (outpainting and implantation share it)
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolution):
+def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolution, cond_resolution=0):
     """Edit only where mask == 1 (PIL 'L' masks, image size). Flow-matching inpainting: after
     each Euler step the unmasked region is reset to the original latents noised to the next
     sigma, so the model fills the hole consistently with what surrounds it."""
-    ctx = common.encode_edit(pipe, images, instructions, resolution)
+    ctx = common.encode_edit(pipe, images, instructions, resolution, cond_resolution=cond_resolution)
     w, h = ctx.width, ctx.height
-    x0 = ctx.cond_latents.float()                               # (B, L, 64) original latents
+    x0 = common.encode_images(pipe, common.images_to_tensor(images, w, h)).float()   # (B, L, 64) original latents
     m = torch.stack([torch.from_numpy(np.asarray(mk.resize((w // 8, h // 8), Image.BILINEAR),
                                                  dtype=np.float32) / 255.0) for mk in masks])
     m = common.pack_latents((m > 0.01).float()[:, None, None].expand(-1, 16, 1, -1, -1).contiguous())
@@ -392,7 +395,8 @@ def process_chunk(rows, chunk_idx, models, args):
             b = idx[j:j + args.batch_size]
             outs = masked_edit(editor, [canvases[i][0] for i in b],
                                ["Extend the scene naturally beyond its borders."] * len(b),
-                               [canvases[i][1] for i in b], args.outpaint_steps, args.cfg, gen, args.resolution)
+                               [canvases[i][1] for i in b], args.outpaint_steps, args.cfg, gen, args.resolution,
+                               args.cond_resolution)
             for i, o in zip(b, outs):
                 extended[i] = o
     counts["extended"] = len(rows)
@@ -454,7 +458,8 @@ def process_chunk(rows, chunk_idx, models, args):
                 masks.append(mk)
             outs = masked_edit(editor, [s["image"] for s, _ in group],
                                [f"Add a {p['object']} in this place." for _, p in group], masks,
-                               args.inpaint_steps, args.cfg, gen, args.resolution)
+                               args.inpaint_steps, args.cfg, gen, args.resolution,
+                               args.cond_resolution)
             implanted += [(s, p, o) for (s, p), o in zip(group, outs)]
     counts["implanted"] = len(implanted)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import common
 
-PRESETS = {"tiny": dict(model="tiny", resolution=64, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
+PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
                         grad_accum=2, save_every=5)}
 
 
@@ -45,6 +45,9 @@ class Args:
     model: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
     data: str | None = field(default=None, metadata={"help": "default <run_dir>/data/aot_sft"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
+    cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
+                                                                   "encoder sees) at ~this^2 pixels, as the pipeline; 0 = "
+                                                                   "at --resolution"})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
@@ -61,11 +64,12 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 
-def cache_rows(pipe, rows, resolution):
+def cache_rows(pipe, rows, resolution, cond_resolution=0):
     """Per row: prompt context (no CFG in SFT) + condition latents + target latents x0."""
     cache = []
     for r in rows:
-        ctx = common.encode_edit(pipe, [r["image"]], [r["instruction"]], resolution, negative_prompt=None)
+        ctx = common.encode_edit(pipe, [r["image"]], [r["instruction"]], resolution, negative_prompt=None,
+                                 cond_resolution=cond_resolution)
         target = common.images_to_tensor([r["edited_image"]], ctx.width, ctx.height)
         cache.append((ctx, common.encode_images(pipe, target).float()))
     return cache
@@ -108,7 +112,7 @@ def main(args: Args):
     pipe.transformer.train()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     t0 = time.time()
-    cache = cache_rows(pipe, rows, args.resolution)
+    cache = cache_rows(pipe, rows, args.resolution, args.cond_resolution)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(ds) / (args.grad_accum * ddp.world)))
     common.print0(f"[02] {len(ds)} AOT-SFT rows ({len(rows)} on rank 0, cached in {time.time() - t0:.1f}s), "
                   f"{steps} steps x {args.grad_accum} rows x {ddp.world} ranks, LoRA r={args.lora_rank} "

@@ -12,7 +12,8 @@ Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (Data
 
 Flow-GRPO, every piece in this file (shared/PAPER_NOTES.md, "Flow-GRPO", "Attacker reward"):
   rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
-             its log-prob recorded (per-element mean, float32); true CFG; condition at --resolution
+             its log-prob recorded (per-element mean, float32); true CFG; output at --resolution,
+             condition at --cond_resolution (1 MP, as the pipeline and flow_grpo)
   reward     the defender answers every edit k times (T = 1); local SSIM on the target boxes gates
              it: r = [ssim >= tau] * (0.5 * wrong_fraction + 0.5 * all_k_wrong)   (common.py)
   advantage  (r - mean_group) / (std_group + 1e-4), clipped to [-5, 5]
@@ -46,7 +47,7 @@ import torch
 
 import common
 
-PRESETS = {"tiny": dict(model="tiny", resolution=64, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
+PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
                         defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3)}
 
@@ -61,6 +62,9 @@ class Args:
     defender: str | None = field(default=None, metadata={"help": "default defender/round_{k-1}"})
     reward: str = field(default="defender", metadata={"help": "'defender' or 'brightness' (sanity check)"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
+    cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
+                                                                   "encoder sees) at ~this^2 pixels, as the pipeline; 0 = "
+                                                                   "at --resolution"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
@@ -124,8 +128,8 @@ def sde_steps(args, T, rng: random.Random) -> list[int]:
 @torch.no_grad()
 def rollout(pipe, ctx, sigmas, train_steps, noise_level, cfg, generator):
     """Sample edits for every row of ctx. Returns latents (T+1, B, L, C), log-probs (T, B), final."""
-    B, L, C = ctx.cond_latents.shape
-    x = torch.randn((B, L, C), generator=generator).to(ctx.cond_latents.device)
+    B, C = ctx.cond_latents.shape[0], ctx.cond_latents.shape[2]
+    x = torch.randn((B, ctx.target_len, C), generator=generator).to(ctx.cond_latents.device)
     xs, logps = [x], []
     sigma_max = sigmas[1].item()
     for i in range(len(sigmas) - 1):
@@ -222,7 +226,7 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
 def encode_scenes(pipe, scenes, args):
     return common.encode_edit(pipe, [s["image"] for s in scenes],
                               [common.attack_instruction(s["question"]) for s in scenes], args.resolution,
-                              negative_prompt=" " if args.cfg > 1 else None)
+                              negative_prompt=" " if args.cfg > 1 else None, cond_resolution=args.cond_resolution)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed):
             by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
         for group in by_size.values():
             ctx = encode_scenes(pipe, group, args)
-            sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.cond_latents.shape[1])
+            sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
             _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(seed + i))
             images = common.decode_latents(pipe, x, ctx.height, ctx.width)
             edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
@@ -360,7 +364,7 @@ def main(args: Args):
         scenes = [s for s in scenes if common.snap_size(s["image"], args.resolution) == size]
         pipe.transformer.eval()
         ctx = encode_scenes(pipe, scenes, args).repeat(args.group_size)   # (B*G, ...)
-        sigmas = common.sigma_schedule(pipe.scheduler, args.num_steps, ctx.cond_latents.shape[1])
+        sigmas = common.sigma_schedule(pipe.scheduler, args.num_steps, ctx.target_len)
         steps = sde_steps(args, args.num_steps, rng)
         xs, logps, x = rollout(pipe, ctx, sigmas, steps, args.noise_level, args.cfg, gen)
         images = common.decode_latents(pipe, x, ctx.height, ctx.width)

@@ -14,17 +14,21 @@ Writes: defender/round_k/ (save_pretrained, safetensors, + processor + args.json
 
 DAPO, every piece in this file (shared/PAPER_NOTES.md, "DAPO"):
   rollout   groups of n answers per prompt, left-padded batched sampling (T = 1, top_p = 1)
-  reward    0.8 correct + 0.2 exact \\boxed{X} format (common.accuracy_reward) + soft overlong penalty
+  reward    the authors' correct_first: the first \\boxed{X}, 0.8 if right + 0.2 if strictly boxed, else 0
+            (common.accuracy_reward); DAPO's soft overlong penalty is a flag, off as in their configs
   dynamic   keep groups whose mean reward is in (0.01, 0.99); sample new prompts until the rollout
   sampling  batch is full or --max_tries generation rounds are spent (then train on what there is)
   loss      PPO clip-higher (0.2 / 0.28), token-mean over every completion token of the global
             batch (exact under micro-batching and across ranks), no KL by default
 Departures / our choices:
-  1. rollout batch 512 prompts -> updates of 128 prompts (EasyR1's defaults; the paper states 128);
+  1. rollout batch and epochs per round as the authors' run scripts (ROUND_SCHEDULE; round 0 draws
+     --warmup_samples 900 clean prompts), updates of 128 prompts; steps = floor(pool / rollout batch)
+     x epochs, as EasyR1's drop_last data loader; dynamic sampling refills until the batch is full;
   2. dynamic sampling fills each rank's share of the rollout batch independently;
   3. old log-probs are recomputed with a no-grad forward before the updates (verl's way), not taken
      from the sampler; --old_logp rollout uses the sampler's instead;
-  4. --epochs passes over the prompt pool set the step count (the paper gives no step count);
+  4. yes/no scenes are scored by the same two rules on \\boxed{Yes} / \\boxed{No} (the official reward
+     reads option letters only, so it scores every yes/no item 0);
   5. precision and sharding (verl / EasyR1): the trained weights and AdamW state are fp32 master
      weights, compute is --dtype (bf16 on GPU). Under torchrun, on GPU or CPU alike: FSDP2
      (fully_shard per vision block and decoder layer, then the root) with
@@ -54,6 +58,11 @@ PRESETS = {
 }
 
 
+# The authors' run scripts (scripts/run_{base,iter0,iter1,iter2}.sh + configs): rollout batch and epochs of
+# each round; round 0 is their warm-up on ~900 clean samples, rounds 1-3 their iterations 0-2.
+ROUND_SCHEDULE = {0: (512, 100), 1: (128, 50), 2: (128, 50), 3: (512, 15)}
+
+
 @dataclass
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
@@ -63,21 +72,25 @@ class Args:
     init: str | None = field(default=None, metadata={"help": "start from here (default defender/round_{k-1})"})
     curriculum: str | None = field(default=None, metadata={"help": "default attacks/round_k"})
     clean_ratio: float = field(default=0.5, metadata={"help": "share of clean prompts in rounds >= 1"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the prompt pool"})
+    epochs: float = field(default=0, metadata={"help": "passes over the prompt pool (0 = the authors' value for "
+                                                          "this round, ROUND_SCHEDULE)"})
     max_steps: int = field(default=0, metadata={"help": "cap on rollout steps (0 = from epochs)"})
-    rollout_batch: int = field(default=512, metadata={"help": "prompts per rollout step (all ranks)"})
+    rollout_batch: int = field(default=0, metadata={"help": "prompts per rollout step, all ranks (0 = the authors' "
+                                                             "value for this round)"})
+    warmup_samples: int = field(default=900, metadata={"help": "round 0: clean prompts drawn (0 = all; official ~900)"})
     global_batch: int = field(default=128, metadata={"help": "prompts per optimizer update (all ranks)"})
     group_size: int = field(default=5, metadata={"help": "answers per prompt (n)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward"})
     gen_batch: int = field(default=64, metadata={"help": "prompts per generate call"})
     temperature: float = field(default=1.0, metadata={"help": "rollout temperature"})
     top_p: float = field(default=1.0, metadata={"help": "rollout top_p"})
-    max_new_tokens: int = field(default=2048, metadata={"help": "max response length"})
-    overlong_cache: int = field(default=512, metadata={"help": "soft overlong buffer (0 = off)"})
+    max_new_tokens: int = field(default=4096, metadata={"help": "max response length (official: 4096)"})
+    overlong_cache: int = field(default=0, metadata={"help": "DAPO's soft overlong buffer; 0 = off (official)"})
     mask_truncated: bool = field(default=False, metadata={"help": "drop truncated answers from the loss"})
     dyn_low: float = field(default=0.01, metadata={"help": "keep groups with mean reward > this"})
     dyn_high: float = field(default=0.99, metadata={"help": "... and < this"})
-    max_tries: int = field(default=4, metadata={"help": "generation rounds per step to fill the batch"})
+    max_tries: int = field(default=-1, metadata={"help": "generation rounds per step to fill the batch (-1 = until "
+                                                            "full, official max_try_make_batch)"})
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon (low)"})
     clip_high: float = field(default=0.28, metadata={"help": "PPO clip epsilon (high), DAPO clip-higher"})
     kl_coef: float = field(default=0.0, metadata={"help": "k3 KL to the initial model (0 = off)"})
@@ -106,6 +119,8 @@ def load_prompt_pool(args, run: Path) -> list[dict]:
     clean = [dict(image=r["image"], question=r["question"], options=r["options"], answer=r["answer"], source="clean")
              for r in scenes]
     if args.round == 0:
+        if args.warmup_samples and len(clean) > args.warmup_samples:
+            clean = random.Random(args.seed).sample(clean, args.warmup_samples)
         return clean
     path = Path(args.curriculum or run / "attacks" / f"round_{args.round}")
     if not path.exists():
@@ -116,6 +131,11 @@ def load_prompt_pool(args, run: Path) -> list[dict]:
     n_clean = int(round(len(adv) * args.clean_ratio / max(1e-9, 1 - args.clean_ratio)))
     rng = random.Random(args.seed)
     return adv + rng.sample(clean, min(n_clean, len(clean)))
+
+
+def step_count(args, n_prompts: int) -> int:
+    """EasyR1's: a drop_last loader of rollout-batch prompts, for --epochs passes (--max_steps overrides)."""
+    return args.max_steps or max(1, int(n_prompts // args.rollout_batch * args.epochs))
 
 
 class PromptStream:
@@ -271,7 +291,7 @@ def collect_groups(model, processor, stream, per_rank, args):
     kept, tries, seen, gen_tokens, t0, filler = [], 0, 0, 0, time.time(), None
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     need = per_rank * world
-    while tries < args.max_tries:
+    while args.max_tries < 0 or tries < args.max_tries:
         have = int(common.all_reduce(torch.tensor(float(len(kept)))).item())
         if have >= need:
             break
@@ -450,8 +470,10 @@ def gathered_for_generation(model):
             m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's defaults: root False
 
 
-def save_final(model, processor, out: Path, ddp, args):
-    """A save_pretrained directory in fp32: a round's total change is often below bf16's resolution."""
+def save_final(model, out: Path, ddp, args, init: str):
+    """A save_pretrained directory in fp32 (a round's total change is often below bf16's resolution),
+    with the processor of the model it started from: training's pixel limits (--min/max_pixels) are not
+    saved, so every round is evaluated with the base model's limits, as the authors evaluate."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ddp.master:
@@ -460,7 +482,7 @@ def save_final(model, processor, out: Path, ddp, args):
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        common.load_processor(init).save_pretrained(tmp)
         common.save_args(args, tmp)
         common.commit_dir(tmp, out)
     common.barrier()
@@ -479,6 +501,8 @@ def main(args: Args):
     init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
     if args.round > 0 and not args.init and not Path(init).exists():
         raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
+    rollout_batch, epochs = ROUND_SCHEDULE[min(args.round, max(ROUND_SCHEDULE))]
+    args.rollout_batch, args.epochs = args.rollout_batch or rollout_batch, args.epochs or epochs
     model, processor, params = setup_model(args, ddp, init)
     ref_model = common.load_defender(init, ddp.device, common.resolve_dtype(args.dtype, ddp.device))[0] \
         if args.kl_coef > 0 else None
@@ -486,7 +510,7 @@ def main(args: Args):
     pool = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
     per_rank = max(1, args.rollout_batch // ddp.world)
-    steps = args.max_steps or max(1, math.ceil(args.epochs * len(pool) / args.rollout_batch))
+    steps = step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master)
     start = 0
@@ -535,7 +559,7 @@ def main(args: Args):
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             common.save_checkpoint(ckpt_dir, step + 1, model, opt,
                                    dict(stream=[stream.epoch, stream.pos], rng=torch.get_rng_state()), ddp.rank)
-    save_final(model, processor, out, ddp, args)
+    save_final(model, out, ddp, args, init)
     if ddp.master:
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,27 +1,34 @@
-"""Stage 05: score a defender round on the paper's benchmarks and on held-out attacks.
+"""Stage 05: score a defender on the paper's benchmarks and on held-out attacks.
 
-Reads:  defender/round_k/, benchmark TSVs (VLMEvalKit format, --bench NAME=PATH), data/scenes (test
-        split), attacks/round_*/test
-Writes: eval/preds/round_k/<bench>.jsonl (per item, so a re-run scores only what is missing),
-        eval/round_k.json, eval/summary.md (every round so far, laid out like the paper's table),
-        eval/robustness.png
+Reads:  defender/round_k/ (or the base model: --defender base), benchmark TSVs (VLMEvalKit format,
+        --bench NAME=PATH), data/scenes (test split), attacks/round_*/test
+Writes: eval/preds/<name>/<bench>.jsonl (per item, every trial, so a re-run scores only what is missing),
+        eval/<name>.json (name: round_k or base), eval/summary.md (every defender so far beside the
+        paper's table), eval/robustness.png
 
   python 05_eval.py --preset tiny --run_dir runs/tiny --round 0
-  python 05_eval.py --run_dir runs/aot --round 3 --trials 3 \
+  python 05_eval.py --run_dir runs/aot --defender base --bench vstar=bench/VStarBench.tsv   # the untouched base
+  python 05_eval.py --run_dir runs/aot --round 3 \
       --bench vstar=bench/VStarBench.tsv pope=bench/POPE.tsv hallusionbench=bench/HallusionBench.tsv
   torchrun --nproc_per_node 8 05_eval.py ...           # items sharded over ranks
 
-Scoring, as each benchmark defines it (shared/PAPER_NOTES.md, "Evaluation"):
-  vstar           accuracy, overall and per category (attribute / spatial)
-  hrbench4k/8k    accuracy averaged over `cycle_category`
-  pope            accuracy / precision / recall / F1 with "yes" as positive, per split (`category`)
-  hallusionbench  aAcc per question; fAcc: all questions of a figure right; qAcc: a question right
-                  on every figure (grouped by category, set_id, figure_id / question_id)
-  anything else   MCQ letter accuracy or yes/no accuracy
-Decoding: greedy; --trials N is the official strict multi-trial mode (correct only if all N
-are), sampled at --trial_temperature (with temperature 0 all trials would be identical).
-Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far,
-and the attack success rate (share of clean-correct items the attack turns wrong).
+As the authors' eval scripts (eval/, shared/PAPER_NOTES.md "Evaluation") compute it:
+  prompts         eval/config/prompts.toml: yes/no and MCQ wordings, text before the image; options as
+                  "Options:\nA. x" (HR-Bench and every other MCQ) or "(A) x" (V*)
+  extraction      yes/no: final-answer phrase, first box, first yes/no word (POPE, HallusionBench and
+                  every yes/no item); HR-Bench's and V*'s own letter rules (common.extract_*)
+  decoding        strict multi-trial: up to 3 greedy answers of up to 4096 tokens, stopping at the first
+                  wrong one; correct only if every trial is (--trial_temperature > 0 samples trials 2..N)
+  vstar, hrbench  correct / total over all rows (+ per category; HR-Bench: VLMEvalKit's cycle average too)
+  pope            strict accuracy over the rows; precision / recall / F1 ('Yes' positive) from the last
+                  trial; per category with comma-joined categories split
+  hallusionbench  aAcc; fAcc / qAcc grouped by l2-category + set / figure / question id from the index
+                  string (VLMEvalKit's headline, the mean of the three, is reported beside it)
+  anything else   MCQ or yes/no accuracy with the rules above
+Rows VLMEvalKit stores as a back-reference to another row's image are resolved; any row that cannot be
+scored is named with its reason in eval/<name>.json.
+Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far, and the
+attack success rate (share of clean-correct items the attack turns wrong).
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ from PIL import Image
 
 import common
 
-PRESETS = {"tiny": dict(max_new_tokens=8, paper_table=False)}
+PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False)}
 
-PAPER = {  # authors' table, Qwen2.5-VL-7B base -> Defender Iter. 3
+PAPER = {  # authors' table, Qwen2.5-VL-7B base -> clean-data DAPO (ablation) -> Defender Iter. 1..3
     "base": dict(vstar=71.0, hrbench4k=64.1, hrbench8k=64.9, hallusionbench=67.5, pope=77.1, mmmu=20.7, mmstar=60.3,
                  realworldqa=67.7, blink=54.1, ai2d=81.0),
+    "clean-data DAPO": dict(vstar=74.8, hrbench4k=71.8, hrbench8k=70.6, hallusionbench=67.9, pope=79.8, mmmu=21.3,
+                            mmstar=60.9, realworldqa=69.3, blink=54.5, ai2d=80.7),
     "Iter. 1": dict(vstar=75.6, hrbench4k=71.4, hrbench8k=69.4, hallusionbench=67.8, pope=80.1, mmmu=20.0,
                     mmstar=61.3, realworldqa=69.3, blink=54.5, ai2d=81.1),
     "Iter. 2": dict(vstar=77.3, hrbench4k=72.0, hrbench8k=69.9, hallusionbench=68.2, pope=80.3, mmmu=23.3,
@@ -60,12 +69,13 @@ class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': short answers"})
     round: int = field(default=0, metadata={"help": "defender round to score"})
-    defender: str | None = field(default=None, metadata={"help": "default defender/round_k ('base' = --model)"})
+    defender: str | None = field(default=None, metadata={"help": "default defender/round_k; 'base' scores --model "
+                                                                   "(written as eval/base.json)"})
     model: str = field(default=common.DEFENDER_ID, metadata={"help": "base model id (for --defender base)"})
     bench: list[str] = field(default_factory=list, metadata={"help": "NAME=PATH.tsv ... (one flag, several values)"})
-    trials: int = field(default=1, metadata={"help": "strict multi-trial count (official: 3)"})
-    trial_temperature: float = field(default=1.0, metadata={"help": "sampling temperature when trials > 1"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "answer length"})
+    trials: int = field(default=3, metadata={"help": "strict multi-trial count (official: 3)"})
+    trial_temperature: float = field(default=0.0, metadata={"help": "temperature of trials 2..N (official: 0)"})
+    max_new_tokens: int = field(default=4096, metadata={"help": "answer length (official: 4096)"})
     batch_size: int = field(default=16, metadata={"help": "generation batch"})
     max_items: int = field(default=0, metadata={"help": "cap per benchmark (0 = all)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
@@ -75,32 +85,44 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # Benchmarks: loading and scoring
 # ---------------------------------------------------------------------------------------------
-def load_tsv(path: str, max_items: int = 0) -> list[dict]:
-    """VLMEvalKit TSV -> items {index, image, question, options, answer, meta}."""
+def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
+    """VLMEvalKit TSV -> (items {index, image, question, options, answer, meta}, {skipped index: reason}).
+    An `image` of at most 64 characters is a back-reference to the row with that index (VLMEvalKit
+    stores a repeated image once)."""
     import pandas as pd
     df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     for col in ("index", "image", "question", "answer"):
         if col not in df.columns:
             raise SystemExit(f"[05] {path}: missing column '{col}'")
     letters = [c for c in common.OPTION_LETTERS if c in df.columns]
-    items, bad = [], 0
+    stored = {r["index"]: r["image"] for _, r in df.iterrows() if len(r["image"]) > 64}
+    items, skipped = [], {}
     for _, r in df.iterrows():
+        data = r["image"] if len(r["image"]) > 64 else stored.get(r["image"])
+        if data is None:
+            skipped[r["index"]] = f"image refers to index {r['image']!r}, which holds no image"
+            continue
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")
-        except (ValueError, OSError):
-            bad += 1
+            image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        except (ValueError, OSError) as e:
+            skipped[r["index"]] = f"unreadable image ({type(e).__name__})"
             continue
         options = [r[c] for c in letters if r[c].strip()]
         answer = r["answer"].strip()
-        answer = answer.capitalize() if not options else answer
+        answer = answer.capitalize() if not options else answer.upper()
         meta = {k: r[k] for k in df.columns if k not in ("image", "question", "answer", *letters)}
         items.append(dict(index=str(r["index"]), image=image, question=r["question"], options=options,
                           answer=answer, meta=meta))
         if max_items and len(items) >= max_items:
             break
-    if bad:
-        print(f"[05] {path}: skipped {bad} rows with unreadable images")
-    return items
+    if skipped:
+        print(f"[05] {path}: skipped {len(skipped)} rows: " + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]))
+    return items, skipped
+
+
+def style_of(name: str) -> str:
+    """Which official script's prompt layout and extraction a benchmark gets."""
+    return "vstar" if name.startswith("vstar") else "hrbench"
 
 
 def acc(xs) -> float:
@@ -108,44 +130,62 @@ def acc(xs) -> float:
     return 100.0 * sum(xs) / len(xs) if xs else float("nan")
 
 
+def prf(preds) -> dict:
+    """Precision / recall / F1 (%) with 'Yes' as positive, from each item's last trial (official)."""
+    tp = sum(p["pred"] == "Yes" and p["answer"] == "Yes" for p in preds)
+    fp = sum(p["pred"] == "Yes" and p["answer"] != "Yes" for p in preds)
+    fn = sum(p["pred"] != "Yes" and p["answer"] == "Yes" for p in preds)
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    return dict(accuracy=acc(p["correct"] for p in preds), precision=100 * prec, recall=100 * rec,
+                f1=100 * (2 * prec * rec / (prec + rec) if prec + rec else 0.0))
+
+
 def score_pope(preds):
-    """Per split: accuracy, precision, recall, F1 with 'Yes' as the positive class."""
-    out = {}
+    """eval/hallucination/pope.py: headline = strict accuracy over the rows; P/R/F1 from the last trial;
+    only the per-category rows split comma-joined categories."""
     by = defaultdict(list)
     for p in preds:
-        by[p["meta"].get("category", "all")].append(p)
-    for split, ps in sorted(by.items()):
-        tp = sum(p["pred"] == "Yes" and p["answer"] == "Yes" for p in ps)
-        fp = sum(p["pred"] == "Yes" and p["answer"] == "No" for p in ps)
-        fn = sum(p["pred"] != "Yes" and p["answer"] == "Yes" for p in ps)
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        out[split] = dict(acc=acc(p["correct"] for p in ps), precision=100 * prec, recall=100 * rec,
-                          f1=100 * (2 * prec * rec / (prec + rec) if prec + rec else 0.0))
-    out["overall"] = sum(v["f1"] for v in out.values()) / len(out)   # headline: mean F1 over splits
-    return out
+        for c in str(p["meta"].get("category", "")).split(","):
+            if c.strip():
+                by[c.strip()].append(p)
+    overall = prf(preds)
+    return dict(overall=overall["accuracy"], **overall, per_category={k: prf(v) for k, v in sorted(by.items())})
+
+
+def hallusion_ids(index: str) -> tuple[str, str, str]:
+    """(set_id, figure_id, question_id): fields 3, 4, 5 of the `_`-separated index, as the official script."""
+    parts = str(index).split("_")
+    return tuple(parts[i] if len(parts) > i else "unknown" for i in (3, 4, 5))
+
+
+def hallusion_metrics(preds) -> dict:
+    fig, que = defaultdict(list), defaultdict(list)
+    for p in preds:
+        set_id, figure_id, question_id = hallusion_ids(p["index"])
+        l2 = p["meta"].get("l2-category", "")
+        fig[(l2, set_id, figure_id)].append(p["correct"])
+        que[(l2, set_id, question_id)].append(p["correct"])
+    return dict(aAcc=acc(p["correct"] for p in preds), fAcc=acc(all(v) for v in fig.values()),
+                qAcc=acc(all(v) for v in que.values()))
 
 
 def score_hallusion(preds):
-    """aAcc per question; fAcc all-correct per figure; qAcc all-correct per question across figures."""
-    def key(p, *cols):
-        return tuple(p["meta"].get(c, "") for c in cols)
-    fig, que = defaultdict(list), defaultdict(list)
-    for p in preds:
-        fig[key(p, "category", "set_id", "figure_id")].append(p["correct"])
-        que[key(p, "category", "set_id", "question_id")].append(p["correct"])
-    a = acc(p["correct"] for p in preds)
-    f = acc(all(v) for v in fig.values())
-    q = acc(all(v) for v in que.values())
-    return dict(aAcc=a, fAcc=f, qAcc=q, overall=(a + f + q) / 3)
+    """eval/hallucination/hallusionbench.py: headline aAcc; fAcc / qAcc group by l2-category + set id +
+    figure id / question id, taken from the index string. VLMEvalKit's headline (mean of the three) too."""
+    m = hallusion_metrics(preds)
+    splits = {}
+    for col in ("category", "l2-category"):
+        for v in sorted({p["meta"].get(col, "") for p in preds}):
+            splits[f"{col}={v}"] = hallusion_metrics([p for p in preds if p["meta"].get(col, "") == v])
+    return dict(overall=m["aAcc"], **m, vlmevalkit_mean=(m["aAcc"] + m["fAcc"] + m["qAcc"]) / 3, per_split=splits)
 
 
 def score_by(preds, col):
     groups = defaultdict(list)
     for p in preds:
         groups[p["meta"].get(col, "all")].append(p["correct"])
-    per = {k: acc(v) for k, v in sorted(groups.items())}
-    return per
+    return {k: acc(v) for k, v in sorted(groups.items())}
 
 
 def score(name: str, preds) -> dict:
@@ -153,40 +193,42 @@ def score(name: str, preds) -> dict:
         return score_pope(preds)
     if name.startswith("hallusion"):
         return score_hallusion(preds)
-    if name.startswith("hrbench"):
-        per = score_by(preds, "cycle_category")
-        return dict(per_cycle=per, overall=sum(per.values()) / len(per))
-    if name.startswith("vstar"):
-        return dict(per_category=score_by(preds, "category"), overall=acc(p["correct"] for p in preds))
-    return dict(overall=acc(p["correct"] for p in preds))
+    out = dict(overall=acc(p["correct"] for p in preds), per_category=score_by(preds, "category"))
+    if name.startswith("hrbench") and any("cycle_category" in p["meta"] for p in preds):
+        per = score_by(preds, "cycle_category")   # VLMEvalKit's headline: the mean over cycles
+        out["vlmevalkit_cycle_avg"] = sum(per.values()) / len(per)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Answering with per-item caching
+# Answering: strict multi-trial, per-item caching
 # ---------------------------------------------------------------------------------------------
-def answer_items(model, processor, items, args, pred_path: Path, ddp) -> list[dict]:
-    """Answer every item not yet in pred_path (sharded over ranks); return all predictions."""
+def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str = "hrbench") -> list[dict]:
+    """Answer every item not yet in pred_path (sharded over ranks); return all predictions.
+    Strict multi-trial (the official eval): up to --trials answers, the next one only while all so far
+    are right; correct = every trial right. `pred` is the last trial's answer."""
     import torch.distributed as dist
     done = {}
     if pred_path.exists():
         for line in pred_path.read_text().splitlines():
             p = json.loads(line)
-            done[p["index"]] = p
+            if "trials" in p:   # older caches without per-trial records are answered again
+                done[p["index"]] = p
     todo = [it for it in items if it["index"] not in done][ddp.rank::ddp.world]
-    new = []
-    for i in range(0, len(todo), args.batch_size):
-        batch = todo[i:i + args.batch_size]
-        prompts = [common.defender_prompt(it["question"], it["options"]) for it in batch]
-        outs = []
-        for t in range(args.trials):
-            temp = 0.0 if t == 0 or args.trial_temperature == 0 else args.trial_temperature
-            outs.append(common.defender_generate(model, processor, [it["image"] for it in batch], prompts,
-                                                 args.max_new_tokens, temperature=temp, batch_size=args.batch_size))
-        for j, it in enumerate(batch):
-            texts = [o[j] for o in outs]
-            preds = [common.extract_answer(x, it["options"]) for x in texts]
-            new.append(dict(index=it["index"], outputs=texts, pred=preds[0], answer=it["answer"], meta=it["meta"],
-                            correct=all(p == it["answer"] for p in preds)))
+    trials = {it["index"]: [] for it in todo}
+    alive = list(todo)
+    for t in range(args.trials):
+        temp = args.trial_temperature if t > 0 else 0.0
+        outs = common.defender_generate(model, processor, [it["image"] for it in alive],
+                                        [common.defender_prompt(it["question"], it["options"], style) for it in alive],
+                                        args.max_new_tokens, temperature=temp, batch_size=args.batch_size)
+        for it, text in zip(alive, outs):
+            pred = common.extract_answer(text, it["options"], style)
+            trials[it["index"]].append(dict(output=text, pred=pred, correct=pred == it["answer"]))
+        alive = [it for it in alive if trials[it["index"]][-1]["correct"]]
+    new = [dict(index=it["index"], trials=trials[it["index"]], pred=trials[it["index"]][-1]["pred"],
+                answer=it["answer"], meta=it["meta"], correct=all(x["correct"] for x in trials[it["index"]]))
+           for it in todo]
     gathered = [None] * ddp.world
     if dist.is_initialized():
         dist.all_gather_object(gathered, new)
@@ -207,13 +249,13 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp) -> list[di
 # ---------------------------------------------------------------------------------------------
 # Robustness on held-out attacks
 # ---------------------------------------------------------------------------------------------
-def robustness(model, processor, run: Path, args, ddp) -> dict:
+def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
     from datasets import load_from_disk
     out = {}
     scenes = load_from_disk(str(run / "data" / "scenes")).filter(lambda s: s == "test", input_columns="split")
     items = [dict(index=r["id"], image=r["image"], question=r["question"], options=r["options"], answer=r["answer"],
                   meta={}) for r in scenes]
-    pdir = run / "eval" / "preds" / f"round_{args.round}"
+    pdir = run / "eval" / "preds" / name
     clean = answer_items(model, processor, items, args, pdir / "scenes_clean.jsonl", ddp)
     out["clean_acc"] = acc(p["correct"] for p in clean)
     clean_ok = {p["index"]: p["correct"] for p in clean}
@@ -233,8 +275,19 @@ def robustness(model, processor, run: Path, args, ddp) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Summary table and plot
 # ---------------------------------------------------------------------------------------------
+def row_label(r) -> str:
+    """The paper's row names: the untouched base, the clean warm-up (its clean-data ablation), Iter. k."""
+    return "base" if r["round"] < 0 else "clean warm-up (round 0)" if r["round"] == 0 else f"Iter. {r['round']}"
+
+
+PAPER_ROW = {"base": "base", "clean warm-up (round 0)": "clean-data DAPO"}
+
+
 def write_summary(eval_dir: Path, paper_table: bool):
-    rounds = sorted((json.loads(p.read_text()) for p in eval_dir.glob("round_*.json")), key=lambda r: r["round"])
+    """Every scored defender, in the paper's row order; with --paper_table each row is followed by the
+    paper's row of the same name."""
+    rounds = sorted((json.loads(p.read_text()) for p in eval_dir.glob("*.json")
+                     if p.stem == "base" or p.stem.startswith("round_")), key=lambda r: r["round"])
     benches = [c for c in COLUMNS if any(c in r["benchmarks"] for r in rounds)]
     benches += sorted({b for r in rounds for b in r["benchmarks"]} - set(benches))
     attackers = sorted({k for r in rounds for k in r["robustness"] if k.startswith("attacker_")},
@@ -242,24 +295,26 @@ def write_summary(eval_dir: Path, paper_table: bool):
     head = ["defender"] + benches + (["Avg"] if benches else []) + ["clean (test scenes)"] + \
         [f"vs {a.replace('attacker_round_', 'attacker ')}" for a in attackers]
     lines = ["# AOT evaluation summary", "",
-             "Benchmarks: headline metric (%). Robustness: accuracy on the run's held-out test scenes, clean and "
-             "attacked by each attacker round (attack success rate in parentheses).", "",
+             "Benchmarks: the official headline metric (%; POPE strict accuracy, HallusionBench aAcc, HR-Bench and V* "
+             "correct / total). Robustness: accuracy on the run's held-out test scenes, clean and attacked by each "
+             "attacker round (attack success rate in parentheses).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rounds:
         vals = [r["benchmarks"][b]["overall"] if b in r["benchmarks"] else float("nan") for b in benches]
         main = [v for v in vals if not math.isnan(v)]
-        cells = [f"round {r['round']}"] + [f"{v:.1f}" for v in vals] + ([f"{sum(main) / len(main):.1f}"] if benches else [])
+        cells = [row_label(r)] + [f"{v:.1f}" for v in vals] + ([f"{sum(main) / len(main):.1f}"] if benches else [])
         cells.append(f"{r['robustness'].get('clean_acc', float('nan')):.1f}")
         for a in attackers:
             x = r["robustness"].get(a)
             cells.append(f"{x['acc']:.1f} ({x['attack_success']:.1f})" if x else "")
         lines.append("| " + " | ".join(cells) + " |")
-    if paper_table:
-        lines += ["", "Paper (Qwen2.5-VL-7B, authors' table):", "",
-                  "| model | " + " | ".join(COLUMNS) + " | Avg |", "|" + "---|" * (len(COLUMNS) + 2)]
-        for name, row in PAPER.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.1f}" for c in COLUMNS) +
-                         f" | {sum(row.values()) / len(row):.1f} |")
+        paper = PAPER.get(PAPER_ROW.get(row_label(r), row_label(r)))
+        if paper_table and paper and benches:
+            pv = [paper.get(b, float("nan")) for b in benches]
+            known = [v for v in pv if not math.isnan(v)]
+            lines.append(f"| *paper: {PAPER_ROW.get(row_label(r), row_label(r))}* | " +
+                         " | ".join("" if math.isnan(v) else f"*{v:.1f}*" for v in pv) +
+                         f" | *{sum(known) / len(known):.1f}* |" + " |" * (1 + len(attackers)))
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)
@@ -277,7 +332,7 @@ def plot_robustness(rounds, attackers, path):
                 label=a.replace("attacker_round_", "attacks of attacker "))
     ax.set_xlabel("defender round")
     ax.set_ylabel("accuracy on test scenes (%)")
-    ax.set_xticks(xs)
+    ax.set_xticks(xs, ["base" if x < 0 else str(x) for x in xs])
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -289,33 +344,38 @@ def main(args: Args):
     ddp = common.setup_distributed()
     run = Path(args.run_dir)
     eval_dir = run / "eval"
-    path = args.defender or str(run / "defender" / f"round_{args.round}")
-    path = args.model if path == "base" else path
+    base = args.defender == "base"
+    name = "base" if base else f"round_{args.round}"
+    path = args.model if base else args.defender or str(run / "defender" / name)
     if path != common.TINY and not Path(path).exists() and "/" not in path:
         raise SystemExit(f"[05] no defender at {path}")
     t0 = time.time()
+    # the processor saved with the model: a trained defender keeps the base model's pixel limits (04)
     model, processor = common.load_defender(path, ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
-    result = dict(round=args.round, defender=path, benchmarks={}, robustness={})
+    result = dict(name=name, round=-1 if base else args.round, defender=path, benchmarks={}, skipped={},
+                  robustness={})
     n_items = 0
     for spec in args.bench:
         if "=" not in spec:
             raise SystemExit(f"[05] --bench expects NAME=PATH, got {spec!r}")
-        name, tsv = spec.split("=", 1)
-        items = load_tsv(tsv, args.max_items)
-        preds = answer_items(model, processor, items, args, eval_dir / "preds" / f"round_{args.round}" / f"{name}.jsonl",
-                             ddp)
+        bench, tsv = spec.split("=", 1)
+        items, skipped = load_tsv(tsv, args.max_items)
+        preds = answer_items(model, processor, items, args, eval_dir / "preds" / name / f"{bench}.jsonl", ddp,
+                             style_of(bench))
         n_items += len(preds)
-        result["benchmarks"][name] = score(name, preds)
-        common.print0(f"[05] {name}: {result['benchmarks'][name]['overall']:.1f} ({len(preds)} items)")
-    result["robustness"] = robustness(model, processor, run, args, ddp)
+        result["benchmarks"][bench] = score(bench, preds)
+        result["skipped"][bench] = skipped
+        common.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
+                      f"{len(skipped)} skipped)")
+    result["robustness"] = robustness(model, processor, run, args, ddp, name)
     if ddp.master:
         eval_dir.mkdir(parents=True, exist_ok=True)
-        tmp = eval_dir / f".round_{args.round}.json.tmp"
+        tmp = eval_dir / f".{name}.json.tmp"
         tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(eval_dir / f"round_{args.round}.json")
+        tmp.replace(eval_dir / f"{name}.json")
         table = write_summary(eval_dir, args.paper_table)
         print(f"[05] robustness: {json.dumps(result['robustness'])}")
-        print(f"[05] wrote {eval_dir}/round_{args.round}.json and summary.md in {time.time() - t0:.0f}s "
+        print(f"[05] wrote {eval_dir}/{name}.json and summary.md in {time.time() - t0:.0f}s "
               f"({n_items / max(time.time() - t0, 1e-9):.1f} benchmark items/s)\n{table}")
     common.cleanup_distributed()
 

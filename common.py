@@ -7,9 +7,9 @@
    true CFG, latent <-> image) and the defender's batched generation / P(Yes) scoring: every
    stage calls these, so they live here once.
 3. torchrun setup.
-4. Prompts (official defender eval wording, the attacker's adversarial instruction).
-5. Rewards: answer extraction, the defender accuracy reward, DAPO's soft overlong penalty,
-   local SSIM and the attacker reward.
+4. Prompts (the authors' eval wording, the attacker's adversarial instruction).
+5. Rewards: answer extraction and the DAPO reward as the authors' scripts compute them, DAPO's
+   soft overlong penalty, local SSIM and the attacker reward.
 6. Small I/O helpers: checkpoints (torch.distributed.checkpoint), JSONL logs, atomic directory writes.
 """
 
@@ -215,20 +215,27 @@ def resolve_dtype(name: str, device) -> torch.dtype:
 def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.float32,
                   min_pixels: int | None = None, max_pixels: int | None = None):
     """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
     if name_or_path == TINY:
-        model, processor = build_tiny_defender()
+        model, _ = build_tiny_defender()
     else:
-        kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, **kw)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    processor = load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"  # batched generation
     ip = processor.image_processor
     if min_pixels or max_pixels:
         ip.size = {"shortest_edge": min_pixels or ip.size["shortest_edge"],
                    "longest_edge": max_pixels or ip.size["longest_edge"]}
     return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def load_processor(name_or_path: str = DEFENDER_ID):
+    """The defender's processor as saved with the model (its own pixel limits)."""
+    from transformers import AutoProcessor
+    if name_or_path == TINY:
+        return _tiny_vl_processor()
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
 
 
 def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, device="cpu",
@@ -318,9 +325,14 @@ class EditContext:
     neg_embeds: torch.Tensor | None    # true-CFG negative prompt, same layout
     neg_mask: torch.Tensor | None
     cond_latents: torch.Tensor         # (B, Lc, 64) packed VAE latents of the scene
-    img_shapes: list                   # per sample: [(1, h/16, w/16) target, (1, h/16, w/16) cond]
-    height: int
+    img_shapes: list                   # per sample: [(1, h/16, w/16) target, (1, hc/16, wc/16) condition]
+    height: int                        # of the output (target)
     width: int
+
+    @property
+    def target_len(self) -> int:
+        """Tokens of the noisy target latents (the condition may have another size)."""
+        return (self.height // 16) * (self.width // 16)
 
     def repeat(self, n: int) -> EditContext:
         """Each sample repeated n times in a row (a group of n edits of the same scene)."""
@@ -339,8 +351,7 @@ class EditContext:
 
 
 def snap_size(image: Image.Image, resolution: int, multiple: int = 16) -> tuple[int, int]:
-    """(width, height) with the image's aspect ratio, area ~ resolution^2, multiples of 16.
-    This is the edit resolution for both the condition and the output: no 1 MP resize."""
+    """(width, height) with the image's aspect ratio, area ~ resolution^2, multiples of 16: the output size."""
     w, h = image.size
     scale = resolution / math.sqrt(w * h)
     return (max(multiple, round(w * scale / multiple) * multiple),
@@ -402,23 +413,28 @@ def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torc
 
 @torch.no_grad()
 def encode_edit(pipe, images: list[Image.Image], instructions: list[str], resolution: int,
-                negative_prompt: str | None = " ") -> EditContext:
+                negative_prompt: str | None = " ", cond_resolution: int = 0) -> EditContext:
     """Prompt embeddings of (scene + instruction) and the scene's condition latents.
 
-    All images of one call are edited at the size of the first (callers group by size)."""
+    The output is edited at ~resolution^2 pixels. The condition (VAE latents and the image the text
+    encoder sees) is encoded at ~cond_resolution^2 pixels as QwenImageEditPipeline does
+    (calculate_dimensions(1024 * 1024, ratio): the model's native setting), or at the output size
+    when cond_resolution is 0. All images of one call share the first one's sizes (callers group)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
     width, height = snap_size(images[0], resolution)
-    cond = images_to_tensor(images, width, height)
-    prompt_images = [im.convert("RGB").resize((width, height), Image.BICUBIC) for im in images]
+    cw, ch = calculate_dimensions(cond_resolution ** 2, images[0].width / images[0].height)[:2] \
+        if cond_resolution else (width, height)
+    cond_images = [im.convert("RGB").resize((cw, ch), Image.BICUBIC) for im in images]
     dev = pipe.transformer.device
-    emb, mask = pipe.encode_prompt(prompt=instructions, image=prompt_images, device=dev)
+    emb, mask = pipe.encode_prompt(prompt=instructions, image=cond_images, device=dev)
     neg_emb = neg_mask = None
     if negative_prompt is not None:
-        neg_emb, neg_mask = pipe.encode_prompt(prompt=[negative_prompt] * len(images),
-                                               image=prompt_images, device=dev)
-    shape = (1, height // 16, width // 16)
+        neg_emb, neg_mask = pipe.encode_prompt(prompt=[negative_prompt] * len(images), image=cond_images, device=dev)
+    shapes = [(1, height // 16, width // 16), (1, ch // 16, cw // 16)]
     return EditContext(emb.to(pipe.transformer.dtype), mask, None if neg_emb is None else
-                       neg_emb.to(pipe.transformer.dtype), neg_mask, encode_images(pipe, cond),
-                       [[shape, shape] for _ in images], height, width)
+                       neg_emb.to(pipe.transformer.dtype), neg_mask,
+                       encode_images(pipe, images_to_tensor(cond_images, cw, ch)),
+                       [shapes for _ in images], height, width)
 
 
 def predict_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, ctx: EditContext,
@@ -456,10 +472,10 @@ def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def defender_inputs(processor, images: list[Image.Image], prompts: list[str], device,
                     assistant_prefix: str = ""):
-    """Left-padded chat inputs, one image + one user turn each."""
+    """Left-padded chat inputs, one user turn each: the text, then the image (the official layout)."""
     texts = []
     for p in prompts:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}]
+        msgs = [{"role": "user", "content": [{"type": "text", "text": p}, {"type": "image"}]}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
                      + assistant_prefix)
     inputs = processor(text=texts, images=[im.convert("RGB") for im in images], padding=True,
@@ -584,20 +600,32 @@ OPTION_LETTERS = "ABCDEFGH"
 ATTACK_INSTRUCTION = "Add a plausible distractor object to mislead a model answering: {question}"
 
 
+# The authors' eval/config/prompts.toml: yes/no and MCQ wordings; {question} is the question block.
+YES_NO_TEMPLATE = ("Please answer the following question with only 'Yes' or 'No'.\n\n{question}\n\n"
+                   "Answer with \\boxed{{Yes}} or \\boxed{{No}}.")
+MCQ_TEMPLATE = ("Please answer the following multiple-choice question. Choose the best answer from the options "
+                "provided.\n\n{question}\n\nProvide your final answer in the format \\boxed{{X}}, where X is the "
+                "letter of your choice.")
+
+
 def yes_no_prompt(question: str) -> str:
-    return ("Please answer the following question with only 'Yes' or 'No'. "
-            f"{question} Answer with \\boxed{{Yes}} or \\boxed{{No}}.")
+    return YES_NO_TEMPLATE.format(question=question)
 
 
-def mcq_prompt(question: str, options: list[str]) -> str:
-    opts = "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return (f"{question}\nOptions:\n{opts}\nProvide your final answer in the format \\boxed{{X}}, "
-            "where X is the letter of your choice.")
+def mcq_prompt(question: str, options: list[str], layout: str = "hrbench") -> str:
+    """The MCQ block as the official scripts lay it out: HR-Bench "Options:\nA. x" (also every other
+    MCQ, our scenes included), V* "(A) x"."""
+    if layout == "vstar":
+        block = question + "\n" + "\n".join(f"({OPTION_LETTERS[i]}) {o}" for i, o in enumerate(options))
+    else:
+        block = f"{question}\nOptions:\n" + "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return MCQ_TEMPLATE.format(question=block)
 
 
-def defender_prompt(question: str, options: list[str]) -> str:
-    """Official eval wording: yes/no when there are no options, else the MCQ block."""
-    return mcq_prompt(question, options) if options else yes_no_prompt(question)
+def defender_prompt(question: str, options: list[str], layout: str = "hrbench") -> str:
+    """Official eval wording: yes/no when there are no options, else the MCQ block. Training uses
+    the same wording (the official training data is not released)."""
+    return mcq_prompt(question, options, layout) if options else yes_no_prompt(question)
 
 
 def attack_instruction(question: str) -> str:
@@ -605,54 +633,74 @@ def attack_instruction(question: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Rewards
+# 5. Rewards and answer extraction (one function per official behaviour)
 # ---------------------------------------------------------------------------------------------
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_FINAL = r"(?:final answer|the final answer is|the answer is)\s*:?\s*"
 
 
-def extract_answer(text: str, options: list[str] | None = None) -> str | None:
-    """The answer in a defender response: "A".."H" for MCQ, "Yes"/"No" without options.
-
-    Order (as the official eval): the last \\boxed{...}; else a leading/standalone letter or
-    yes/no ("(B)", "B.", "Answer: B", "yes, ..."); else an exact option text. None if nothing."""
-    options = options or []
-    letters = OPTION_LETTERS[:len(options)]
-    boxed = _BOXED.findall(text)
-    candidates = [boxed[-1]] if boxed else []
-    candidates.append(text)
-    for cand in candidates:
-        c = cand.strip()
-        if options:
-            m = re.match(rf"^\(?([{letters}])\)?(?:[.:)\s]|$)", c) or \
-                re.search(rf"(?:answer|option)\s*(?:is)?\s*[:\s]\s*\(?([{letters}])\)?\b", c, re.I)
-            if m:
-                return m.group(1)
-            for i, o in enumerate(options):
-                if c.lower().rstrip(".") == o.lower():
-                    return letters[i]
-        else:
-            m = (re.match(r"^\W*(yes|no)\b", c, re.I)
-                 or re.search(r"(?:answer\s*(?:is)?\s*[:\s])\s*(yes|no)\b", c, re.I))
-            if m:
-                return m.group(1).capitalize()
+def extract_yes_no(text: str) -> str | None:
+    """eval/hallucination/{pope,hallusionbench}.py: a final-answer phrase, then the first box, then the
+    first yes/no word anywhere. "Yes" / "No" or None."""
+    for pattern in (_FINAL + r"\b(Yes|No)\b", r"\\?boxed\s*[\{\(]\s*\b(Yes|No)\b\s*[\}\)]", r"\b(Yes|No)\b"):
+        m = re.search(pattern, text.strip(), re.IGNORECASE)
+        if m:
+            return m.group(1).capitalize()
     return None
 
 
-def is_exact_format(text: str, options: list[str] | None = None) -> bool:
-    """The response is exactly \\boxed{X} (whitespace aside) with a valid X."""
-    m = re.fullmatch(r"\s*\\boxed\{([^{}]*)\}\s*", text)
-    if not m:
-        return False
-    x = m.group(1).strip()
-    return x in OPTION_LETTERS[:len(options)] if options else x in ("Yes", "No")
+def extract_option_hrbench(text: str, letters: str = "ABCD") -> str | None:
+    """eval/high_resolution/hrbench{4k,8k}.py: the first box, then a final-answer phrase, then the first
+    capital option letter anywhere in the text (so a leading article "A" counts, as there)."""
+    m = (re.search(rf"\\?boxed\s*[\{{\(]\s*([{letters}])\s*[\}}\)]", text, re.IGNORECASE)
+         or re.search(_FINAL + rf"([{letters}])", text, re.IGNORECASE))
+    if m:
+        return m.group(1).upper()
+    m = re.search(f"[{letters}]", text)
+    return m.group(0) if m else None
+
+
+def extract_option_vstar(text: str) -> str | None:
+    """eval/high_resolution/vstarbench.py: a box (also $\\boxed{\\text{B}}$), then a final-answer phrase,
+    then a letter A-E at the very start ("(B) ...")."""
+    m = (re.search(r"\$?\s*\\?boxed\s*[\{\(]\s*(?:\\text\{)?\s*([A-Z])\s*\}?\s*[\}\)]\s*\$?", text, re.IGNORECASE)
+         or re.search(_FINAL + r"([A-Z])", text, re.IGNORECASE))
+    if m:
+        return m.group(1).upper()
+    m = re.match(r"\s*\(?([A-E])\)?", text)
+    return m.group(1) if m else None
+
+
+def extract_answer(text: str, options: list[str] | None = None, style: str = "hrbench") -> str | None:
+    """The defender's answer to one of our scenes or a benchmark item: the official yes/no rule
+    without options; with options V*'s rule (style 'vstar') or HR-Bench's over the item's letters."""
+    if not options:
+        return extract_yes_no(text)
+    if style == "vstar":
+        return extract_option_vstar(text)
+    return extract_option_hrbench(text, OPTION_LETTERS[:len(options)])
+
+
+def correct_first(text: str, yes_no: bool = False) -> tuple[str | None, bool]:
+    """scripts/reward/correct_first.py: the FIRST \\boxed{<capital letter>} anywhere -> (letter, True);
+    else a looser box (any case, \\boxed (X), \\boxed[X], "boxed{x}") -> (LETTER, False); else (None,
+    False). yes_no: the same two rules on Yes / No (the official reward reads letters only)."""
+    strict, loose = (r"\\boxed\{(Yes|No)\}", r"(yes|no)") if yes_no else (r"\\boxed\{([A-Z])\}", r"([A-Z])")
+    m = re.search(strict, text)
+    if m:
+        return m.group(1), True
+    m = re.search(r"\\?boxed\s*[\{\(\[]\s*" + loose + r"\s*[\}\)\]]", text, re.IGNORECASE)
+    if m:
+        return (m.group(1).capitalize() if yes_no else m.group(1).upper()), False
+    return None, False
 
 
 def accuracy_reward(text: str, answer: str, options: list[str] | None = None) -> float:
-    """Official `correct_first`: 0.8 if correct, +0.2 if correct and exactly \\boxed{X}, else 0."""
-    pred = extract_answer(text, options)
-    if pred is None or pred.lower() != str(answer).strip().lower():
+    """The official DAPO reward: 0.8 if the extracted answer is right, + 0.2 if it was a strict
+    \\boxed{X}; 0 for anything else, an unboxed answer included."""
+    pred, strict = correct_first(text, yes_no=not options)
+    if pred is None or pred != str(answer).strip():
         return 0.0
-    return 1.0 if is_exact_format(text, options) else 0.8
+    return 1.0 if strict else 0.8
 
 
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:

@@ -39,7 +39,8 @@ echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(e
 done_ "$RUN_DIR/data/aot_sft" || run 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
 # 2. attacker cold start
 done_ "$RUN_DIR/attacker/sft" || run 02_sft_attacker.py "${P[@]}" --run_dir "$RUN_DIR"
-# 3. defender warm-up: DAPO on clean scenes (round 0), and its evaluation
+# 3. the untouched base defender, then its warm-up: DAPO on clean scenes (round 0), and their evaluation
+done_ "$RUN_DIR/eval/base.json" || run 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --defender base "${BENCH_ARGS[@]}"
 done_ "$RUN_DIR/defender/round_0" || run 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round 0
 done_ "$RUN_DIR/eval/round_0.json" || run 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round 0 "${BENCH_ARGS[@]}"
 

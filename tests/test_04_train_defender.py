@@ -70,6 +70,19 @@ def test_group_advantages_and_dynamic_filter():
     assert torch.all(a[0] == 0)
 
 
+def test_round_schedule_step_count_and_warmup_pool(tiny_run):
+    """The authors' run scripts: warm-up 512 x 100 epochs on ~900 clean samples = 100 steps (run_base.sh),
+    then iterations of 128 x 50, 128 x 50, 512 x 15 (run_iter{0,1,2}.sh)."""
+    assert s04.ROUND_SCHEDULE == {0: (512, 100), 1: (128, 50), 2: (128, 50), 3: (512, 15)}
+    assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=512, epochs=100), 900) == 100
+    assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=128, epochs=50), 1000) == 350   # 7 full batches
+    assert s04.step_count(SimpleNamespace(max_steps=3, rollout_batch=128, epochs=50), 1000) == 3
+    args = SimpleNamespace(round=0, warmup_samples=5, seed=0)
+    pool = s04.load_prompt_pool(args, tiny_run)
+    assert len(pool) == 5 and [p["question"] for p in pool] == [p["question"] for p in s04.load_prompt_pool(args, tiny_run)]
+    assert len(s04.load_prompt_pool(SimpleNamespace(round=0, warmup_samples=0, seed=0), tiny_run)) > 5
+
+
 class FakeStream:
     def __init__(self):
         self.taken = 0
@@ -165,14 +178,17 @@ def test_stage04_round0_python_torchrun_and_resume(tiny_run, tmp_path):
     Every group is kept (--dyn_low -1) so that every step takes an optimizer step."""
     import shutil
     flags = ["--preset", "tiny", "--round", "0", "--max_steps", "4", "--save_every", "1", "--dyn_low", "-1",
-             "--rollout_batch", "32", "--global_batch", "16", "--max_tries", "1"]
+             "--rollout_batch", "32", "--global_batch", "16", "--max_tries", "1", "--max_pixels", str(28 * 28 * 8)]
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "data", run / "data")
     p = run_stage("04_train_defender.py", *flags, "--run_dir", run)
     assert "one process, fp32 master weights, fp32 compute" in p.stdout
     out = run / "defender" / "round_0"
-    m, _ = common.load_defender(str(out))
+    m, proc = common.load_defender(str(out))
     assert (out / "model.safetensors").is_file() and (out / "args.json").is_file()
+    # trained at max_pixels 6272, saved with the base model's limits: evaluated as the base model is
+    assert proc.image_processor.size == common.load_processor("tiny").image_processor.size
+    assert proc.image_processor.size["longest_edge"] == 28 * 28 * 16
     logs = [json.loads(x) for x in (run / "logs" / "04_round_0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert {"reward", "accuracy", "kept_group_frac", "clip_frac", "entropy", "gen_tok_per_s"} <= set(logs[0])

@@ -14,37 +14,49 @@ from PIL import Image
 s05 = load_script("05_eval.py")
 
 
-def P(pred, answer, **meta):
-    return dict(pred=pred, answer=answer, correct=pred == answer, meta=meta)
+def P(pred, answer, index="0", **meta):
+    return dict(index=index, pred=pred, answer=answer, correct=pred == answer, meta=meta)
 
 
-def test_pope_yes_is_positive_per_split():
-    preds = [P("Yes", "Yes", category="random"), P("Yes", "No", category="random"), P("No", "Yes", category="random"),
-             P("No", "No", category="random"), P("Yes", "Yes", category="adversarial"), P(None, "Yes", category="adversarial")]
+def test_pope_official_strict_accuracy_last_trial_and_split_categories():
+    """Cases from eval/hallucination/pope.py: the headline is strict accuracy over the rows; P/R/F1 use
+    each row's last trial; only the per-category rows split "random,popular"."""
+    preds = [P("Yes", "Yes", category="random,popular"), P("Yes", "No", category="random"),
+             P("No", "Yes", category="random"), P("No", "No", category="adversarial"),
+             dict(P("Yes", "Yes", category="adversarial"), correct=False)]   # trial 1 right, trial 2 wrong... kept as last
     s = s05.score_pope(preds)
-    # random: tp 1, fp 1, fn 1 -> precision 0.5, recall 0.5, F1 0.5, acc 2/4
-    assert s["random"] == pytest.approx(dict(acc=50.0, precision=50.0, recall=50.0, f1=50.0))
-    # adversarial: tp 1, fn 1 (unparsed answer counts as "not yes") -> P 1, R 0.5, F1 2/3
-    assert s["adversarial"]["precision"] == 100.0 and s["adversarial"]["recall"] == 50.0
-    assert s["adversarial"]["f1"] == pytest.approx(200 / 3)
-    assert s["overall"] == pytest.approx((50.0 + 200 / 3) / 2)
+    assert s["overall"] == s["accuracy"] == pytest.approx(100 * 2 / 5)       # 5 rows, not 6 exploded ones
+    # last-trial predictions: tp 2, fp 1, fn 1 -> P 2/3, R 2/3
+    assert s["precision"] == pytest.approx(200 / 3) and s["recall"] == pytest.approx(200 / 3)
+    assert s["f1"] == pytest.approx(200 / 3)
+    assert set(s["per_category"]) == {"random", "popular", "adversarial"}
+    assert s["per_category"]["popular"]["accuracy"] == 100.0
+    assert s["per_category"]["random"]["accuracy"] == pytest.approx(100 / 3)
 
 
-def test_hallusionbench_figure_and_question_grouping():
-    m = dict(category="VS", set_id="0")
-    preds = [P("Yes", "Yes", figure_id="0", question_id="0", **m), P("No", "No", figure_id="0", question_id="1", **m),
-             P("Yes", "No", figure_id="1", question_id="0", **m), P("No", "No", figure_id="1", question_id="1", **m)]
+def test_hallusionbench_ids_from_the_index_string():
+    """eval/hallucination/hallusionbench.py: set / figure / question ids are fields 3, 4, 5 of the index;
+    groups are keyed by l2-category; the headline is aAcc."""
+    assert s05.hallusion_ids("VS_chart_0_1_2_3") == ("1", "2", "3")
+    assert s05.hallusion_ids("short_index") == ("unknown", "unknown", "unknown")
+    m = {"category": "VS", "l2-category": "chart"}
+    preds = [P("Yes", "Yes", "VS_chart_x_0_0_0", **m), P("No", "No", "VS_chart_x_0_0_1", **m),
+             P("Yes", "No", "VS_chart_x_0_1_0", **m), P("No", "No", "VS_chart_x_0_1_1", **m),
+             P("No", "No", "VS_map_x_0_0_0", **{"category": "VS", "l2-category": "map"})]   # another l2: own groups
     s = s05.score_hallusion(preds)
-    assert s["aAcc"] == 75.0
-    assert s["fAcc"] == 50.0     # figure 0 all right, figure 1 not
-    assert s["qAcc"] == 50.0     # question 1 right on both figures, question 0 not
-    assert s["overall"] == pytest.approx((75 + 50 + 50) / 3)
+    assert s["aAcc"] == s["overall"] == 80.0
+    assert s["fAcc"] == pytest.approx(100 * 2 / 3)    # chart fig 0 right, chart fig 1 wrong, map fig 0 right
+    assert s["qAcc"] == pytest.approx(100 * 2 / 3)    # chart q 0 wrong (fig 1), chart q 1 right, map q 0 right
+    assert s["vlmevalkit_mean"] == pytest.approx((80 + 200 / 3 + 200 / 3) / 3)
 
 
-def test_hrbench_cycle_average_and_vstar_categories():
-    preds = [P("A", "A", cycle_category="c0"), P("B", "A", cycle_category="c0"), P("A", "A", cycle_category="c1")]
+def test_hrbench_official_overall_and_vstar_categories():
+    preds = [P("A", "A", cycle_category="c0", category="single"), P("B", "A", cycle_category="c0", category="single"),
+             P("A", "A", cycle_category="c1", category="cross")]
     s = s05.score("hrbench4k", preds)
-    assert s["per_cycle"] == {"c0": 50.0, "c1": 100.0} and s["overall"] == 75.0   # not 66.7 (item mean)
+    assert s["overall"] == pytest.approx(200 / 3)                 # official: correct / total
+    assert s["vlmevalkit_cycle_avg"] == 75.0                      # VLMEvalKit: mean over cycles
+    assert s["per_category"] == {"cross": 100.0, "single": 50.0}
     v = s05.score("vstar", [P("A", "A", category="attribute"), P("B", "A", category="spatial"),
                             P("A", "A", category="spatial")])
     assert v["per_category"] == {"attribute": 100.0, "spatial": 50.0} and v["overall"] == pytest.approx(200 / 3)
@@ -57,33 +69,48 @@ def _b64(color):
 
 
 @pytest.mark.slow
-def test_tiny_tsv_end_to_end_and_rescoring(tmp_path):
+def test_tiny_tsv_end_to_end_back_references_trials_and_rescoring(tmp_path):
+    """VLMEvalKit-format TSVs: repeated images stored as a back-reference to another row's index are
+    resolved; unusable rows are named; strict multi-trial stops at the first wrong trial; the headline
+    numbers are the official ones recomputed from the saved predictions."""
     rows = ["index\timage\tquestion\tA\tB\tanswer\tcategory"]
     rows += [f"{i}\t{_b64((i * 40, 0, 0))}\tWhich side?\tleft\tright\t{'AB'[i % 2]}\tattribute" for i in range(5)]
-    rows.append("9\tnot-base64!\tWhich side?\tleft\tright\tA\tspatial")
+    rows.append("5\t2\tWhich side is it?\tleft\tright\tA\tspatial")          # back-reference to row 2's image
+    rows.append("6\t77\tWhich side?\tleft\tright\tA\tspatial")               # refers to a row that is not there
+    rows.append("9\t" + "!" * 80 + "\tWhich side?\tleft\tright\tA\tspatial")  # not base64
     (tmp_path / "vstar.tsv").write_text("\n".join(rows) + "\n")
     pope = ["index\timage\tquestion\tanswer\tcategory"] + \
-        [f"{i}\t{_b64((0, i * 40, 0))}\tIs there a cat?\t{'yes' if i % 2 else 'no'}\trandom" for i in range(4)]
+        [f"{i}\t{_b64((0, i * 40, 0))}\tIs there a cat?\t{'yes' if i % 2 else 'no'}\trandom,popular" for i in range(4)]
     (tmp_path / "pope.tsv").write_text("\n".join(pope) + "\n")
+    items, skipped = s05.load_tsv(str(tmp_path / "vstar.tsv"))
+    assert [it["index"] for it in items] == ["0", "1", "2", "3", "4", "5"]
+    assert items[5]["image"].getpixel((0, 0)) == items[2]["image"].getpixel((0, 0)) == (80, 0, 0)
+    assert set(skipped) == {"6", "9"} and "'77'" in skipped["6"] and "unreadable" in skipped["9"]
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)
     from datasets import Dataset
     Dataset.from_dict({"id": ["t0"], "image": [Image.new("RGB", (56, 56))], "question": ["Is it dark?"],
                        "options": [[]], "answer": ["Yes"], "targets": [[]], "split": ["test"]}).save_to_disk(
         str(run / "data" / "scenes"))
-    args = ["--preset", "tiny", "--run_dir", run, "--round", "0", "--defender", "tiny",
-            "--bench", f"vstar={tmp_path / 'vstar.tsv'}", f"pope={tmp_path / 'pope.tsv'}"]
+    args = ["--preset", "tiny", "--run_dir", run, "--round", "0", "--defender", "tiny", "--trials", "3",
+            "--trial_temperature", "1.0", "--bench", f"vstar={tmp_path / 'vstar.tsv'}", f"pope={tmp_path / 'pope.tsv'}"]
     p = run_stage("05_eval.py", *args)
-    assert "skipped 1 rows with unreadable images" in p.stdout
+    assert "skipped 2 rows" in p.stdout
     res = json.loads((run / "eval" / "round_0.json").read_text())
-    preds = [json.loads(x) for x in (run / "eval" / "preds" / "round_0" / "vstar.jsonl").read_text().splitlines()]
-    assert len(preds) == 5
-    assert res["benchmarks"]["vstar"]["overall"] == pytest.approx(100 * sum(p["correct"] for p in preds) / 5)
-    assert "pope" in res["benchmarks"] and "random" in res["benchmarks"]["pope"]
-    assert (run / "eval" / "summary.md").read_text().count("round 0") == 1
+    assert set(res["skipped"]["vstar"]) == {"6", "9"}
+    for bench, n in (("vstar", 6), ("pope", 4)):
+        preds = [json.loads(x) for x in (run / "eval" / "preds" / "round_0" / f"{bench}.jsonl").read_text().splitlines()]
+        assert len(preds) == n
+        for pr in preds:   # strict: the next trial only after a right one; correct iff all 3 are
+            oks = [t["correct"] for t in pr["trials"]]
+            assert all(oks[:-1]) and (len(oks) == 3 or not oks[-1])   # fewer than 3 only after a wrong one
+            assert pr["correct"] == (len(oks) == 3 and all(oks)) and pr["pred"] == pr["trials"][-1]["pred"]
+        assert res["benchmarks"][bench]["overall"] == pytest.approx(100 * sum(pr["correct"] for pr in preds) / n)
+    assert set(res["benchmarks"]["pope"]["per_category"]) == {"random", "popular"}
+    assert (run / "eval" / "summary.md").read_text().count("clean warm-up (round 0)") == 1
     # a re-run answers nothing new
     run_stage("05_eval.py", *args)
-    assert len((run / "eval" / "preds" / "round_0" / "vstar.jsonl").read_text().splitlines()) == 5
+    assert len((run / "eval" / "preds" / "round_0" / "vstar.jsonl").read_text().splitlines()) == 6
 
 
 @pytest.mark.slow
@@ -93,9 +120,10 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = (tmp_path / "loop" / "eval" / "summary.md").read_text()
-    assert "| round 0 |" in summary and "| round 1 |" in summary and "vs attacker 1" in summary
+    assert "| base |" in summary and "| clean warm-up (round 0) |" in summary and "| Iter. 1 |" in summary
+    assert "vs attacker 1" in summary
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
-              "defender/round_1", "eval/round_1.json", "eval/robustness.png"]:
+              "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png"]:
         assert (tmp_path / "loop" / d).exists(), d
     t0 = time.time()
     p = subprocess.run(["bash", str(ROOT / "run_rounds.sh")], cwd=ROOT, env=e, capture_output=True, text=True,

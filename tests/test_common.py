@@ -8,34 +8,64 @@ from PIL import Image
 import common
 
 
-# --------------------------------------------------------------------------- extraction
-@pytest.mark.parametrize("text,options,expected", [
-    ("\\boxed{B}", ["left", "right"], "B"),
-    ("I think \\boxed{A} ... no wait, \\boxed{B}", ["x", "y"], "B"),  # last box wins
-    ("The answer is (B).", ["x", "y"], "B"),
-    ("B. right", ["left", "right"], "B"),
-    ("Answer: A", ["left", "right"], "A"),
-    ("right", ["left", "right"], "B"),                                # option text fallback
-    ("\\boxed{C}", ["left", "right"], None),                         # not a valid letter
-    ("Because of the lamp", ["left", "right"], None),                 # 'B' inside a word is no answer
-    ("\\boxed{Yes}", [], "Yes"),
-    ("no, it is not there", [], "No"),
-    ("The answer is: yes", [], "Yes"),
-    ("\\boxed{ No }", [], "No"),
-    ("Nothing to say", [], None),                                     # 'No' prefix of a word
-    ("", [], None),
+# --------------------------------------------------------------------------- extraction and reward
+# Cases written from the authors' scripts (scripts/reward/correct_first.py, eval/hallucination/*.py,
+# eval/high_resolution/*.py): what each of their regexes returns.
+@pytest.mark.parametrize("text,expected", [
+    ("\\boxed{A}", ("A", True)),
+    ("Let me think. The cup is left, so \\boxed{A}", ("A", True)),   # reasoning before the box
+    ("\\boxed{b} first, then \\boxed{A}", ("A", True)),              # the first STRICT box wins
+    ("\\boxed{B} and later \\boxed{A}", ("B", True)),                # the first box, not the last
+    ("\\boxed{a}", ("A", False)),                                   # lowercase: fallback, no format bonus
+    ("\\boxed (C)", ("C", False)),
+    ("boxed[d]", ("D", False)),
+    ("B", (None, False)),                                            # unboxed letter: nothing
+    ("The answer is B.", (None, False)),
 ])
-def test_extract_answer(text, options, expected):
-    assert common.extract_answer(text, options) == expected
+def test_correct_first_extraction(text, expected):
+    assert common.correct_first(text) == expected
 
 
 def test_accuracy_reward_values():
-    assert common.accuracy_reward("\\boxed{A}", "A", ["p", "q"]) == 1.0
-    assert common.accuracy_reward("So \\boxed{A}", "A", ["p", "q"]) == 0.8   # correct, format off
-    assert common.accuracy_reward("\\boxed{B}", "A", ["p", "q"]) == 0.0
-    assert common.accuracy_reward(" \\boxed{Yes} ", "Yes", []) == 1.0
-    assert common.accuracy_reward("yes", "Yes", []) == 0.8
+    mcq = ["left", "right"]
+    assert common.accuracy_reward("\\boxed{A}", "A", mcq) == 1.0
+    assert common.accuracy_reward("Reasoning first... \\boxed{A}", "A", mcq) == 1.0   # reasoning is fine
+    assert common.accuracy_reward("\\boxed{a}", "A", mcq) == 0.8                      # loose box
+    assert common.accuracy_reward("A", "A", mcq) == 0.0                               # unboxed: 0
+    assert common.accuracy_reward("\\boxed{B}", "A", mcq) == 0.0
+    # yes/no: our departure, the same two rules on Yes / No
+    assert common.accuracy_reward("\\boxed{Yes}", "Yes", []) == 1.0
+    assert common.accuracy_reward("\\boxed{yes}", "Yes", []) == 0.8
+    assert common.accuracy_reward("yes", "Yes", []) == 0.0
     assert common.accuracy_reward("\\boxed{No}", "Yes", []) == 0.0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Yes, there is a dog.", "Yes"),
+    ("There is no dog, the final answer is: Yes", "Yes"),           # the final-answer phrase first
+    ("No doubt... \\boxed{Yes}", "Yes"),                            # then the first box
+    ("I see it. yes", "Yes"),                                       # then the first yes/no word
+    ("Nothing to say", None),                                       # 'No' inside a word is no answer
+    ("\\boxed{ No }", "No"),
+    ("", None),
+])
+def test_extract_yes_no_official(text, expected):
+    assert common.extract_yes_no(text) == expected
+
+
+@pytest.mark.parametrize("text,hrbench,vstar", [
+    ("\\boxed{b}", "B", "B"),
+    ("$\\boxed{\\text{C}}$", "C", "C"),           # V*'s box regex reads \text{}; HR-Bench's last rule finds the C
+    ("The final answer is: d", "D", "D"),
+    ("A dog sits left. \\boxed{B}", "B", "B"),     # a box beats everything
+    ("A dog sits on the left.", "A", "A"),         # HR-Bench: first capital A-D anywhere; V*: a leading letter
+    ("It is (B).", "B", None),                     # V* wants the letter at the start
+    ("(B) the right one", "B", "B"),
+    ("It is on the right.", None, None),
+])
+def test_extract_option_hrbench_and_vstar(text, hrbench, vstar):
+    assert common.extract_option_hrbench(text) == hrbench
+    assert common.extract_option_vstar(text) == vstar
 
 
 def test_overlong_penalty_three_regimes():
@@ -47,14 +77,20 @@ def test_overlong_penalty_three_regimes():
 
 
 def test_prompts_official_wording():
-    p = common.defender_prompt("Is it red?", [])
-    assert p == ("Please answer the following question with only 'Yes' or 'No'. Is it red? "
-                 "Answer with \\boxed{Yes} or \\boxed{No}.")
-    q = common.defender_prompt("Where?", ["left", "right"])
-    assert q == ("Where?\nOptions:\nA. left\nB. right\nProvide your final answer in the format "
-                 "\\boxed{X}, where X is the letter of your choice.")
+    assert common.defender_prompt("Is it red?", []) == (
+        "Please answer the following question with only 'Yes' or 'No'.\n\nIs it red?\n\n"
+        "Answer with \\boxed{Yes} or \\boxed{No}.")
+    pre = "Please answer the following multiple-choice question. Choose the best answer from the options provided.\n\n"
+    post = "\n\nProvide your final answer in the format \\boxed{X}, where X is the letter of your choice."
+    assert common.defender_prompt("Where?", ["left", "right"]) == pre + "Where?\nOptions:\nA. left\nB. right" + post
+    assert common.defender_prompt("Where?", ["left", "right"], "vstar") == pre + "Where?\n(A) left\n(B) right" + post
     assert common.attack_instruction("Where?") == \
         "Add a plausible distractor object to mislead a model answering: Where?"
+    # the message: the text, then the image
+    _, proc = common.load_defender("tiny")
+    ids = common.defender_inputs(proc, [Image.new("RGB", (56, 56))], ["Is it red?"], "cpu")["input_ids"][0].tolist()
+    text = proc.tokenizer.decode(ids)
+    assert text.index("Is it red?") < text.index("<|vision_start|>")
 
 
 # --------------------------------------------------------------------------- SSIM
@@ -197,6 +233,10 @@ def test_tiny_edit_pipeline_produces_image():
     # our interface: condition kept at the edit resolution (no 1 MP resize)
     ctx = common.encode_edit(pipe, [img], ["add a cup"], resolution=64)
     assert ctx.cond_latents.shape == (1, 16, 64) and ctx.img_shapes == [[(1, 4, 4), (1, 4, 4)]]
+    # the condition at another size (the pipeline's 1 MP at paper scale): its own img_shapes entry
+    ctx2 = common.encode_edit(pipe, [Image.new("RGB", (96, 64))], ["add a cup"], resolution=64, cond_resolution=128)
+    assert (ctx2.width, ctx2.height) == (80, 48) and ctx2.target_len == 15            # output: snap_size, /16
+    assert ctx2.img_shapes == [[(1, 3, 5), (1, 6, 10)]] and ctx2.cond_latents.shape == (1, 60, 64)  # cond: /32
     sig = common.sigma_schedule(pipe.scheduler, 4, 16)
     assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[-2] == pytest.approx(0.02)
     v = common.predict_velocity(pipe.transformer, torch.randn(1, 16, 64), sig[:1], ctx, 4.0)
