@@ -567,7 +567,7 @@ def main(args: Args):
             common.load_defender(args.target, ddp.device, dtype=dtype)
         editor = common.load_attacker(args.editor, device=ddp.device, dtype=dtype)
         models = (judge, judge_proc, target, target_proc, editor)
-        for c in todo:
+        for c in common.progress(todo, desc=f"[01] rank {ddp.rank} chunks"):
             tc = time.time()
             scenes, sft, counts = process_chunk(rows[c * args.chunk_size:(c + 1) * args.chunk_size], c, models, args)
             tmp = work / f".tmp_chunk_{c:05d}"

@@ -60,6 +60,7 @@ class Args:
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the transformer"})
     dtype: str = field(default="auto", metadata={"help": "frozen model / compute dtype: bf16, fp32, auto "
                                                           "(bf16 on GPU); the LoRA is always fp32"})
+    report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -120,7 +121,7 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100 + ddp.rank)
     ckpt_dir = run / "attacker" / ".ckpt_sft"
-    logger = common.JsonlLogger(run / "logs" / "02_sft.jsonl", ddp.master)
+    logger = common.JsonlLogger(run / "logs" / "02_sft.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
     resumed = common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)
     if resumed:
@@ -129,7 +130,7 @@ def main(args: Args):
         rng.setstate((3, tuple(extra["rng"]), None))
         common.print0(f"[02] resumed at step {start}")
 
-    for step in range(start, steps):
+    for step in common.progress(range(start, steps), initial=start, total=steps, desc="[02] steps"):
         ts = time.time()
         opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -161,6 +162,7 @@ def main(args: Args):
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"[02] wrote {out} in {time.time() - t0:.0f}s")
+    logger.close()
     common.cleanup_distributed()
 
 

@@ -92,6 +92,7 @@ class Args:
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
     dtype: str = field(default="auto", metadata={"help": "frozen models / compute dtype: bf16, fp32, auto "
                                                           "(bf16 on GPU); the LoRA is always fp32"})
+    report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N iterations"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -236,7 +237,7 @@ def encode_scenes(pipe, scenes, args):
 def attack_scenes(pipe, scenes, defender, processor, args, seed):
     """One deterministic (ODE) attack per scene: rows for attacks/round_k."""
     rows = []
-    for i in range(0, len(scenes), args.scenes_per_step):
+    for i in common.progress(range(0, len(scenes), args.scenes_per_step), desc="[03] curriculum"):
         batch = scenes[i:i + args.scenes_per_step]
         by_size = {}
         for s in batch:
@@ -343,7 +344,7 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100 + ddp.rank)
     ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
-    logger = common.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master)
+    logger = common.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
     if out_lora.exists():
         start = args.train_iters   # training finished earlier; only the curriculum is missing
@@ -357,7 +358,8 @@ def main(args: Args):
                   f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
                   f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
 
-    for it in range(start, args.train_iters):
+    for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
+                              desc="[03] iterations"):
         t0 = time.time()
         scenes = [train_scenes[rng.randrange(len(train_scenes))] for _ in range(args.scenes_per_step)]
         size = common.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
@@ -414,6 +416,10 @@ def main(args: Args):
         if args.reward == "brightness":
             common.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
         write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)
+    if ddp.master and (out_attacks / "gallery.png").exists():
+        from PIL import Image
+        logger.image("gallery", Image.open(out_attacks / "gallery.png"), args.train_iters)
+    logger.close()
     common.cleanup_distributed()
 
 

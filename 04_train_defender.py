@@ -105,6 +105,7 @@ class Args:
                                                           "weights and optimizer state are always fp32"})
     min_pixels: int = field(default=262144, metadata={"help": "image min pixels (processor)"})
     max_pixels: int = field(default=4194304, metadata={"help": "image max pixels (processor)"})
+    report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -173,7 +174,7 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     samples = []
-    for i in range(0, len(prompts), args.gen_batch):
+    for i in common.progress(range(0, len(prompts), args.gen_batch), desc="[04] rollout", leave=False):
         chunk = [p for p in prompts[i:i + args.gen_batch] for _ in range(args.group_size)]
         inputs = common.defender_inputs(processor, [p["image"] for p in chunk],
                                         [common.defender_prompt(p["question"], p["options"]) for p in chunk],
@@ -289,6 +290,7 @@ def collect_groups(model, processor, stream, per_rank, args):
     with informative groups, or `max_tries` rounds are spent. Every rank generates in every round
     (collectives stay in step under FSDP). Also returns one group to use as zero-weight filler."""
     kept, tries, seen, gen_tokens, t0, filler = [], 0, 0, 0, time.time(), None
+    gen = dict(samples=0, correct=0, reward=0.0)   # everything generated, kept or not
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     need = per_rank * world
     while args.max_tries < 0 or tries < args.max_tries:
@@ -300,6 +302,9 @@ def collect_groups(model, processor, stream, per_rank, args):
         samples = rollout(model, processor, prompts, args)
         score(samples, args)
         gen_tokens += sum(len(s["completion"]) for s in samples)
+        gen["samples"] += len(samples)
+        gen["correct"] += sum(s["accuracy"] > 0 for s in samples)
+        gen["reward"] += sum(s["reward"] for s in samples)
         groups = [samples[i:i + args.group_size] for i in range(0, len(samples), args.group_size)]
         filler = filler or groups[0]
         acc = torch.tensor([[s["accuracy"] for s in g] for g in groups])
@@ -307,7 +312,34 @@ def collect_groups(model, processor, stream, per_rank, args):
         seen += len(groups)
         kept += [g for g, k in zip(groups, keep.tolist()) if k]
     return kept[:per_rank], dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens, gen_s=time.time() - t0,
-                                  filler=filler)
+                                  filler=filler, gen_samples=gen["samples"], gen_correct=gen["correct"],
+                                  gen_reward=gen["reward"])
+
+
+def step_row(step, groups, g, st, step_s, ddp) -> dict:
+    """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
+    response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
+    samples = [s for grp in groups for s in grp]
+    sums = common.all_reduce(torch.tensor([
+        sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
+        len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
+        st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples),
+        g["gen_samples"], g["gen_correct"], g["gen_reward"]], dtype=torch.float64)).tolist()
+    n, tok, n_gen = sums[2], sums[7], max(sums[12], 1)
+
+    def kept(x, d):
+        return x / d if d > 0 else None
+    return dict(step=step, gen_samples=int(sums[12]), gen_reward=sums[14] / n_gen, gen_accuracy=sums[13] / n_gen,
+                gen_response_len=sums[6] / n_gen, kept_group_frac=sums[3] / max(sums[4], 1), kept_samples=int(n),
+                reward=kept(sums[0], n), accuracy=kept(sums[1], n), response_len=kept(sums[5], n),
+                overlong=kept(sums[11], n), clip_frac=kept(sums[8], tok), ratio_mean=kept(sums[9], tok),
+                entropy=kept(sums[10], tok), grad_norm=st["grad_norm"], tries=g["tries"],
+                gen_tok_per_s=sums[6] / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7] / max(st["train_s"], 1e-9),
+                step_s=step_s, peak_mem_gb=common.peak_memory_gb(ddp.device))
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)   # None: nothing was kept this step
 
 
 def _global_max(n: int) -> int:
@@ -512,7 +544,7 @@ def main(args: Args):
     per_rank = max(1, args.rollout_batch // ddp.world)
     steps = step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
-    logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master)
+    logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
     resumed = common.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, data position, RNG
     if resumed:
@@ -526,7 +558,7 @@ def main(args: Args):
                   f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
                   f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {precision_summary(model, args, ddp)}")
 
-    for step in range(start, steps):
+    for step in common.progress(range(start, steps), initial=start, total=steps, desc="[04] steps"):
         t0 = time.time()
         model.eval()
         groups, g = collect_groups(model, processor, stream, per_rank, args)
@@ -537,29 +569,19 @@ def main(args: Args):
                       train_s=0.0)
         else:
             st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
-        samples = [s for grp in groups for s in grp]
-        sums = common.all_reduce(torch.tensor([
-            sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
-            len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
-            st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples)],
-            dtype=torch.float64))
-        n = max(sums[2].item(), 1)
-        tok = max(sums[7].item(), 1)
-        row = dict(step=step + 1, reward=sums[0].item() / n, accuracy=sums[1].item() / n,
-                   kept_group_frac=sums[3].item() / max(sums[4].item(), 1), tries=g["tries"],
-                   response_len=sums[5].item() / n, overlong=sums[11].item() / n, clip_frac=sums[8].item() / tok,
-                   ratio_mean=sums[9].item() / tok, entropy=sums[10].item() / tok, grad_norm=st["grad_norm"],
-                   gen_tok_per_s=sums[6].item() / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7].item() / max(st["train_s"], 1e-9),
-                   step_s=time.time() - t0, peak_mem_gb=common.peak_memory_gb(ddp.device))
+        row = step_row(step + 1, groups, g, st, time.time() - t0, ddp)
         logger.log(row)
-        common.print0(f"[04] step {step + 1}/{steps} reward {row['reward']:.3f} acc {row['accuracy']:.3f} "
-                      f"kept {row['kept_group_frac']:.2f} ({g['tries']} tries) len {row['response_len']:.1f} "
-                      f"clip {row['clip_frac']:.3f} ent {row['entropy']:.3f} gen {row['gen_tok_per_s']:.0f} tok/s "
+        common.print0(f"[04] step {step + 1}/{steps} generated: reward {row['gen_reward']:.3f} acc "
+                      f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
+                      f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
+                      f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
+                      f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
                       f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             common.save_checkpoint(ckpt_dir, step + 1, model, opt,
                                    dict(stream=[stream.epoch, stream.pos], rng=torch.get_rng_state()), ddp.rank)
     save_final(model, out, ddp, args, init)
+    logger.close()
     if ddp.master:
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)

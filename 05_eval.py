@@ -4,7 +4,7 @@ Reads:  defender/round_k/ (or the base model: --defender base), benchmark TSVs (
         --bench NAME=PATH), data/scenes (test split), attacks/round_*/test
 Writes: eval/preds/<name>/<bench>.jsonl (per item, every trial, so a re-run scores only what is missing),
         eval/<name>.json (name: round_k or base), eval/summary.md (every defender so far beside the
-        paper's table), eval/robustness.png
+        paper's table), eval/robustness.png, eval/curves.png (the training curves in logs/*.jsonl)
 
   python 05_eval.py --preset tiny --run_dir runs/tiny --round 0
   python 05_eval.py --run_dir runs/aot --defender base --bench vstar=bench/VStarBench.tsv   # the untouched base
@@ -221,7 +221,8 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
         temp = args.trial_temperature if t > 0 else 0.0
         outs = common.defender_generate(model, processor, [it["image"] for it in alive],
                                         [common.defender_prompt(it["question"], it["options"], style) for it in alive],
-                                        args.max_new_tokens, temperature=temp, batch_size=args.batch_size)
+                                        args.max_new_tokens, temperature=temp, batch_size=args.batch_size,
+                                        desc=f"[05] {pred_path.stem} trial {t + 1}/{args.trials}")
         for it, text in zip(alive, outs):
             pred = common.extract_answer(text, it["options"], style)
             trials[it["index"]].append(dict(output=text, pred=pred, correct=pred == it["answer"]))
@@ -320,6 +321,38 @@ def write_summary(eval_dir: Path, paper_table: bool):
     return "\n".join(lines)
 
 
+CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),
+          ("03_round", "ratio_mean"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
+          ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy")]
+
+
+def plot_curves(logs: Path, path: Path) -> dict:
+    """eval/curves.png: the training curves of logs/*.jsonl, one panel per metric, one line per round.
+    Returns {panel: number of points drawn}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
+    drawn = {}
+    for ax, (stage, key) in zip(axes.flat, CURVES):
+        n = 0
+        for f in sorted(logs.glob(f"{stage}*.jsonl")):
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            pts = [(r.get("step", r.get("iter")), r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), ".-", label=f.stem.replace(f"{stage}_", "").replace("round_", "round "))
+                n += len(pts)
+        ax.set_title(f"{stage.split('_')[0]}: {key}", fontsize=9)
+        ax.set_xlabel("step" if stage != "03_round" else "iteration", fontsize=8)
+        if n:
+            ax.legend(fontsize=6)
+        drawn[f"{stage}:{key}"] = n
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 def plot_robustness(rounds, attackers, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -374,6 +407,7 @@ def main(args: Args):
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(eval_dir / f"{name}.json")
         table = write_summary(eval_dir, args.paper_table)
+        plot_curves(run / "logs", eval_dir / "curves.png")
         print(f"[05] robustness: {json.dumps(result['robustness'])}")
         print(f"[05] wrote {eval_dir}/{name}.json and summary.md in {time.time() - t0:.0f}s "
               f"({n_items / max(time.time() - t0, 1e-9):.1f} benchmark items/s)\n{table}")

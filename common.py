@@ -485,10 +485,10 @@ def defender_inputs(processor, images: list[Image.Image], prompts: list[str], de
 
 @torch.no_grad()
 def defender_generate(model, processor, images, prompts, max_new_tokens=64, temperature=0.0,
-                      top_p=1.0, batch_size=16) -> list[str]:
-    """Batched answers (greedy when temperature == 0)."""
+                      top_p=1.0, batch_size=16, desc: str | None = None) -> list[str]:
+    """Batched answers (greedy when temperature == 0); a progress bar when ``desc`` is given."""
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in progress(range(0, len(prompts), batch_size), desc=desc or "", disable=desc is None):
         inputs = defender_inputs(processor, images[i:i + batch_size], prompts[i:i + batch_size],
                                  model.device)
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
@@ -846,18 +846,70 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tu
     return latest["step"], extra
 
 
-class JsonlLogger:
-    """One JSON object per line under runs/<name>/logs/<stage>.jsonl (rank 0 only)."""
+REPORT_TO = ("none", "tensorboard", "wandb")
 
-    def __init__(self, path: str | Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+class JsonlLogger:
+    """One JSON object per step under runs/<name>/logs/<stage>.jsonl (rank 0 only): the source of truth.
+    With report_to 'tensorboard' (event files under logs/tb/<stage>) or 'wandb' (offline unless
+    WANDB_MODE says otherwise) the same scalars, and images, go to that tracker too; each is imported
+    only when asked for, as transformers' and TRL's --report_to."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, report_to: str = "none", config=None):
+        self.path, self.enabled, self.tb, self.wandb = Path(path), enabled, None, None
+        if report_to not in REPORT_TO:
+            raise SystemExit(f"--report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(self.path.parent / "tb" / self.path.stem))
+            elif report_to == "wandb":
+                import wandb
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self.wandb = wandb.init(project="aot", name=f"{self.path.parent.parent.name}/{self.path.stem}",
+                                        dir=str(self.path.parent), config=config, reinit=True)
+        except ImportError as e:
+            raise SystemExit(f"--report_to {report_to} needs `pip install {report_to}` ({e})") from e
 
     def log(self, row: dict):
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row.get("step", row.get("iter", 0))
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "iter")}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{self.path.stem}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{self.path.stem}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def image(self, tag: str, image: Image.Image, step: int = 0):
+        """A gallery (PIL) to the tracker; the PNG on disk is what the stages write regardless."""
+        if self.tb is not None:
+            self.tb.add_image(f"{self.path.stem}/{tag}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({f"{self.path.stem}/{tag}": wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", **kw):
+    """A tqdm bar with rate and ETA on rank 0, on a terminal only (not in CI logs or pipes)."""
+    import sys
+
+    from tqdm.auto import tqdm
+    off = kw.pop("disable", False) or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty() \
+        or bool(os.environ.get("CI"))
+    return tqdm(iterable, total=total, desc=desc, disable=off, dynamic_ncols=True, **kw)
 
 
 def tmp_dir_for(final: str | Path) -> Path:

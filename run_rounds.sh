@@ -31,26 +31,37 @@ run() {  # one stage: plain python for one process, torchrun otherwise (extra ar
   fi
 }
 EXTRA="$*"
-done_() { [ -e "$1" ]; }   # a stage's output exists (outputs are renamed into place only when complete)
+TIMES=()
+stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (outputs are renamed into place when complete)
+  local label=$1 out=$2; shift 2
+  if [ -e "$out" ]; then TIMES+=("$label: done earlier"); return; fi
+  local t0=$SECONDS
+  run "$@"
+  TIMES+=("$label: $((SECONDS - t0)) s")
+}
 
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 
 # 1. AOT-SFT: extended scenes + effective distractors
-done_ "$RUN_DIR/data/aot_sft" || run 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
+stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
 # 2. attacker cold start
-done_ "$RUN_DIR/attacker/sft" || run 02_sft_attacker.py "${P[@]}" --run_dir "$RUN_DIR"
+stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" --run_dir "$RUN_DIR"
 # 3. the untouched base defender, then its warm-up: DAPO on clean scenes (round 0), and their evaluation
-done_ "$RUN_DIR/eval/base.json" || run 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --defender base "${BENCH_ARGS[@]}"
-done_ "$RUN_DIR/defender/round_0" || run 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round 0
-done_ "$RUN_DIR/eval/round_0.json" || run 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round 0 "${BENCH_ARGS[@]}"
+stage "05 eval base" "$RUN_DIR/eval/base.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --defender base "${BENCH_ARGS[@]}"
+stage "04 defender round 0" "$RUN_DIR/defender/round_0" 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round 0
+stage "05 eval round 0" "$RUN_DIR/eval/round_0.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round 0 "${BENCH_ARGS[@]}"
 
 # 4. co-evolution: attacker k attacks defender k-1; defender k trains on attacker k's curriculum
 for k in $(seq 1 "$ROUNDS"); do
   echo "== round $k"
-  done_ "$RUN_DIR/attacks/round_$k" || run 03_train_attacker.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
-  done_ "$RUN_DIR/defender/round_$k" || run 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
-  done_ "$RUN_DIR/eval/round_$k.json" || run 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k" "${BENCH_ARGS[@]}"
+  stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "05 eval round $k" "$RUN_DIR/eval/round_$k.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k" "${BENCH_ARGS[@]}"
 done
 
 echo "== done: $RUN_DIR/eval/summary.md"
 cat "$RUN_DIR/eval/summary.md"
+echo "== look at: galleries $RUN_DIR/data/gallery_01.png $RUN_DIR/attacks/round_*/gallery.png"
+echo "            curves $RUN_DIR/eval/curves.png, robustness $RUN_DIR/eval/robustness.png, logs $RUN_DIR/logs/*.jsonl"
+echo "== stage times:"
+printf '   %s\n' "${TIMES[@]}"

@@ -144,9 +144,13 @@ def _copy_run(tiny_run, dst):
 def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
     flags = ["--preset", "tiny", "--max_steps", "30", "--save_every", "5"]
     run = _copy_run(tiny_run, tmp_path / "a")
-    run_stage("02_sft_attacker.py", *flags, "--run_dir", run)
+    run_stage("02_sft_attacker.py", *flags, "--run_dir", run, "--report_to", "tensorboard")
     logs = [json.loads(x) for x in (run / "logs" / "02_sft.jsonl").read_text().splitlines()]
     assert len(logs) == 30 and all(math.isfinite(r["loss"]) for r in logs)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(run / "logs" / "tb" / "02_sft")).Reload()
+    assert {"02_sft/loss", "02_sft/grad_norm"} <= set(ev.Tags()["scalars"])
+    assert [e.value for e in ev.Scalars("02_sft/loss")] == pytest.approx([r["loss"] for r in logs])
     # the saved LoRA loads into the pipeline and changes its output
     img = Image.new("RGB", (64, 64), (90, 120, 30))
     base = common.load_attacker("tiny")
@@ -175,8 +179,12 @@ def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path / "a")
-    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run, "--round", "1", "--defender", "tiny")
+    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run, "--round", "1", "--defender", "tiny",
+                  "--report_to", "tensorboard")
     assert "starting a fresh LoRA" in p.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ev = EventAccumulator(str(run / "logs" / "tb" / "03_round_1")).Reload()
+    assert "03_round_1/reward_mean" in ev.Tags()["scalars"] and ev.Tags()["images"] == ["03_round_1/gallery"]
     logs = [json.loads(x) for x in (run / "logs" / "03_round_1.jsonl").read_text().splitlines()]
     assert len(logs) == 4 and abs(logs[0]["ratio_mean"] - 1) < 1e-4
     assert {"reward_mean", "reward_std", "attack_success", "ssim_local", "clip_frac", "approx_kl", "rollout_s",

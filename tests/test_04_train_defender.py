@@ -113,9 +113,22 @@ def test_collect_groups_refills_after_dropping(monkeypatch):
     kept, info = s04.collect_groups(None, None, stream, 6, args)
     assert len(kept) >= 6 and all(g[0]["prompt"]["id"] % 2 == 1 for g in kept)
     assert info["tries"] > 1 and info["groups_seen"] == stream.taken
+    assert info["gen_samples"] == 4 * stream.taken and info["gen_correct"] == sum(
+        4 if i % 2 == 0 else 2 for i in range(stream.taken))   # even ids all right, odd ids half
     # bounded: with max_tries=1 it trains on what there is
     kept1, info1 = s04.collect_groups(None, None, FakeStream(), 6, SimpleNamespace(**{**vars(args), "max_tries": 1}))
     assert info1["tries"] == 1 and len(kept1) == 3   # 6 prompts, the 3 odd ones kept
+
+
+def test_step_row_when_every_group_was_dropped():
+    """Generated answers are logged even when dynamic sampling kept nothing; kept metrics are None."""
+    g = dict(groups_seen=4, gen_tokens=48, gen_s=2.0, tries=2, gen_samples=16, gen_correct=4, gen_reward=3.2)
+    st = dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0, train_s=0.0)
+    row = s04.step_row(3, [], g, st, 2.5, SimpleNamespace(device=torch.device("cpu")))
+    assert row["gen_samples"] == 16 and row["gen_accuracy"] == 0.25 and row["gen_reward"] == pytest.approx(0.2)
+    assert row["gen_response_len"] == 3.0 and row["kept_group_frac"] == 0.0 and row["kept_samples"] == 0
+    assert all(row[k] is None for k in ("reward", "accuracy", "response_len", "clip_frac", "ratio_mean", "entropy"))
+    json.dumps(row)   # None -> null in the JSONL
 
 
 def _tiny_args(**kw):
@@ -141,7 +154,8 @@ def test_first_update_ratio_is_one_with_left_padding():
     for mb in (samples[:5], samples[5:]):
         batch, cmask, P = s04.collate(mb, 0, "cpu")
         with torch.no_grad():
-            logp, _ = s04.token_logprobs(model, batch, P, cmask.shape[1], 1.0)
+            logp, ent = s04.token_logprobs(model, batch, P, cmask.shape[1], 1.0, with_entropy=True)
+        assert torch.isfinite(ent).all() and (ent > 0).all()   # media-token logits at -inf: entr(0) = 0, no nan
         for b, s in enumerate(mb):
             n = len(s["completion"])
             assert torch.allclose(logp[b, :n], s["rollout_logp"], atol=1e-4), (logp[b, :n], s["rollout_logp"])
@@ -173,12 +187,13 @@ def test_dapo_learns_a_token_reward():
 
 
 @pytest.mark.slow
-def test_stage04_round0_python_torchrun_and_resume(tiny_run, tmp_path):
+def test_stage04_round0_python_torchrun_and_resume(tiny_run, boxed_defender, tmp_path):
     """One process (fp32): a run, and a run killed after a checkpoint and resumed, end bit-identical.
-    Every group is kept (--dyn_low -1) so that every step takes an optimizer step."""
+    From the boxed-answer tiny defender (conftest), every group kept (--dyn_low -1): every step trains."""
     import shutil
     flags = ["--preset", "tiny", "--round", "0", "--max_steps", "4", "--save_every", "1", "--dyn_low", "-1",
-             "--rollout_batch", "32", "--global_batch", "16", "--max_tries", "1", "--max_pixels", str(28 * 28 * 8)]
+             "--rollout_batch", "16", "--global_batch", "8", "--max_tries", "1", "--max_pixels", str(28 * 28 * 8),
+             "--init", boxed_defender]
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "data", run / "data")
     p = run_stage("04_train_defender.py", *flags, "--run_dir", run)
@@ -187,12 +202,13 @@ def test_stage04_round0_python_torchrun_and_resume(tiny_run, tmp_path):
     m, proc = common.load_defender(str(out))
     assert (out / "model.safetensors").is_file() and (out / "args.json").is_file()
     # trained at max_pixels 6272, saved with the base model's limits: evaluated as the base model is
-    assert proc.image_processor.size == common.load_processor("tiny").image_processor.size
+    assert proc.image_processor.size == common.load_processor(str(boxed_defender)).image_processor.size
     assert proc.image_processor.size["longest_edge"] == 28 * 28 * 16
     logs = [json.loads(x) for x in (run / "logs" / "04_round_0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert {"reward", "accuracy", "kept_group_frac", "clip_frac", "entropy", "gen_tok_per_s"} <= set(logs[0])
     assert all(math.isfinite(r["entropy"]) and r["entropy"] > 0 for r in logs)   # media tokens at -inf: no nan
+    assert all(0 < r["gen_accuracy"] < 1 and r["clip_frac"] is not None for r in logs)   # a signal every step
     # torchrun, two ranks: FSDP2 in fp32 (the CPU default dtype)
     run2 = tmp_path / "run2"
     shutil.copytree(tiny_run / "data", run2 / "data")

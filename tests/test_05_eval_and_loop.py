@@ -62,6 +62,20 @@ def test_hrbench_official_overall_and_vstar_categories():
     assert v["per_category"] == {"attribute": 100.0, "spatial": 50.0} and v["overall"] == pytest.approx(200 / 3)
 
 
+def test_curves_from_the_logs(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "02_sft.jsonl").write_text("\n".join(json.dumps({"step": i, "loss": 1 / i}) for i in (1, 2, 3)))
+    for k in (1, 2):
+        (logs / f"03_round_{k}.jsonl").write_text("\n".join(json.dumps({"iter": i, "reward_mean": 0.1 * i})
+                                                             for i in (1, 2)))
+    (logs / "04_round_0.jsonl").write_text(json.dumps({"step": 1, "gen_reward": 0.2, "entropy": None}))
+    drawn = s05.plot_curves(logs, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert drawn["02_sft:loss"] == 3 and drawn["03_round:reward_mean"] == 4 and drawn["04_round:gen_reward"] == 1
+    assert drawn["04_round:entropy"] == 0 and drawn["03_round:ssim_local"] == 0   # None and absent: not drawn
+
+
 def _b64(color):
     buf = io.BytesIO()
     Image.new("RGB", (56, 56), color).save(buf, format="PNG")
@@ -122,8 +136,9 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     summary = (tmp_path / "loop" / "eval" / "summary.md").read_text()
     assert "| base |" in summary and "| clean warm-up (round 0) |" in summary and "| Iter. 1 |" in summary
     assert "vs attacker 1" in summary
+    assert "== stage times:" in p.stdout and "04 defender round 1: " in p.stdout and "eval/curves.png" in p.stdout
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
-              "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png"]:
+              "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png", "eval/curves.png"]:
         assert (tmp_path / "loop" / d).exists(), d
     t0 = time.time()
     p = subprocess.run(["bash", str(ROOT / "run_rounds.sh")], cwd=ROOT, env=e, capture_output=True, text=True,

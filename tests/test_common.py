@@ -1,5 +1,7 @@
 """common.py: prompts, answer extraction, rewards, SSIM, tiny models, LoRA round trip."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -265,3 +267,43 @@ def test_attacker_lora_roundtrip_and_effect(tmp_path):
         assert torch.equal(common.predict_velocity(pipe2.transformer, x, s, ctx, 1.0), trained)
     # scale alpha / r survives the round trip (r=4, alpha=8 -> 2.0)
     assert pipe2.transformer.peft_config["default"].lora_alpha == 8
+
+
+# --------------------------------------------------------------------------- progress and trackers
+def test_progress_bar_on_a_terminal_only(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    for _ in common.progress(range(3), desc="[test] steps"):
+        pass
+    assert "[test] steps" in sys.stderr.getvalue() and "3/3" in sys.stderr.getvalue()
+    for env, stream in (({"CI": "true"}, Terminal()), ({}, io.StringIO())):   # CI, or not a terminal: no bar
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, "stderr", stream)
+        for _ in common.progress(range(3), desc="[test] steps"):
+            pass
+        assert stream.getvalue() == ""
+
+
+def test_jsonl_logger_tensorboard_scalars_and_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = common.JsonlLogger(tmp_path / "logs" / "03_round_1.jsonl", True, "tensorboard")
+    for i in (1, 2):
+        log.log({"iter": i, "reward_mean": 0.5 * i, "note": "text is not a scalar"})
+    log.image("gallery", Image.new("RGB", (24, 8), (200, 10, 10)), 2)
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert [r["reward_mean"] for r in rows] == [0.5, 1.0]                  # the JSONL stays the source of truth
+    ev = EventAccumulator(str(tmp_path / "logs" / "tb" / "03_round_1")).Reload()
+    assert ev.Tags()["scalars"] == ["03_round_1/reward_mean"] and ev.Tags()["images"] == ["03_round_1/gallery"]
+    assert [(e.step, e.value) for e in ev.Scalars("03_round_1/reward_mean")] == [(1, 0.5), (2, 1.0)]
+    assert (ev.Images("03_round_1/gallery")[0].width, ev.Images("03_round_1/gallery")[0].height) == (24, 8)
+    with pytest.raises(SystemExit, match="--report_to"):
+        common.JsonlLogger(tmp_path / "x.jsonl", True, "mlflow")
