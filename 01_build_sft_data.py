@@ -9,9 +9,12 @@ Reads seed VQA items with target boxes and writes, under the run directory:
 
   python 01_build_sft_data.py --preset tiny --run_dir runs/tiny            # CPU, synthetic seeds
   python 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl   # paper models, 1 GPU
+  python 01_build_sft_data.py --run_dir runs/aot --seed_data coco:coco/annotations/instances_train2017.json:coco/train2017
   torchrun --nproc_per_node 8 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl
 
-Seed JSONL, one object per line (image path relative to the file):
+Seeds: --seed_data synthetic (coloured shapes), coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances:
+the paper's kind of spatial and existence questions derived from the boxes; seeds.py), or a JSONL,
+one object per line (image path relative to the file):
   {"id": "v1", "image": "img/1.jpg", "question": "Is the bottle left or right of the cup?",
    "options": ["left", "right"], "answer": "A", "targets": [{"name": "bottle", "bbox": [x1,y1,x2,y2]}],
    "split": "train"}          # options [] and answer "Yes"/"No" for yes/no questions
@@ -52,6 +55,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
+import seeds
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
@@ -64,7 +68,13 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic' or a seed JSONL path"})
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', a seed JSONL path, or "
+                                                                   "coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances)"})
+    coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
+    coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap between two boxes along the asked "
+                                                                "axis, as a share of the image side"})
+    coco_per_image: int = field(default=4, metadata={"help": "COCO: max questions per image"})
+    num_seed_rows: int = field(default=0, metadata={"help": "COCO: max seed rows in all (0 = no cap)"})
     num_synthetic: int = field(default=2000, metadata={"help": "synthetic seed items"})
     synthetic_size: int = field(default=512, metadata={"help": "synthetic image side (pixels)"})
     test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
@@ -96,100 +106,6 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     gallery_rows: int = field(default=4, metadata={"help": "rows in data/gallery_01.png"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Seed data: synthetic generator and JSONL reader
-# ---------------------------------------------------------------------------------------------
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
-          "yellow": (240, 220, 20), "purple": (150, 40, 190), "orange": (250, 130, 10)}
-SHAPES = ["circle", "square", "triangle"]
-
-
-def draw_shape(draw, shape, box, color):
-    x1, y1, x2, y2 = box
-    if shape == "circle":
-        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=color)
-    elif shape == "square":
-        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=color)
-    else:
-        draw.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=color)
-
-
-def synthetic_item(i: int, size: int, test_fraction: float, seed: int) -> dict:
-    """Coloured shapes on a textured grey background; a spatial MCQ or an existence yes/no."""
-    rng = random.Random(seed * 1_000_003 + i)
-    nrng = np.random.default_rng(seed * 1_000_003 + i)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    base = 90 + 60 * (rng.random() * xx + rng.random() * yy) + nrng.normal(0, 6, (size, size))
-    bg = np.clip(np.stack([base, base * 0.97, base * 0.94], -1), 40, 200).astype(np.uint8)
-    img = Image.fromarray(bg).filter(ImageFilter.GaussianBlur(0.6))
-    draw = ImageDraw.Draw(img)
-    kinds = [(c, rng.choice(SHAPES)) for c in rng.sample(list(COLORS), 3)]  # one shape per colour
-    objects = []
-    for color, shape in kinds[:rng.choice([2, 3])]:
-        side = int(size * rng.uniform(0.15, 0.25))
-        for _ in range(100):  # rejection-sample a box that overlaps no other shape
-            x1, y1 = rng.randrange(0, size - side), rng.randrange(0, size - side)
-            box = [x1, y1, x1 + side, y1 + side]
-            if all(box[2] <= o["bbox"][0] or o["bbox"][2] <= box[0] or box[3] <= o["bbox"][1]
-                   or o["bbox"][3] <= box[1] for o in objects):
-                break
-        else:  # no free spot: the scene keeps the shapes placed so far
-            continue
-        draw_shape(draw, shape, box, COLORS[color])
-        objects.append({"name": f"{color} {shape}", "bbox": [float(v) for v in box]})
-    split = "test" if rng.random() < test_fraction else "train"
-    a, b = objects[0], objects[1]
-    (ax, ay), (bx, by) = [((o["bbox"][0] + o["bbox"][2]) / 2, (o["bbox"][1] + o["bbox"][3]) / 2) for o in (a, b)]
-    kind = rng.choice(["horizontal", "vertical", "exists"])
-    if kind == "exists":
-        present = {o["name"] for o in objects}
-        absent = rng.choice([f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present])
-        ask = rng.choice([a["name"], absent])
-        return dict(id=f"syn{i:06d}", image=img, question=f"Is there a {ask} in the image?", options=[],
-                    answer="Yes" if ask == a["name"] else "No",
-                    targets=[a] if ask == a["name"] else [], split=split)
-    if kind == "horizontal":
-        q, opts, first = f"Is the {a['name']} to the left or to the right of the {b['name']}?", ["left", "right"], ax < bx
-    else:
-        q, opts, first = f"Is the {a['name']} above or below the {b['name']}?", ["above", "below"], ay < by
-    return dict(id=f"syn{i:06d}", image=img, question=q, options=opts, answer="A" if first else "B",
-                targets=[a, b], split=split)
-
-
-def read_seed_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    """Valid rows and the names of skipped ones (line number + reason)."""
-    rows, skipped = [], []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw.decode("utf-8"))
-            for key in ("image", "question", "answer", "targets"):
-                if key not in item:
-                    raise ValueError(f"missing field '{key}'")
-            options = list(item.get("options") or [])
-            answer = str(item["answer"]).strip()
-            valid = common.OPTION_LETTERS[:len(options)] if options else ("Yes", "No")
-            if answer not in valid:
-                raise ValueError(f"answer {answer!r} not in {list(valid)}")
-            with Image.open(path.parent / item["image"]) as im:
-                image = im.convert("RGB")
-            targets = []
-            for t in item["targets"]:
-                x1, y1, x2, y2 = (float(v) for v in t["bbox"])
-                if not (0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height):
-                    raise ValueError(f"box {t['bbox']} outside the {image.width}x{image.height} image")
-                targets.append({"name": str(t["name"]), "bbox": [x1, y1, x2, y2]})
-            rows.append(dict(id=str(item.get("id", f"line{n}")), image=image, question=str(item["question"]),
-                             options=[str(o) for o in options], answer=answer, targets=targets,
-                             split=str(item.get("split", "train"))))
-        except UnicodeDecodeError:
-            skipped.append(f"line {n}: not UTF-8 text")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            skipped.append(f"line {n}: {type(e).__name__}: {e}")
-    return rows, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,23 +422,6 @@ def save_rows(rows, kind, path):
     Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features(kind)).save_to_disk(str(path))
 
 
-def diff_map(a: Image.Image, b: Image.Image) -> Image.Image:
-    d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b.resize(a.size), dtype=np.float32)).mean(-1)
-    d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
-    return Image.fromarray(np.stack([d, d // 3, 255 - d], -1))
-
-
-def save_gallery(triples, path: Path, cell: int = 192):
-    """Rows of (left | middle | difference map)."""
-    if not triples:
-        return
-    sheet = Image.new("RGB", (3 * cell, cell * len(triples)), "white")
-    for r, (a, b) in enumerate(triples):
-        for c, im in enumerate([a, b, diff_map(a, b)]):
-            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
-    sheet.save(path)
-
-
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
     from datasets import concatenate_datasets, load_from_disk
@@ -540,13 +439,18 @@ def main(args: Args):
 
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
     if args.seed_data == "synthetic":
-        rows = [synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
-        skipped = []
+        rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
+        skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
             save_rows(rows, "seed", common.tmp_dir_for(data / "seed"))
             common.commit_dir(common.tmp_dir_for(data / "seed"), data / "seed")
+    elif args.seed_data.startswith("coco:"):
+        rows, skipped, rejected = seeds.read_coco(args.seed_data, args)
+        common.print0(f"[01] COCO: {len(rows)} questions; candidates rejected: {rejected or 'none'}")
+        for s in skipped:
+            common.print0(f"[01] skipped: {s}")
     else:
-        rows, skipped = read_seed_jsonl(Path(args.seed_data))
+        (rows, skipped), rejected = seeds.read_seed_jsonl(Path(args.seed_data)), {}
         for s in skipped:
             common.print0(f"[01] skipped seed row: {s}")
     if not rows:
@@ -597,10 +501,10 @@ def main(args: Args):
                 raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
             ds.save_to_disk(str(common.tmp_dir_for(data / kind)))
         funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
-                  "args": {k: v for k, v in vars(args).items()}}
+                  "seed_candidates_rejected": rejected, "args": {k: v for k, v in vars(args).items()}}
         (data / "funnel.json").write_text(json.dumps(funnel, indent=2))
         sft = load_from_disk(str(common.tmp_dir_for(data / "aot_sft")))
-        save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
+        common.save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
                      data / "gallery_01.png")
         for kind in ("scenes", "aot_sft"):
             common.commit_dir(common.tmp_dir_for(data / kind), data / kind)

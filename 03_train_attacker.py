@@ -283,27 +283,12 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     tmp = common.tmp_dir_for(out)
     DatasetDict(train=train, test=test).save_to_disk(str(tmp))
     g = [(r["image"], r["attacked_image"]) for r in allrows.select(range(min(4, len(allrows))))]
-    save_gallery(g, tmp / "gallery.png")
+    common.save_gallery(g, tmp / "gallery.png")
     common.commit_dir(tmp, out)
     shutil.rmtree(shard_dir, ignore_errors=True)
     wf = sum(test["defender_wrong_fraction"]) / max(1, len(test))
     print(f"[03] curriculum {out}: {len(train)} train attacks ({n_gate} failed the SSIM gate, dropped), "
           f"{len(test)} test attacks, test wrong fraction {wf:.3f}")
-
-
-def save_gallery(pairs, path: Path, cell: int = 192):
-    """Rows of scene | attack | difference map (as stage 01's gallery)."""
-    import numpy as np
-    from PIL import Image
-    if not pairs:
-        return
-    sheet = Image.new("RGB", (3 * cell, cell * len(pairs)), "white")
-    for r, (a, b) in enumerate(pairs):
-        d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b.resize(a.size), dtype=np.float32)).mean(-1)
-        d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
-        for c, im in enumerate([a, b, Image.fromarray(np.stack([d, d // 3, 255 - d], -1))]):
-            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
-    sheet.save(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -912,6 +912,20 @@ def progress(iterable=None, total: int | None = None, desc: str = "", **kw):
     return tqdm(iterable, total=total, desc=desc, disable=off, dynamic_ncols=True, **kw)
 
 
+def save_gallery(pairs, path: str | Path, cell: int = 192):
+    """A PNG with one row per (before, after) pair: before | after | difference map (01, 03)."""
+    if not pairs:
+        return
+    sheet = Image.new("RGB", (3 * cell, cell * len(pairs)), "white")
+    for r, (a, b) in enumerate(pairs):
+        d = np.abs(np.asarray(a.convert("RGB"), dtype=np.float32)
+                   - np.asarray(b.convert("RGB").resize(a.size), dtype=np.float32)).mean(-1)
+        d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
+        for c, im in enumerate([a, b, Image.fromarray(np.stack([d, d // 3, 255 - d], -1))]):
+            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
+    sheet.save(path)
+
+
 def tmp_dir_for(final: str | Path) -> Path:
     """The temporary sibling a stage writes into before renaming it to ``final``."""
     final = Path(final)

@@ -7,7 +7,8 @@
 #
 # Env: PRESET (tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
 #      SEED_DATA (synthetic or a seed JSONL), BENCH ("name=path.tsv name=path.tsv" for stage 05),
-#      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32).
+#      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
+#      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).
 # Every stage skips work whose output directory is complete, so re-running continues after a failure.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +22,7 @@ BENCH=${BENCH:-}
 PY=${PYTHON:-python}
 if [ "$PRESET" = "tiny" ]; then export HF_HUB_OFFLINE=1; P=(--preset tiny); else P=(); fi
 if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
+T=(); if [ -n "${REPORT_TO:-}" ]; then T=(--report_to "$REPORT_TO"); fi   # trackers of the training stages
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
 
 run() {  # one stage: plain python for one process, torchrun otherwise (extra args passed through)
@@ -45,17 +47,17 @@ echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(e
 # 1. AOT-SFT: extended scenes + effective distractors
 stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
 # 2. attacker cold start
-stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" --run_dir "$RUN_DIR"
+stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR"
 # 3. the untouched base defender, then its warm-up: DAPO on clean scenes (round 0), and their evaluation
 stage "05 eval base" "$RUN_DIR/eval/base.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --defender base "${BENCH_ARGS[@]}"
-stage "04 defender round 0" "$RUN_DIR/defender/round_0" 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round 0
+stage "04 defender round 0" "$RUN_DIR/defender/round_0" 04_train_defender.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round 0
 stage "05 eval round 0" "$RUN_DIR/eval/round_0.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round 0 "${BENCH_ARGS[@]}"
 
 # 4. co-evolution: attacker k attacks defender k-1; defender k trains on attacker k's curriculum
 for k in $(seq 1 "$ROUNDS"); do
   echo "== round $k"
-  stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
-  stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
   stage "05 eval round $k" "$RUN_DIR/eval/round_$k.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k" "${BENCH_ARGS[@]}"
 done
 

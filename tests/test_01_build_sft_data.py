@@ -7,7 +7,9 @@ import pytest
 from conftest import load_script
 from datasets import load_from_disk
 from helpers import kill_when_exists, run_stage, start_stage
-from PIL import Image
+from PIL import Image, ImageDraw
+
+import seeds
 
 s01 = load_script("01_build_sft_data.py")
 ARGS = SimpleNamespace(max_iou=0.0, max_cover=0.0, min_composition=0.5, max_duplication=0.5, min_realism=0.5)
@@ -15,11 +17,11 @@ ARGS = SimpleNamespace(max_iou=0.0, max_cover=0.0, min_composition=0.5, max_dupl
 
 def test_synthetic_boxes_match_drawn_shapes_and_answers_are_right():
     for i in range(40):
-        item = s01.synthetic_item(i, 96, 0.2, seed=3)
+        item = seeds.synthetic_item(i, 96, 0.2, seed=3)
         arr = np.asarray(item["image"])
         names = [t["name"] for t in item["targets"]]
         for t in item["targets"]:
-            color = s01.COLORS[t["name"].split()[0]]
+            color = seeds.COLORS[t["name"].split()[0]]
             ys, xs = np.nonzero(np.all(arr == np.array(color, dtype=np.uint8), axis=-1))
             x1, y1, x2, y2 = t["bbox"]
             assert xs.min() == x1 and ys.min() == y1                # drawn pixels start at the box corner
@@ -31,14 +33,14 @@ def test_synthetic_boxes_match_drawn_shapes_and_answers_are_right():
             assert names[0] in item["question"] and names[1] in item["question"]
         else:
             asked = item["question"].removeprefix("Is there a ").removesuffix(" in the image?")
-            color = np.array(s01.COLORS[asked.split()[0]], dtype=np.uint8)
+            color = np.array(seeds.COLORS[asked.split()[0]], dtype=np.uint8)
             present = asked in names
             assert item["answer"] == ("Yes" if present else "No")
             if not present:   # the colour may belong to another shape, but not this one
                 assert item["targets"] == []
             else:
                 assert np.all(arr == color, axis=-1).any()
-    splits = [s01.synthetic_item(i, 32, 0.2, 0)["split"] for i in range(200)]
+    splits = [seeds.synthetic_item(i, 32, 0.2, 0)["split"] for i in range(200)]
     assert 0.1 < splits.count("test") / 200 < 0.3
 
 
@@ -128,10 +130,10 @@ def test_stage01_resumes_after_kill(tiny_run, tmp_path):
 
 
 def test_stage01_bad_seed_rows_are_named(tmp_path):
-    seeds = tmp_path / "seeds"
-    seeds.mkdir()
+    seed_dir = tmp_path / "seeds"
+    seed_dir.mkdir()
     for i in range(3):
-        s01.synthetic_item(i, 48, 0.0, 0)["image"].save(seeds / f"{i}.png")
+        seeds.synthetic_item(i, 48, 0.0, 0)["image"].save(seed_dir / f"{i}.png")
     good = {"image": "0.png", "question": "Is the red square left or right of the blue circle?",
             "options": ["left", "right"], "answer": "A", "targets": [{"name": "red square", "bbox": [2, 2, 12, 12]}]}
     lines = [json.dumps({**good, "id": "ok1"}), json.dumps({**good, "id": "ok2", "image": "1.png"}),
@@ -139,9 +141,9 @@ def test_stage01_bad_seed_rows_are_named(tmp_path):
              json.dumps({**good, "image": "missing.png"}),
              json.dumps({**good, "targets": [{"name": "x", "bbox": [40, 40, 60, 60]}]})]
     raw = ("\n".join(lines) + "\n").encode() + b'{"question": "caf\xe9"}\n'
-    (seeds / "seeds.jsonl").write_bytes(raw)
+    (seed_dir / "seeds.jsonl").write_bytes(raw)
     run = tmp_path / "run"
-    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", run, "--seed_data", seeds / "seeds.jsonl",
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", run, "--seed_data", seed_dir / "seeds.jsonl",
               "--min_box_frac", "0.05", "--max_box_frac", "0.1", "--num_proposals", "8")
     report = _funnel(run)
     skipped = report["skipped_seed_rows"]
@@ -158,3 +160,97 @@ def test_stage01_all_rows_bad_fails_clearly(tmp_path):
     p = run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path / "run",
                   "--seed_data", tmp_path / "s.jsonl", check=False)
     assert p.returncode != 0 and "no usable seed rows" in p.stderr + p.stdout
+
+
+# --------------------------------------------------------------------------- COCO-format seeds
+def _coco_fixture(root):
+    """Four images with known boxes: unique objects far apart, a duplicate category, a crowd box, a
+    small object, a box outside its image, an unknown category id, and an image file that is missing."""
+    (root / "images").mkdir(parents=True)
+    cats = [{"id": 1, "name": "cup"}, {"id": 2, "name": "bottle"}, {"id": 3, "name": "clock"},
+            {"id": 4, "name": "boat"}, {"id": 5, "name": "bicycle"}]
+    boxes = {   # image id -> [(annotation id, category, [x, y, w, h], iscrowd)]; images are 120 x 90
+        1: [(11, 1, [5, 10, 30, 30], 0), (12, 2, [80, 50, 30, 30], 0), (13, 3, [60, 5, 3, 3], 0)],
+        2: [(21, 1, [5, 5, 20, 20], 0), (22, 1, [90, 60, 20, 20], 0), (23, 2, [40, 30, 25, 25], 0),
+            (24, 4, [0, 0, 120, 90], 1)],
+        3: [(31, 4, [10, 40, 40, 30], 0), (32, 5, [70, 5, 40, 30], 0), (33, 2, [100, 70, 40, 40], 0),
+            (34, 99, [1, 1, 5, 5], 0)],
+        4: [(41, 3, [50, 50, 40, 30], 0)],
+        5: [(51, 1, [10, 10, 30, 30], 0), (52, 5, [70, 50, 40, 30], 0)],
+    }
+    images = []
+    for img_id, anns in boxes.items():
+        images.append({"id": img_id, "file_name": f"{img_id}.png", "width": 120, "height": 90})
+        if img_id == 4:
+            continue   # listed, but the file is missing
+        im = Image.new("RGB", (120, 90), (120, 120, 120))
+        d = ImageDraw.Draw(im)
+        for _, cat, (x, y, w, h), crowd in anns:
+            if not crowd:
+                d.rectangle([x, y, x + w - 1, y + h - 1], fill=(40 * cat, 200 - 30 * cat, 90))
+        im.save(root / "images" / f"{img_id}.png")
+    annotations = [{"id": i, "image_id": img, "category_id": c, "bbox": b, "iscrowd": cr, "area": b[2] * b[3]}
+                   for img, anns in boxes.items() for i, c, b, cr in anns]
+    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
+    return f"coco:{root / 'ann.json'}:{root / 'images'}", boxes, {c["id"]: c["name"] for c in cats}
+
+
+def test_coco_seed_questions_follow_the_geometry(tmp_path):
+    spec, boxes, cats = _coco_fixture(tmp_path)
+    args = SimpleNamespace(coco_min_area=0.02, coco_min_gap=0.05, coco_per_image=4, num_seed_rows=0, seed=0,
+                           test_fraction=0.5)
+    rows, skipped, rejected = seeds.read_coco(spec, args)
+    assert skipped == ["annotation 34: unknown category id 99",
+                       "annotation 33: box [100, 70, 40, 40] outside its 120x90 image",
+                       "image 4 (4.png): FileNotFoundError"]
+    assert rejected["crowd box"] == 1 and rejected["category not unique in its image"] == 2
+    assert rejected["object too small"] == 1                      # the 3x3 clock: 0.08% of the image
+    present = {i: {cats[c] for _, c, _, _ in anns if c in cats} for i, anns in boxes.items()}   # crowd, bad boxes too
+    unique = {1: {"cup", "bottle"}, 2: {"bottle"}, 3: {"boat", "bicycle"}, 5: {"cup", "bicycle"}}   # usable objects
+    for r in rows:
+        img_id = int(r["id"][4:].split("_")[0])
+        if r["options"]:
+            a, b = r["targets"]
+            assert {a["name"], b["name"]} <= unique[img_id]
+            assert r["question"].index(a["name"]) < r["question"].index(b["name"])      # a is named first
+            axis = 0 if r["options"] == ["left", "right"] else 1
+            assert (r["answer"] == "A") == (a["bbox"][axis + 2] <= b["bbox"][axis])      # a entirely left of / above b
+        else:
+            name = r["question"][len("Is there a "):-len(" in the image?")]
+            assert (r["answer"] == "Yes") == (name in present[img_id])   # image 2's crowd 'boat' is never absent
+            if r["answer"] == "Yes":
+                assert name in unique[img_id] and [t["name"] for t in r["targets"]] == [name]
+            else:
+                assert r["targets"] == []
+    letters = [r["answer"] for r in rows if r["options"]]
+    yes_no = [r["answer"] for r in rows if not r["options"]]
+    assert letters and yes_no and abs(letters.count("A") - letters.count("B")) <= 1
+    assert abs(yes_no.count("Yes") - yes_no.count("No")) <= 1
+    splits = {}
+    for r in rows:   # one split per image, the same on every run
+        splits.setdefault(r["id"].split("_")[0], set()).add(r["split"])
+    assert all(len(v) == 1 for v in splits.values())
+    assert [(r["id"], r["split"], r["answer"]) for r in seeds.read_coco(spec, args)[0]] == \
+        [(r["id"], r["split"], r["answer"]) for r in rows]
+    capped, _, rej = seeds.read_coco(spec, SimpleNamespace(**{**vars(args), "coco_per_image": 1, "num_seed_rows": 2}))
+    assert len(capped) == 2 and rej["over the total cap"] == 2 and rej["over the per-image cap"] > 0
+
+
+def test_coco_bad_annotation_file_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    args = SimpleNamespace(coco_min_area=0.0, coco_min_gap=0.0, coco_per_image=4, num_seed_rows=0, seed=0,
+                           test_fraction=0.2)
+    for spec in (f"coco:{tmp_path / 'bad.json'}:{tmp_path}", f"coco:{tmp_path / 'none.json'}:{tmp_path}"):
+        with pytest.raises(SystemExit, match="COCO-format"):
+            seeds.read_coco(spec, args)
+
+
+@pytest.mark.slow
+def test_stage01_tiny_from_coco(tmp_path):
+    spec, _, _ = _coco_fixture(tmp_path / "coco")
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path / "run", "--seed_data", spec,
+              "--coco_min_area", "0.02", "--coco_min_gap", "0.05")
+    funnel = json.loads((tmp_path / "run" / "data" / "funnel.json").read_text())
+    assert funnel["num_skipped_seed_rows"] == 3 and funnel["seed_candidates_rejected"]["crowd box"] == 1
+    scenes = load_from_disk(str(tmp_path / "run" / "data" / "scenes"))
+    assert funnel["counts"]["seed_rows"] > 0 and all(i.startswith("coco") for i in scenes["id"])
