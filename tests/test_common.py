@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import tiny_world
 
 
 # --------------------------------------------------------------------------- extraction and reward
@@ -181,8 +182,8 @@ def test_checkpoint_roundtrip_trainable_only_and_previous_removed(tmp_path):
 
 # --------------------------------------------------------------------------- tiny models
 def test_tiny_tokenizer_has_qwen_special_tokens():
-    tok = common.build_tiny_tokenizer()
-    for t in common.QWEN_SPECIAL_TOKENS:
+    tok = tiny_world.build_tiny_tokenizer()
+    for t in tiny_world.QWEN_SPECIAL_TOKENS:
         ids = tok.encode(t, add_special_tokens=False)
         assert len(ids) == 1 and tok.decode(ids) == t
     assert len(tok.encode("Yes", add_special_tokens=False)) == 1
