@@ -249,7 +249,7 @@ def test_coco_bad_annotation_file_is_a_clear_error(tmp_path):
 def test_stage01_tiny_from_coco(tmp_path):
     spec, _, _ = _coco_fixture(tmp_path / "coco")
     run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path / "run", "--seed_data", spec,
-              "--coco_min_area", "0.02", "--coco_min_gap", "0.05")
+              "--coco_min_area", "0.02", "--coco_min_gap", "0.05", "--dtype", "bf16")   # judge, target, editor in bf16
     funnel = json.loads((tmp_path / "run" / "data" / "funnel.json").read_text())
     assert funnel["num_skipped_seed_rows"] == 3 and funnel["seed_candidates_rejected"]["crowd box"] == 1
     scenes = load_from_disk(str(tmp_path / "run" / "data" / "scenes"))

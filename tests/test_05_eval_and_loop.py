@@ -106,7 +106,7 @@ def test_tiny_tsv_end_to_end_back_references_trials_and_rescoring(tmp_path):
     Dataset.from_dict({"id": ["t0"], "image": [Image.new("RGB", (56, 56))], "question": ["Is it dark?"],
                        "options": [[]], "answer": ["Yes"], "targets": [[]], "split": ["test"]}).save_to_disk(
         str(run / "data" / "scenes"))
-    args = ["--preset", "tiny", "--run_dir", run, "--round", "0", "--defender", "tiny", "--trials", "3",
+    args = ["--preset", "tiny", "--run_dir", run, "--round", "0", "--defender", "tiny", "--trials", "3", "--dtype", "bf16",
             "--trial_temperature", "1.0", "--bench", f"vstar={tmp_path / 'vstar.tsv'}", f"pope={tmp_path / 'pope.tsv'}"]
     p = run_stage("05_eval.py", *args)
     assert "skipped 2 rows" in p.stdout
