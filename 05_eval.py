@@ -340,7 +340,7 @@ def plot_curves(logs: Path, path: Path) -> dict:
             rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
             pts = [(r.get("step", r.get("iter")), r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), ".-", label=f.stem.replace(f"{stage}_", "").replace("round_", "round "))
+                ax.plot(*zip(*pts), ".-", label=f.stem.replace(f"{stage}_", "round ") if stage.endswith("round") else f.stem)
                 n += len(pts)
         ax.set_title(f"{stage.split('_')[0]}: {key}", fontsize=9)
         ax.set_xlabel("step" if stage != "03_round" else "iteration", fontsize=8)
