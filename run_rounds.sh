@@ -36,7 +36,7 @@ EXTRA="$*"
 TIMES=()
 stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (outputs are renamed into place when complete)
   local label=$1 out=$2; shift 2
-  if [ -e "$out" ]; then TIMES+=("$label: done earlier"); return; fi
+  if [ -n "$out" ] && [ -e "$out" ]; then TIMES+=("$label: done earlier"); return; fi
   local t0=$SECONDS
   run "$@"
   TIMES+=("$label: $((SECONDS - t0)) s")
@@ -57,6 +57,10 @@ stage "05 eval round 0" "$RUN_DIR/eval/round_0.json" 05_eval.py "${P[@]}" --run_
 for k in $(seq 1 "$ROUNDS"); do
   echo "== round $k"
   stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
+  # what attacker k learned: defender k-1, the model it attacked, on its held-out attacks (05 caches
+  # answers per item, so only the new attacked scenes are answered)
+  grep -q "\"attacker_round_$k\"" "$RUN_DIR/eval/round_$((k - 1)).json" ||
+    stage "05 eval round $((k - 1)) vs attacker $k" "" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$((k - 1))" "${BENCH_ARGS[@]}"
   stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
   stage "05 eval round $k" "$RUN_DIR/eval/round_$k.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k" "${BENCH_ARGS[@]}"
 done

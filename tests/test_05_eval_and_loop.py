@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import ROOT, load_script
+from datasets import load_from_disk
 from helpers import env, run_stage
 from PIL import Image
 
@@ -137,6 +138,12 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert "| base |" in summary and "| clean warm-up (round 0) |" in summary and "| Iter. 1 |" in summary
     assert "vs attacker 1" in summary
     assert "== stage times:" in p.stdout and "04 defender round 1: " in p.stdout and "eval/curves.png" in p.stdout
+    # the cell that measures attacker 1: defender 0, the model it attacked, on attacker 1's held-out attacks
+    warmup = next(x for x in summary.splitlines() if x.startswith("| clean warm-up (round 0) |"))
+    assert warmup.rstrip(" |").split("|")[-1].strip() != ""
+    r0 = json.loads((tmp_path / "loop" / "eval" / "round_0.json").read_text())
+    n_test = len(load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"])
+    assert r0["robustness"]["attacker_round_1"]["n"] == n_test
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
               "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png", "eval/curves.png"]:
         assert (tmp_path / "loop" / d).exists(), d
