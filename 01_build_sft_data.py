@@ -38,6 +38,10 @@ Our choices where the paper is silent:
      later edit and SSIM compares images of one size;
   3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker;
   4. one distractor per scene: the first valid proposal (up to --num_proposals are checked).
+Memory (bench/paper_scale.py): the editor (20.4B transformer + 8.3B text encoder) and the judge
+(8.3B) do not fit one 80 GB GPU together with their activations. With --offload (default) the
+models that take turns, the editor's text encoder and the judge / target, wait in CPU memory and
+only the one in use sits on the GPU (diffusers' enable_model_cpu_offload idea, per model).
 """
 
 from __future__ import annotations
@@ -105,7 +109,27 @@ class Args:
     batch_size: int = field(default=8, metadata={"help": "model batch size"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
+    offload: bool = field(default=True, metadata={"help": "GPU: keep only the MLLM in use (editor text encoder, "
+                                                           "judge, target) on the GPU, the others in CPU memory"})
     gallery_rows: int = field(default=4, metadata={"help": "rows in data/gallery_01.png"})
+
+
+class OneOnDevice:
+    """--offload: of the frozen MLLMs that take turns (the editor's text encoder, the judge, the
+    target), only the one in use is on the GPU; the others wait in CPU memory (~16.6 GB each way
+    over PCIe, ~1 s per swap at paper size, a few swaps per chunk). A no-op on the CPU."""
+
+    def __init__(self, device, enabled: bool):
+        self.device, self.current = device, None
+        self.enabled = enabled and torch.device(device).type != "cpu"
+
+    def use(self, module):
+        if self.enabled and module is not self.current:
+            if self.current is not None:
+                self.current.to("cpu")
+            module.to(self.device)
+            self.current = module
+        return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +318,7 @@ def new_counts() -> dict:
 
 
 def process_chunk(rows, chunk_idx, models, args):
-    judge, judge_proc, target, target_proc, editor = models
+    judge, judge_proc, target, target_proc, editor, swap = models
     counts = new_counts()
     counts["seed_rows"] = len(rows)
     gen = torch.Generator().manual_seed(args.seed * 7919 + chunk_idx)
@@ -306,6 +330,7 @@ def process_chunk(rows, chunk_idx, models, args):
     by_size: dict = {}
     for i, (canvas, _, _) in enumerate(canvases):
         by_size.setdefault(canvas.size, []).append(i)
+    swap.use(editor.text_encoder)
     for idx in by_size.values():
         for j in range(0, len(idx), args.batch_size):
             b = idx[j:j + args.batch_size]
@@ -318,6 +343,7 @@ def process_chunk(rows, chunk_idx, models, args):
     counts["extended"] = len(rows)
 
     # 2. the three checks, P(Yes) from one forward each
+    swap.use(judge)
     imgs = extended
     p_comp = common.defender_p_yes(judge, judge_proc, imgs, [CHECKS["composition"].format(question=r["question"])
                                                              for r in rows], args.batch_size).tolist()
@@ -341,6 +367,7 @@ def process_chunk(rows, chunk_idx, models, args):
     # 3. distractor proposals + validation (train scenes only feed AOT-SFT)
     train = [s for s in scenes if s["split"] == "train"]
     if args.proposer == "mllm":
+        swap.use(judge)
         proposals = mllm_proposals(judge, judge_proc, train, args, counts)
     else:
         proposals = [random_proposals(s["image"].size, args.num_proposals, rng, args) for s in train]
@@ -361,6 +388,8 @@ def process_chunk(rows, chunk_idx, models, args):
 
     # 4. implantation: masked edit inside the distractor box
     implanted = []
+    if chosen:
+        swap.use(editor.text_encoder)
     for j in range(0, len(chosen), args.batch_size):
         batch = chosen[j:j + args.batch_size]
         by = {}
@@ -382,6 +411,7 @@ def process_chunk(rows, chunk_idx, models, args):
     # 5. effectiveness: the target answers on the scene and on the implanted scene
     sft = []
     if implanted:
+        swap.use(target)
         prompts = [common.defender_prompt(s["question"], s["options"]) for s, _, _ in implanted]
         before = common.defender_generate(target, target_proc, [s["image"] for s, _, _ in implanted], prompts,
                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -466,11 +496,15 @@ def main(args: Args):
     todo = [c for c in mine if c not in done]
     if todo:
         dtype = common.resolve_dtype(args.dtype, ddp.device)
-        judge, judge_proc = common.load_defender(args.judge, ddp.device, dtype=dtype)
+        swap = OneOnDevice(ddp.device, args.offload)
+        parked = "cpu" if swap.enabled else ddp.device   # --offload: MLLMs start in CPU memory
+        judge, judge_proc = common.load_defender(args.judge, parked, dtype=dtype)
         target, target_proc = (judge, judge_proc) if args.target == args.judge else \
-            common.load_defender(args.target, ddp.device, dtype=dtype)
+            common.load_defender(args.target, parked, dtype=dtype)
         editor = common.load_attacker(args.editor, device=ddp.device, dtype=dtype)
-        models = (judge, judge_proc, target, target_proc, editor)
+        if swap.enabled:
+            editor.text_encoder.to("cpu")
+        models = (judge, judge_proc, target, target_proc, editor, swap)
         for c in common.progress(todo, desc=f"[01] rank {ddp.rank} chunks"):
             tc = time.time()
             scenes, sft, counts = process_chunk(rows[c * args.chunk_size:(c + 1) * args.chunk_size], c, models, args)

@@ -8,13 +8,16 @@ prompt embedding of (scene image + adversarial instruction); the loss covers the
 Reads:  data/aot_sft/            Writes: attacker/sft/ (pytorch_lora_weights.safetensors + args.json),
                                          logs/02_sft.jsonl
   python 02_sft_attacker.py --preset tiny --run_dir runs/tiny
-  python 02_sft_attacker.py --run_dir runs/aot --grad_ckpt                  # 1 GPU
-  torchrun --nproc_per_node 8 02_sft_attacker.py --run_dir runs/aot --grad_ckpt
+  python 02_sft_attacker.py --run_dir runs/aot                              # 1 GPU
+  torchrun --nproc_per_node 8 02_sft_attacker.py --run_dir runs/aot
 
 Our choices where the paper is silent (shared/PAPER_NOTES.md, "Attacker SFT"):
   1. LoRA r=64, alpha=128 on the Flow-GRPO target modules (the RL stage continues this adapter);
   2. s ~ U(0, 1) by default (--timestep_sampling logit_normal as in SD3 is a flag);
-  3. prompt embeddings and VAE latents are computed once per row and cached (encoders are frozen);
+  3. prompt embeddings and VAE latents are computed once per row and cached in CPU memory (encoders
+     are frozen), then the text encoder is freed: at paper size (bench/paper_scale.py) the stage
+     holds the bf16 transformer (40.9 GB) + the fp32 LoRA with its AdamW state (6.8 GB) + activations
+     under gradient checkpointing (on by default);
   4. one row per forward, --grad_accum rows per optimizer step and rank; data-parallel by
      averaging LoRA gradients with one all-reduce;
   5. precision as flow_grpo: frozen transformer / encoders in --dtype (bf16 on GPU), the LoRA in fp32
@@ -57,7 +60,8 @@ class Args:
     max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = from epochs)"})
     grad_accum: int = field(default=4, metadata={"help": "rows per optimizer step and rank"})
     timestep_sampling: str = field(default="uniform", metadata={"help": "'uniform' or 'logit_normal'"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the transformer"})
+    grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing in the transformer "
+                                                           "(--grad_ckpt false: off)"})
     dtype: str = field(default="auto", metadata={"help": "frozen model / compute dtype: bf16, fp32, auto "
                                                           "(bf16 on GPU); the LoRA is always fp32"})
     report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
@@ -66,13 +70,14 @@ class Args:
 
 
 def cache_rows(pipe, rows, resolution, cond_resolution=0):
-    """Per row: prompt context (no CFG in SFT) + condition latents + target latents x0."""
+    """Per row, computed once and kept in CPU memory: prompt context (no CFG in SFT), condition
+    latents, target latents x0. The text encoder is not needed afterwards."""
     cache = []
-    for r in rows:
+    for r in common.progress(rows, desc="[02] cache", leave=False):
         ctx = common.encode_edit(pipe, [r["image"]], [r["instruction"]], resolution, negative_prompt=None,
                                  cond_resolution=cond_resolution)
         target = common.images_to_tensor([r["edited_image"]], ctx.width, ctx.height)
-        cache.append((ctx, common.encode_images(pipe, target).float()))
+        cache.append((ctx.to("cpu"), common.encode_images(pipe, target).float().cpu()))
     return cache
 
 
@@ -114,6 +119,7 @@ def main(args: Args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     t0 = time.time()
     cache = cache_rows(pipe, rows, args.resolution, args.cond_resolution)
+    pipe.text_encoder = None   # 16.6 GB at paper size, unused from here on (bench/paper_scale.py)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(ds) / (args.grad_accum * ddp.world)))
     common.print0(f"[02] {len(ds)} AOT-SFT rows ({len(rows)} on rank 0, cached in {time.time() - t0:.1f}s), "
                   f"{steps} steps x {args.grad_accum} rows x {ddp.world} ranks, LoRA r={args.lora_rank} "
@@ -136,6 +142,7 @@ def main(args: Args):
         total = 0.0
         for _ in range(args.grad_accum):
             ctx, x0 = cache[rng.randrange(len(cache))]
+            ctx, x0 = ctx.to(ddp.device), x0.to(ddp.device)
             s = sample_sigma(1, args.timestep_sampling, gen)
             eps = torch.randn(x0.shape, generator=gen).to(x0.device)
             loss = sft_loss(pipe.transformer, ctx, x0, s, eps)

@@ -7,8 +7,8 @@ Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (Data
         logs/03_round_k.jsonl
 
   python 03_train_attacker.py --preset tiny --run_dir runs/tiny --round 1
-  python 03_train_attacker.py --run_dir runs/aot --round 1 --grad_ckpt               # 1 GPU
-  torchrun --nproc_per_node 8 03_train_attacker.py --run_dir runs/aot --round 1 --grad_ckpt
+  python 03_train_attacker.py --run_dir runs/aot --round 1                          # 1 GPU (> 80 GB)
+  torchrun --nproc_per_node 8 03_train_attacker.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
 
 Flow-GRPO, every piece in this file (shared/PAPER_NOTES.md, "Flow-GRPO", "Attacker reward"):
   rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
@@ -32,6 +32,11 @@ Our choices where the paper is silent:
      log-prob with the rollout's own inputs and kernels, so the first ratio is 1 in bf16 too (tested
      on CPU to 1e-5, inside the 1e-4 clip range; GPU kernels that depend on the batch size can
      move it by bf16 rounding, as in flow_grpo).
+  5. memory (bench/paper_scale.py), as flow_grpo: under torchrun the 20B transformer with its LoRA,
+     the text encoder and the defender are FSDP2-sharded (each rank keeps 1/world of every weight,
+     every weight in its own dtype, LoRA gradients reduce-scattered in fp32); the defender is
+     gathered once per reward call to generate. Gradient checkpointing is on by default. Ranks
+     run the same number of forwards (zero-weight filler micro-batches and curriculum batches).
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ class Args:
     tau: float = field(default=0.85, metadata={"help": "local-SSIM gate"})
     w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
     w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (--grad_ckpt false: off)"})
     dtype: str = field(default="auto", metadata={"help": "frozen models / compute dtype: bf16, fp32, auto "
                                                           "(bf16 on GPU); the LoRA is always fp32"})
     report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
@@ -165,7 +170,8 @@ def compute_rewards(scenes, edits, images, defender, processor, args):
         return bright, torch.ones_like(bright), torch.zeros_like(bright)
     ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]])
                          for s, e in zip(scenes, edits)])
-    wrong = defender_failures(defender, processor, scenes, edits, args)
+    with common.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
+        wrong = defender_failures(defender, processor, scenes, edits, args)
     r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all)
                       for a, b in zip(ssim.tolist(), wrong.tolist())])
     return r, ssim, wrong
@@ -182,17 +188,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> tor
 # Update
 # ---------------------------------------------------------------------------------------------
 def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, generator=None):
-    """PPO-clip on every trained step of every sample; one optimizer step. Returns stats."""
+    """PPO-clip on every trained step of every sample; one optimizer step. Returns stats.
+    Every rank runs the same number of micro-batches (FSDP2's collectives must match): a rank with
+    fewer samples repeats its first micro-batch with weight 0."""
     tr = pipe.transformer
     B = adv.shape[0]
     order = list(train_steps)
-    n_terms = len(order) * math.ceil(B / args.micro_batch)
+    mine = math.ceil(B / args.micro_batch)
+    n_terms = len(order) * mine
+    n_mb = int(common.all_reduce(torch.tensor(float(mine)), op="max").item())
     sigma_max = sigmas[1].item()
     stats = dict(clip_frac=0.0, approx_kl=0.0, ratio=0.0, kl=0.0, n=0)
     opt.zero_grad(set_to_none=True)
     for j in order:
         s, s_next = sigmas[j].item(), sigmas[j + 1].item()
-        for m in range(0, B, args.micro_batch):
+        for mb in range(n_mb):
+            real = mb < mine
+            m = mb * args.micro_batch if real else 0
             idx = slice(m, m + args.micro_batch)
             sub = ctx.select(idx)
             v = common.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
@@ -210,15 +222,18 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
                 scale2 = (args.noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))) ** 2 * (s - s_next)
                 kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2)) / (2 * scale2)
                 loss = loss + args.kl_beta * kl.mean()
-                stats["kl"] += kl.mean().item()
-            (loss / n_terms).backward()
-            with torch.no_grad():
-                stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
-                stats["approx_kl"] += (0.5 * (logp - old_logps[j, idx]) ** 2).mean().item()
-                stats["ratio"] += ratio.mean().item()
-                stats["n"] += 1
-    common.all_reduce_grads(params)
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+                stats["kl"] += kl.mean().item() if real else 0.0
+            (loss * (1.0 / n_terms if real else 0.0)).backward()
+            if real:
+                with torch.no_grad():
+                    stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
+                    stats["approx_kl"] += (0.5 * (logp - old_logps[j, idx]) ** 2).mean().item()
+                    stats["ratio"] += ratio.mean().item()
+                    stats["n"] += 1
+    if not common.is_fsdp(tr):   # FSDP2 reduce-scatters the LoRA gradients in backward (in fp32)
+        common.all_reduce_grads(params)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    stats["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     opt.step()
     n = max(stats.pop("n"), 1)
     return {k: (v / n if k != "grad_norm" else v) for k, v in stats.items()}
@@ -234,24 +249,31 @@ def encode_scenes(pipe, scenes, args):
 # Curriculum
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def attack_scenes(pipe, scenes, defender, processor, args, seed):
-    """One deterministic (ODE) attack per scene: rows for attacks/round_k."""
-    rows = []
-    for i in common.progress(range(0, len(scenes), args.scenes_per_step), desc="[03] curriculum"):
-        batch = scenes[i:i + args.scenes_per_step]
+def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
+    """One deterministic (ODE) attack per scene: rows for attacks/round_k. Scenes are batched by
+    output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on
+    ``filler`` (results dropped)."""
+    batches = []
+    for i in range(0, len(scenes), args.scenes_per_step):
         by_size = {}
-        for s in batch:
+        for s in scenes[i:i + args.scenes_per_step]:
             by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
-        for group in by_size.values():
-            ctx = encode_scenes(pipe, group, args)
-            sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
-            _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(seed + i))
-            images = common.decode_latents(pipe, x, ctx.height, ctx.width)
-            edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
-            r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)
-            for s, e, a, w in zip(group, edits, ssim.tolist(), wrong.tolist()):
-                rows.append({**s, "attacked_image": e, "instruction": common.attack_instruction(s["question"]),
-                             "ssim_local": a, "defender_wrong_fraction": w})
+        batches += [(i, group) for group in by_size.values()]
+    n = int(common.all_reduce(torch.tensor(float(len(batches))), op="max").item())
+    rows = []
+    for b in common.progress(range(n), desc="[03] curriculum"):
+        i, group = batches[b] if b < len(batches) else (0, [filler])
+        ctx = encode_scenes(pipe, group, args)
+        sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
+        _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(seed + i))
+        images = common.decode_latents(pipe, x, ctx.height, ctx.width)
+        edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
+        r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)
+        if b >= len(batches):
+            continue
+        for s, e, a, w in zip(group, edits, ssim.tolist(), wrong.tolist()):
+            rows.append({**s, "attacked_image": e, "instruction": common.attack_instruction(s["question"]),
+                         "ssim_local": a, "defender_wrong_fraction": w})
     return rows
 
 
@@ -269,7 +291,7 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     shard_dir = run / "attacks" / f".tmp_shards_round_{args.round}"
     feats = attack_features()
     mine = [scenes_ds[i] for i in range(ddp.rank, len(scenes_ds), ddp.world)]
-    rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank)
+    rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank, scenes_ds[0])
     (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats).save_to_disk(
         str(shard_dir / f"rank_{ddp.rank}"))
@@ -308,8 +330,10 @@ def main(args: Args):
     init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
     dtype = common.resolve_dtype(args.dtype, ddp.device)
     pipe = common.load_attacker(args.model, device=ddp.device, dtype=dtype)
-    if Path(init).exists():
-        params = common.load_attacker_lora(pipe, init, trainable=True)
+    done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
+    src = str(out_lora) if done else init
+    if Path(src).exists():
+        params = common.load_attacker_lora(pipe, src, trainable=True)
     elif args.init_lora:
         raise SystemExit(f"[03] --init_lora {init} does not exist")
     else:
@@ -324,6 +348,14 @@ def main(args: Args):
             raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round "
                              f"{args.round - 1})")
         defender, processor = common.load_defender(dpath, ddp.device, dtype=dtype)
+    if ddp.world > 1:   # FSDP2, as flow_grpo: 1/world of the transformer (+ LoRA), text encoder, defender
+        common.shard(pipe.transformer, pipe.transformer.transformer_blocks)
+        common.shard_vl(pipe.text_encoder, pipe.tokenizer.pad_token_id)
+        if defender is not None:
+            common.shard_vl(defender, processor.tokenizer.pad_token_id)
+        params = [p for p in pipe.transformer.parameters() if p.requires_grad]   # now DTensor shards
+        common.print0(f"[03] FSDP2 over {ddp.world} ranks: transformer + LoRA, text encoder"
+                      f"{', defender' if defender is not None else ''} sharded")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
@@ -331,8 +363,8 @@ def main(args: Args):
     ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
     logger = common.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
-    if out_lora.exists():
-        start = args.train_iters   # training finished earlier; only the curriculum is missing
+    if done:
+        start = args.train_iters
     elif resumed := common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank):
         start, extra = resumed
         gen.set_state(extra["gen"])
@@ -385,17 +417,15 @@ def main(args: Args):
             common.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
 
-    if ddp.master and not out_lora.exists():
+    if not done:
         tmp = common.tmp_dir_for(out_lora)
-        common.save_attacker_lora(pipe, tmp)
-        common.save_args(args, tmp)
-        common.commit_dir(tmp, out_lora)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        print(f"[03] wrote {out_lora}")
+        common.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
+        if ddp.master:
+            common.save_args(args, tmp)
+            common.commit_dir(tmp, out_lora)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            print(f"[03] wrote {out_lora}")
     common.barrier()
-    if start == args.train_iters and out_lora.exists():   # resuming into the curriculum: use the saved adapter
-        pipe.transformer.delete_adapters("default")
-        common.load_attacker_lora(pipe, out_lora)
     if not out_attacks.exists():
         pipe.transformer.eval()
         if args.reward == "brightness":

@@ -36,6 +36,11 @@ Departures / our choices:
      torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
   6. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
      token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
+Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
+--gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
+prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
+micro-batches hold at most --micro_tokens padded tokens (verl's ppo_max_token_len_per_gpu) and
+only the completion positions get logits; gradient checkpointing is on by default.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +84,12 @@ class Args:
     warmup_samples: int = field(default=900, metadata={"help": "round 0: clean prompts drawn (0 = all; official ~900)"})
     global_batch: int = field(default=128, metadata={"help": "prompts per optimizer update (all ranks)"})
     group_size: int = field(default=5, metadata={"help": "answers per prompt (n)"})
-    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward"})
-    gen_batch: int = field(default=64, metadata={"help": "prompts per generate call"})
+    micro_batch: int = field(default=8, metadata={"help": "max sequences per forward/backward"})
+    micro_tokens: int = field(default=8192, metadata={"help": "max padded tokens per forward/backward (0 = no "
+                                                                "limit; verl's ppo_max_token_len_per_gpu)"})
+    gen_batch: int = field(default=0, metadata={"help": "max prompts per generate call (0 = as many as "
+                                                         "--gen_memory_gb holds)"})
+    gen_memory_gb: float = field(default=32.0, metadata={"help": "KV cache + prefill budget of a generate call (GB)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout temperature"})
     top_p: float = field(default=1.0, metadata={"help": "rollout top_p"})
     max_new_tokens: int = field(default=4096, metadata={"help": "max response length (official: 4096)"})
@@ -100,7 +108,7 @@ class Args:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     lora_rank: int = field(default=0, metadata={"help": "0 = full-parameter training, else LoRA rank"})
     train_vision: bool = field(default=True, metadata={"help": "train the vision tower too"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (--grad_ckpt false: off)"})
     dtype: str = field(default="auto", metadata={"help": "compute dtype: bf16, fp32, auto (bf16 on GPU); trained "
                                                           "weights and optimizer state are always fp32"})
     min_pixels: int = field(default=262144, metadata={"help": "image min pixels (processor)"})
@@ -167,6 +175,28 @@ class PromptStream:
 # Rollout: sampling a group of answers per prompt
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+class SampledLogprobs:
+    """A logits processor that keeps, per decoding step, only the log-prob of the token the sampler
+    picks under logits / T (B floats), instead of the (B, T, vocab) logits output_logits would keep
+    (4 GB per 64 x 100 tokens at Qwen's vocabulary). generate() calls custom processors after
+    suppress_tokens and before its temperature / top-p warpers; step t's token is read at step t+1."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.prev, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(-1, input_ids[:, -1:])[:, 0])
+        self.prev = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, completions: torch.Tensor) -> torch.Tensor:
+        """(B, T) sampled ids -> (B, T) their log-probs."""
+        if len(self.logps) < completions.shape[1]:
+            self.logps.append(self.prev.gather(-1, completions[:, -1:])[:, 0])
+        return torch.stack(self.logps, 1) if self.logps else completions.new_zeros(completions.shape, dtype=torch.float)
+
+
 def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
     """One sample per (prompt, answer): unpadded prompt ids / image tensors, completion ids up to
     and including EOS, the sampler's log-probs, the decoded text."""
@@ -174,21 +204,23 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     samples = []
-    for i in common.progress(range(0, len(prompts), args.gen_batch), desc="[04] rollout", leave=False):
-        chunk = [p for p in prompts[i:i + args.gen_batch] for _ in range(args.group_size)]
+    calls = common.memory_batches(model, processor, [p["image"] for p in prompts],
+                                  [common.defender_prompt(p["question"], p["options"]) for p in prompts],
+                                  args.max_new_tokens, args.gen_memory_gb, args.gen_batch, repeat=args.group_size)
+    for call in common.progress(calls, desc="[04] rollout", leave=False):
+        chunk = [p for p in prompts[call] for _ in range(args.group_size)]
         inputs = common.defender_inputs(processor, [p["image"] for p in chunk],
                                         [common.defender_prompt(p["question"], p["options"]) for p in chunk],
                                         model.device)
-        with gathered_for_generation(model), compute_dtype(model):
+        rec = SampledLogprobs(args.temperature)
+        with common.gathered_for_generation(model), compute_dtype(model):
             out = model.generate(**inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                 max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 suppress_tokens=media_token_ids(model), return_dict_in_generate=True,
-                                 output_logits=True)
+                                 repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, suppress_tokens=media_token_ids(model),
+                                 logits_processor=[rec], return_dict_in_generate=True)
         plen = inputs["input_ids"].shape[1]
         comp = out.sequences[:, plen:]                                         # (B, T)
-        logits = torch.stack(out.logits, dim=1).float() / args.temperature     # (B, T, V)
-        logits[..., media_token_ids(model)] = -float("inf")
-        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None])[..., 0]
+        logp = rec.finish(comp)                                                # (B, T)
         patches = inputs["image_grid_thw"].prod(-1).tolist()
         offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
         for b, p in enumerate(chunk):
@@ -234,8 +266,8 @@ def collate(samples, pad_id, device):
 
 def token_logprobs(model, batch, P, T, temperature, with_entropy=False):
     """Log-probs (B, T) of the completion tokens under the model (logits / temperature)."""
-    with compute_dtype(model):
-        logits = model(**batch, use_cache=False).logits[:, P - 1:P - 1 + T].float() / temperature  # (B, T, V)
+    with compute_dtype(model):  # logits of the completion positions only (prompts are left-padded to P)
+        logits = model(**batch, use_cache=False, logits_to_keep=T + 1).logits[:, :T].float() / temperature
     logits[..., media_token_ids(model)] = -float("inf")  # as suppressed at sampling time
     targets = batch["input_ids"][:, P:P + T]
     logp_all = torch.log_softmax(logits, -1)
@@ -346,6 +378,20 @@ def _global_max(n: int) -> int:
     return int(common.all_reduce(torch.tensor(float(n)), op="max").item())
 
 
+def micro_batches(samples: list[dict], max_seqs: int, max_tokens: int) -> list[list[dict]]:
+    """Consecutive samples, at most max_seqs per micro-batch and (when max_tokens > 0) at most
+    max_tokens padded tokens (count x longest prompt + longest completion); never empty."""
+    out, cur, P, T = [], [], 0, 0
+    for s in samples:
+        p, t = max(P, len(s["prompt_ids"])), max(T, len(s["completion"]))
+        if cur and (len(cur) >= max_seqs or (max_tokens and (len(cur) + 1) * (p + t) > max_tokens)):
+            out.append(cur)
+            cur, p, t = [], len(s["prompt_ids"]), len(s["completion"])
+        cur.append(s)
+        P, T = p, t
+    return out + ([cur] if cur else [])
+
+
 def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, filler=None):
     """Advantages, (re)computed old log-probs, then updates of `global_batch` prompts each.
     Ranks run the same number of forwards: a rank with fewer samples runs zero-weight filler
@@ -357,8 +403,12 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
         adv = group_advantages(torch.tensor([[s["reward"] for s in g] for g in groups]))
         for s, a in zip(samples, adv.flatten().tolist()):
             s["adv"] = a
-    fill = [dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None) for s in (filler or samples)[:args.micro_batch]]
-    mbs = [samples[i:i + args.micro_batch] for i in range(0, len(samples), args.micro_batch)]
+    fill = [dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None)
+            for s in micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
+    per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update
+    chunks = [micro_batches(samples[u:u + per_update], args.micro_batch, args.micro_tokens)
+              for u in range(0, len(samples), per_update)]
+    mbs = [mb for c in chunks for mb in c]
     with torch.no_grad():  # old (and reference) log-probs, same micro-batches as training
         for j in range(_global_max(len(mbs))):
             mb = mbs[j] if j < len(mbs) else fill
@@ -372,25 +422,21 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
                 n = len(s["completion"])
                 s["old_logp"] = old[b, :n].cpu() if old is not None else s["rollout_logp"]
                 s["ref_logp"] = ref[b, :n].cpu() if ref is not None else None
-    per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update
-    chunks = [samples[u:u + per_update] for u in range(0, len(samples), per_update)]
     stats = dict(clip_frac=0.0, ratio_sum=0.0, tokens=0.0, entropy_sum=0.0, updates=0, grad_norm=0.0)
     t0 = time.time()
     for u in range(_global_max(len(chunks))):
-        chunk = chunks[u] if u < len(chunks) else []
-        masks = [torch.ones(len(s["completion"])) * (0.0 if args.mask_truncated and s["truncated"] else 1.0)
-                 for s in chunk]
-        num_tokens = common.all_reduce(torch.tensor(float(sum(m.sum() for m in masks)))).item()
+        chunk_mbs = chunks[u] if u < len(chunks) else []
+        num_tokens = common.all_reduce(torch.tensor(float(sum(
+            0 if args.mask_truncated and s["truncated"] else len(s["completion"]) for mb in chunk_mbs for s in mb)))).item()
         opt.zero_grad(set_to_none=True)
-        n_mb = math.ceil(len(chunk) / args.micro_batch)
-        for i in range(_global_max(n_mb)):
-            real = i < n_mb
-            mb = chunk[i * args.micro_batch:(i + 1) * args.micro_batch] if real else fill
+        for i in range(_global_max(len(chunk_mbs))):
+            real = i < len(chunk_mbs)
+            mb = chunk_mbs[i] if real else fill
             batch, cmask, P = collate(mb, pad, device)
             T = cmask.shape[1]
             if real:
-                for b, m in enumerate(masks[i * args.micro_batch:(i + 1) * args.micro_batch]):
-                    cmask[b, :len(m)] = m
+                for b, s in enumerate(mb):
+                    cmask[b, :len(s["completion"])] = 0.0 if args.mask_truncated and s["truncated"] else 1.0
             else:
                 cmask.zero_()  # filler: gradient exactly zero
             old = torch.zeros_like(cmask)
@@ -408,7 +454,7 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
             for k in ("clip_frac", "ratio_sum", "tokens"):
                 stats[k] += st[k]
             stats["entropy_sum"] += (ent * cmask).sum().item()
-        if not is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
+        if not common.is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
             common.all_reduce_grads(params)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         stats["grad_norm"] += float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
@@ -442,15 +488,8 @@ def setup_model(args, ddp, init):
             model.model.visual.requires_grad_(False)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if full and ddp.world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in list(model.model.visual.blocks) + list(model.model.language_model.layers):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        with torch.no_grad():  # FSDP's root must see a forward before generate() calls the vision tower alone
-            model(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=ddp.device), use_cache=False)
-        model.reshard()  # the root keeps its weights gathered after a forward: the optimizer needs the fp32 shards
+    if full and ddp.world > 1:   # fp32 shards (the optimizer's), bf16 gathered for compute
+        common.shard_vl(model, processor.tokenizer.pad_token_id, param_dtype=dtype)
     elif full and dtype != torch.float32:
         model._autocast_dtype = dtype
     model.train()
@@ -462,14 +501,9 @@ def precision_summary(model, args, ddp) -> str:
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[common.resolve_dtype(args.dtype, ddp.device)]
     if args.lora_rank > 0:
         return f"LoRA r{args.lora_rank}: fp32 adapter on a frozen {dt} base"
-    if is_fsdp(model):
+    if common.is_fsdp(model):
         return f"FSDP2 over {ddp.world} ranks, MixedPrecisionPolicy({dt} params, fp32 reduce), fp32 master weights"
     return f"one process, fp32 master weights, {'torch.autocast(bf16)' if dt == 'bf16' else 'fp32 compute'}"
-
-
-def is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
 
 
 def compute_dtype(model):
@@ -477,29 +511,6 @@ def compute_dtype(model):
     from contextlib import nullcontext
     dt = getattr(model, "_autocast_dtype", None)
     return torch.autocast(model.device.type, dtype=dt) if dt else nullcontext()
-
-
-@contextmanager
-def gathered_for_generation(model):
-    """FSDP2: all-gather every layer once (in the bf16 param dtype), generate with no collective at
-    all, reshard after. Per-layer all-gathers for every decoded token (synced_gpus) would cost
-    tokens x layers collectives; the price is one full bf16 copy of the weights per rank during the
-    rollout, as verl / EasyR1 hold one in vLLM. Also: generate() runs the vision tower before the root
-    forward, which needs the root's own (patch-embedding) weights unsharded."""
-    if not is_fsdp(model):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's defaults: root False
 
 
 def save_final(model, out: Path, ddp, args, init: str):

@@ -76,7 +76,9 @@ class Args:
     trials: int = field(default=3, metadata={"help": "strict multi-trial count (official: 3)"})
     trial_temperature: float = field(default=0.0, metadata={"help": "temperature of trials 2..N (official: 0)"})
     max_new_tokens: int = field(default=4096, metadata={"help": "answer length (official: 4096)"})
-    batch_size: int = field(default=16, metadata={"help": "generation batch"})
+    batch_size: int = field(default=16, metadata={"help": "max prompts per generate call"})
+    gen_memory_gb: float = field(default=40.0, metadata={"help": "KV cache + prefill budget of a generate call "
+                                                                 "(GB): large images get smaller batches"})
     max_items: int = field(default=0, metadata={"help": "cap per benchmark (0 = all)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     paper_table: bool = field(default=True, metadata={"help": "print the paper's numbers beside ours"})
@@ -222,7 +224,7 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
         outs = common.defender_generate(model, processor, [it["image"] for it in alive],
                                         [common.defender_prompt(it["question"], it["options"], style) for it in alive],
                                         args.max_new_tokens, temperature=temp, batch_size=args.batch_size,
-                                        desc=f"[05] {pred_path.stem} trial {t + 1}/{args.trials}")
+                                        memory_gb=args.gen_memory_gb, desc=f"[05] {pred_path.stem} trial {t + 1}/{args.trials}")
         for it, text in zip(alive, outs):
             pred = common.extract_answer(text, it["options"], style)
             trials[it["index"]].append(dict(output=text, pred=pred, correct=pred == it["answer"]))

@@ -144,12 +144,16 @@ def lora_parameters(module) -> list[torch.nn.Parameter]:
     return params
 
 
-def save_attacker_lora(pipe, out_dir: str | Path):
-    """Write ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights(out_dir)``."""
+def save_attacker_lora(pipe, out_dir: str | Path, write: bool = True):
+    """Write ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights(out_dir)``.
+    Under FSDP2 every rank must call it (the shards are gathered); only ``write`` ranks write."""
     from diffusers import QwenImageEditPipeline
     from peft.utils import get_peft_model_state_dict
     tr = pipe.transformer
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(tr).items()}
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(tr).items()}
+    if not write:
+        return
     cfg = tr.peft_config["default"]
     meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
     QwenImageEditPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
@@ -205,6 +209,12 @@ class EditContext:
         return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds),
                            r(self.neg_mask), r(self.cond_latents),
                            [s for s in self.img_shapes for _ in range(n)], self.height, self.width)
+
+    def to(self, device) -> EditContext:
+        def r(t):
+            return None if t is None else t.to(device)
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
+                           r(self.cond_latents), self.img_shapes, self.height, self.width)
 
     def select(self, idx: slice) -> EditContext:
         """A slice of the batch (training micro-batches)."""
@@ -348,13 +358,49 @@ def defender_inputs(processor, images: list[Image.Image], prompts: list[str], de
 
 
 @torch.no_grad()
+def prompt_length(processor, image: Image.Image, text: str) -> tuple[int, int]:
+    """(tokens, vision patches) of one chat prompt from the image size and the processor's pixel
+    limits (smart_resize), without running the processor: ~32 template tokens + text + image."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    ip = processor.image_processor
+    f = ip.patch_size * ip.merge_size
+    h, w = smart_resize(image.height, image.width, factor=f, min_pixels=ip.size["shortest_edge"],
+                        max_pixels=ip.size["longest_edge"])
+    n_img = (h // f) * (w // f)
+    return 32 + len(processor.tokenizer(text)["input_ids"]) + n_img, n_img * ip.merge_size**2
+
+
+def memory_batches(model, processor, images, prompts, max_new_tokens: int, memory_gb: float,
+                   max_batch: int = 0, repeat: int = 1) -> list[slice]:
+    """Consecutive slices of the prompts for generate calls (each prompt sampled ``repeat`` times)
+    whose memory stays within memory_gb: per sequence, the KV cache of prompt + max_new_tokens
+    (from the config) and the prefill's working set of one layer, ~6 x intermediate x 2 bytes per
+    token (text) or patch (vision), as measured on real-size layers by bench/paper_scale.py;
+    every sequence padded to the call's longest. max_batch caps the prompts per call (0 = none)."""
+    tc, vc = model.config.text_config, model.config.vision_config
+    kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
+    budget, out, start, worst = memory_gb * 1e9, [], 0, 0.0
+    for i, (im, p) in enumerate(zip(images, prompts)):
+        n, patches = prompt_length(processor, im, p)
+        need = max(worst, kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n
+                   + 12 * vc.intermediate_size * patches)
+        full = (i - start + 1) * repeat * need > budget or (max_batch and i - start >= max_batch)
+        if full and i > start:
+            out.append(slice(start, i))
+            start, need = i, kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
+        worst = need
+    return out + ([slice(start, len(prompts))] if start < len(prompts) else [])
+
+
 def defender_generate(model, processor, images, prompts, max_new_tokens=64, temperature=0.0,
-                      top_p=1.0, batch_size=16, desc: str | None = None) -> list[str]:
-    """Batched answers (greedy when temperature == 0); a progress bar when ``desc`` is given."""
+                      top_p=1.0, batch_size=16, desc: str | None = None, memory_gb: float = 0.0) -> list[str]:
+    """Batched answers (greedy when temperature == 0); a progress bar when ``desc`` is given.
+    memory_gb > 0: as many prompts per call (up to batch_size) as that memory holds (memory_batches)."""
     out = []
-    for i in progress(range(0, len(prompts), batch_size), desc=desc or "", disable=desc is None):
-        inputs = defender_inputs(processor, images[i:i + batch_size], prompts[i:i + batch_size],
-                                 model.device)
+    batches = memory_batches(model, processor, images, prompts, max_new_tokens, memory_gb, batch_size) \
+        if memory_gb > 0 else [slice(i, i + batch_size) for i in range(0, len(prompts), batch_size)]
+    for b in progress(batches, desc=desc or "", disable=desc is None):
+        inputs = defender_inputs(processor, images[b], prompts[b], model.device)
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
                   pad_token_id=processor.tokenizer.pad_token_id)
         if temperature > 0:
@@ -448,6 +494,57 @@ def all_reduce_grads(params):
     for p, g in zip(params, grads):
         p.grad = flat[i:i + g.numel()].view_as(g).clone()
         i += g.numel()
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard(model, blocks, param_dtype=None):
+    """FSDP2 (verl / EasyR1 / flow_grpo's sharding): fully_shard each block, then the root; each rank
+    keeps 1/world of every weight and gathers a block only while it runs. param_dtype None keeps
+    every weight's own dtype (a frozen bf16 base and its fp32 LoRA compute as in one process);
+    gradients are reduce-scattered in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def shard_vl(model, pad_id: int, param_dtype=None):
+    """A Qwen2.5-VL (defender or the editor's text encoder) sharded per vision block and decoder
+    layer. The root is initialised by one tiny forward (generate() runs the vision tower before the
+    root's forward otherwise), then resharded (the root keeps its weights gathered after a forward)."""
+    shard(model, list(model.model.visual.blocks) + list(model.model.language_model.layers), param_dtype)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[pad_id]], device=model.device), use_cache=False)
+    model.reshard()
+    return model
+
+
+@contextmanager
+def gathered_for_generation(model):
+    """FSDP2: all-gather every layer once, generate with no collective at all, reshard after.
+    Per-layer all-gathers for every decoded token (synced_gpus) would cost tokens x layers
+    collectives (bench/fsdp_generate.py); the price is one full bf16 copy of the weights per rank
+    while generating, as verl / EasyR1 hold one in vLLM. Every rank must enter it together."""
+    if not is_fsdp(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's defaults: root False
 
 
 def peak_memory_gb(device) -> float:

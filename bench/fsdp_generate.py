@@ -6,7 +6,7 @@
 Stage 04 samples its rollouts from the FSDP2-sharded defender. Left to FSDP, every forward of
 generate() (one per decoded token) all-gathers every decoder layer and frees it again, and ranks
 must decode in lock-step (synced_gpus) for the collectives to match. 04 instead gathers every layer
-once (04_train_defender.gathered_for_generation), decodes with no collective at all, and reshards.
+once (common.gathered_for_generation), decodes with no collective at all, and reshards.
 This script runs both on a random mid-size Qwen2.5-VL (sizes below) with 04's own setup_model
 (fp32 master weights, MixedPrecisionPolicy(bf16, fp32)) and prints tokens/s and all-gather counts.
 It is a CPU measurement over gloo, not a GPU number: on GPUs over NVLink the gathers are far cheaper
@@ -115,7 +115,7 @@ def main(args: Args):
         with torch.no_grad():
             for _ in range(args.repeats):
                 if mode == "once":
-                    with s04.gathered_for_generation(model):
+                    with common.gathered_for_generation(model):
                         model.generate(**inputs, **kw)
                 else:   # FSDP's own schedule; the root stays gathered (generate runs the vision tower first)
                     model.unshard()

@@ -9,6 +9,7 @@ from conftest import load_script
 from datasets import load_from_disk
 from helpers import kill_when_exists, run_stage, same_safetensors, start_stage
 from PIL import Image
+from safetensors.torch import load_file
 
 import common
 
@@ -195,13 +196,38 @@ def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
     assert all(a >= 0.3 for a in att["train"]["ssim_local"])
     assert (run / "attacks" / "round_1" / "gallery.png").is_file()
     run2 = _copy_run(tiny_run, tmp_path / "b")
-    run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run2, "--round", "1", "--defender", "tiny",
-              "--dtype", "bf16", nproc=2)
+    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run2, "--round", "1", "--defender", "tiny",
+                  "--dtype", "bf16", nproc=2)
+    assert "FSDP2 over 2 ranks: transformer + LoRA, text encoder, defender sharded" in p.stdout
     att2 = load_from_disk(str(run2 / "attacks" / "round_1"))
-    assert len(att2["test"]) == len(att["test"])
+    assert len(att2["test"]) == len(att["test"]) and len(att2["train"]) + len(att2["test"]) <= len(scenes)
+    logs2 = [json.loads(x) for x in (run2 / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert len(logs2) == 4 and abs(logs2[0]["ratio_mean"] - 1) < 1e-4   # bf16 base, fp32 LoRA, sharded
+    lora2 = load_file(str(run2 / "attacker" / "round_1" / "pytorch_lora_weights.safetensors"))
+    assert lora2 and all(v.dtype == torch.float32 for v in lora2.values())
     run3 = _copy_run(tiny_run, tmp_path / "c")
     args = ["--preset", "tiny", "--run_dir", run3, "--round", "1", "--defender", "tiny", "--train_iters", "400"]
     proc = start_stage("03_train_attacker.py", *args)
     assert kill_when_exists(proc, run3 / "attacker" / ".ckpt_round_1" / "latest.json")
     p = run_stage("03_train_attacker.py", *args[:-2], "--train_iters", "6")
     assert "resumed at iteration" in p.stdout and (run3 / "attacks" / "round_1").exists()
+
+
+def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, tmp_path):
+    """torchrun --nproc_per_node 2, bf16: the sharded transformer + LoRA, text encoder and defender;
+    a DCP checkpoint (LoRA and AdamW shards), SIGKILL of the process tree, resume: same final LoRA."""
+    flags = ["--preset", "tiny", "--round", "1", "--defender", "tiny", "--dtype", "bf16", "--train_iters", "6",
+             "--save_every", "2", "--reward", "brightness", "--lr", "3e-2"]
+    whole, killed = _copy_run(tiny_run, tmp_path / "whole"), _copy_run(tiny_run, tmp_path / "killed")
+    run_stage("03_train_attacker.py", *flags, "--run_dir", whole, nproc=2)
+    proc = start_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
+    assert kill_when_exists(proc, killed / "attacker" / ".ckpt_round_1" / "latest.json")
+    ckpt = json.loads((killed / "attacker" / ".ckpt_round_1" / "latest.json").read_text())
+    assert ckpt["step"] < 6
+    p = run_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
+    assert f"resumed at iteration {ckpt['step']}" in p.stdout
+    a = killed / "attacker" / "round_1" / "pytorch_lora_weights.safetensors"
+    b = whole / "attacker" / "round_1" / "pytorch_lora_weights.safetensors"
+    assert same_safetensors(a, b) == []
+    first = load_file(str(b))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())   # it trained
