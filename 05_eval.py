@@ -24,9 +24,18 @@ As the authors' eval scripts (eval/, shared/PAPER_NOTES.md "Evaluation") compute
                   trial; per category with comma-joined categories split
   hallusionbench  aAcc; fAcc / qAcc grouped by l2-category + set / figure / question id from the index
                   string (VLMEvalKit's headline, the mean of the three, is reported beside it)
-  anything else   MCQ or yes/no accuracy with the rules above
-Rows VLMEvalKit stores as a back-reference to another row's image are resolved; any row that cannot be
-scored is named with its reason in eval/<name>.json.
+  mmmu, mmstar,   no official script: as VLMEvalKit prompts and scores Qwen2-VL models without a judge
+  realworldqa,    (vlmeval/vlm/qwen2_vl/prompt.py, vlmeval/utils/matching_util.py): every image of the
+  blink, ai2d     row first, in its order (MMMU's "<image k>" stay in the text), then "Hint / Question /
+                  Options / Please select the correct answer from the options above."; the answer is the
+                  one option letter among its last five tokens, else the one option text it contains;
+                  MMMU's open questions are matched as its MMMU_preproc makes them multiple-choice (A = the
+                  reference answer, B = "Other Answers"); headline overall accuracy, + per category and
+                  l2-category
+  anything else   MCQ or yes/no accuracy with the official rules above
+Rows VLMEvalKit stores as a back-reference to another row's image are resolved, multi-image rows (a
+JSON list of base64 images) keep every image; any row that cannot be scored is named with its reason
+in eval/<name>.json.
 Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far, and the
 attack success rate (share of clean-correct items the attack turns wrong).
 """
@@ -37,6 +46,7 @@ import base64
 import io
 import json
 import math
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -87,10 +97,36 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # Benchmarks: loading and scoring
 # ---------------------------------------------------------------------------------------------
+def decode_row_images(raw: str, stored: dict) -> list[Image.Image]:
+    """A TSV `image` cell -> its images: one base64 string, a JSON list of them (multi-image rows, in
+    VLMEvalKit's order), or a back-reference (<= 64 characters) to another row's cell. Raises ValueError
+    with the reason."""
+    parts = [raw]
+    if raw.lstrip().startswith("["):
+        try:
+            parts = json.loads(raw)
+        except ValueError:
+            raise ValueError("image cell starts with '[' but is not a JSON list of base64 strings") from None
+        if not parts or not all(isinstance(x, str) for x in parts):
+            raise ValueError("image cell is an empty or non-string JSON list")
+    images = []
+    for k, part in enumerate(parts):
+        data = part if len(part) > 64 else stored.get(part)
+        if data is None or data.lstrip().startswith("["):
+            raise ValueError(f"image {k + 1} refers to index {part!r}, which holds no single image")
+        try:
+            images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+        except (ValueError, OSError) as e:
+            raise ValueError(f"unreadable image {k + 1} of {len(parts)} ({type(e).__name__})") from None
+    return images
+
+
 def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
-    """VLMEvalKit TSV -> (items {index, image, question, options, answer, meta}, {skipped index: reason}).
-    An `image` of at most 64 characters is a back-reference to the row with that index (VLMEvalKit
-    stores a repeated image once)."""
+    """VLMEvalKit TSV -> (items {index, image, question, options, answer, kind, meta}, {skipped index:
+    reason}). `image` is one PIL image, or a list of them for multi-image rows (BLINK, MMMU). An
+    `image` of at most 64 characters is a back-reference to the row with that index (VLMEvalKit stores
+    a repeated image once). kind: 'mcq' (options), 'yes_no' (no options, a yes/no answer) or 'open'
+    (no options: MMMU's open questions)."""
     import pandas as pd
     df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     for col in ("index", "image", "question", "answer"):
@@ -100,21 +136,27 @@ def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
     stored = {r["index"]: r["image"] for _, r in df.iterrows() if len(r["image"]) > 64}
     items, skipped = [], {}
     for _, r in df.iterrows():
-        data = r["image"] if len(r["image"]) > 64 else stored.get(r["image"])
-        if data is None:
-            skipped[r["index"]] = f"image refers to index {r['image']!r}, which holds no image"
+        cell = r["image"]
+        raw = cell if len(cell) > 64 or cell.lstrip().startswith("[") else stored.get(cell)
+        if raw is None:
+            skipped[r["index"]] = f"image refers to index {cell!r}, which holds no image"
             continue
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-        except (ValueError, OSError) as e:
-            skipped[r["index"]] = f"unreadable image ({type(e).__name__})"
+            images = decode_row_images(raw, stored)
+        except ValueError as e:
+            skipped[r["index"]] = str(e)
+            continue
+        refs = [int(k) for k in re.findall(r"<image (\d+)>", r["question"])]
+        if refs and max(refs) > len(images):
+            skipped[r["index"]] = f"question refers to <image {max(refs)}>, the row has {len(images)} image(s)"
             continue
         options = [r[c] for c in letters if r[c].strip()]
         answer = r["answer"].strip()
-        answer = answer.capitalize() if not options else answer.upper()
+        kind = "mcq" if options else "yes_no" if answer.lower() in ("yes", "no") else "open"
+        answer = answer.upper() if kind == "mcq" else answer.capitalize() if kind == "yes_no" else answer
         meta = {k: r[k] for k in df.columns if k not in ("image", "question", "answer", *letters)}
-        items.append(dict(index=str(r["index"]), image=image, question=r["question"], options=options,
-                          answer=answer, meta=meta))
+        items.append(dict(index=str(r["index"]), image=images[0] if len(images) == 1 else images,
+                          question=r["question"], options=options, answer=answer, kind=kind, meta=meta))
         if max_items and len(items) >= max_items:
             break
     if skipped:
@@ -122,9 +164,89 @@ def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
     return items, skipped
 
 
+# The five benchmarks without an official script are prompted and scored as VLMEvalKit does for
+# Qwen2-VL models (vlmeval/vlm/qwen2_vl/prompt.py, vlmeval/utils/matching_util.py), with no judge model.
+VLMEVALKIT_BENCHMARKS = ("mmmu", "mmstar", "realworldqa", "blink", "ai2d")
+MCQ_EN, MCQ_CN = "Please select the correct answer from the options above.", "请直接回答选项字母。"
+
+
+def vlmevalkit_prompt(question: str, options: list[str], hint: str = "") -> str:
+    """Qwen2VLPromptMixin's MCQ / MMMU text (the images come first in the message; MMMU's "<image k>"
+    stay in the text, all images in the row's order): Hint, Question, Options, the instruction."""
+    prompt = (f"Hint: {hint}\n" if hint else "") + f"Question: {question}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{k}. {o}\n" for k, o in zip(common.OPTION_LETTERS, options))
+        prompt += MCQ_CN if re.search("[\u4e00-\u9fff]", prompt) else MCQ_EN
+    return prompt.rstrip()
+
+
+def can_infer_option(answer: str, choices: dict) -> str | None:
+    """VLMEvalKit: the one option letter among the answer's tokens (punctuation split off), and only
+    if it is one of the last five tokens; 'Z' for a refusal."""
+    refusals = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                "I'm sorry, but without the image provided", "Cannot determine the answer")
+    if any(x in answer for x in refusals):
+        return "Z"
+    mod = answer
+    for c in ".()[],:;!*#{}":
+        mod = mod.replace(c, " ")
+    splits = [x.strip() for x in mod.split()]
+    found = [c for c in choices if c in splits]
+    if len(found) == 1 and splits.index(found[0]) > len(splits) - 5:
+        return found[0]
+    if not found and "Z" in splits:
+        return "Z"
+    return None
+
+
+def can_infer_text(answer: str, choices: dict) -> str | None:
+    """VLMEvalKit: the one option whose text occurs in the (not too long) answer, case-insensitive."""
+    low = answer.lower()
+    if len(low) > 2 * sum(len(str(v)) for v in choices.values()):
+        return None
+    found = [k for k, v in choices.items() if str(v).lower() in low]
+    return found[0] if len(found) == 1 else None
+
+
+def vlmevalkit_choices(item: dict) -> tuple[dict, str]:
+    """(choices, ground-truth letter). MMMU's open questions as VLMEvalKit's MMMU_preproc makes them
+    multiple-choice for matching: A = the reference answer, B = 'Other Answers', truth A."""
+    if item.get("kind") == "open":
+        return {"A": item["answer"], "B": "Other Answers"}, "A"
+    return dict(zip(common.OPTION_LETTERS, item["options"])), item["answer"]
+
+
+def vlmevalkit_extract(text: str, item: dict) -> str | None:
+    choices, _ = vlmevalkit_choices(item)
+    return can_infer_option(text, choices) or can_infer_text(text, choices)
+
+
 def style_of(name: str) -> str:
-    """Which official script's prompt layout and extraction a benchmark gets."""
-    return "vstar" if name.startswith("vstar") else "hrbench"
+    """Which prompt layout and extraction a benchmark gets: an official script's (V*, HR-Bench's for
+    the others) or VLMEvalKit's for the five the authors released no script for."""
+    if name.startswith("vstar"):
+        return "vstar"
+    return "vlmevalkit" if name.startswith(VLMEVALKIT_BENCHMARKS) else "hrbench"
+
+
+def item_prompt(it: dict, style: str) -> str:
+    if style == "vlmevalkit":
+        return vlmevalkit_prompt(it["question"], it["options"], it["meta"].get("hint", ""))
+    return common.defender_prompt(it["question"], it["options"], style)
+
+
+def judge(text: str, it: dict, style: str) -> tuple[str | None, bool]:
+    """(extracted answer, correct) for one answer: VLMEvalKit's matching for its benchmarks and for open
+    questions anywhere, the official scripts' extraction otherwise."""
+    kind = it.get("kind") or ("mcq" if it["options"] else "yes_no")   # our scenes carry no kind
+    if style == "vlmevalkit" and kind == "yes_no":
+        pred = common.extract_yes_no(text)
+        return pred, pred == it["answer"]
+    if style == "vlmevalkit" or kind == "open":
+        pred = vlmevalkit_extract(text, it)
+        return pred, pred == vlmevalkit_choices(it)[1]
+    pred = common.extract_answer(text, it["options"], style)
+    return pred, pred == it["answer"]
 
 
 def acc(xs) -> float:
@@ -196,6 +318,8 @@ def score(name: str, preds) -> dict:
     if name.startswith("hallusion"):
         return score_hallusion(preds)
     out = dict(overall=acc(p["correct"] for p in preds), per_category=score_by(preds, "category"))
+    if any("l2-category" in p["meta"] for p in preds):   # VLMEvalKit's report_acc (MMStar, ...)
+        out["per_l2_category"] = score_by(preds, "l2-category")
     if name.startswith("hrbench") and any("cycle_category" in p["meta"] for p in preds):
         per = score_by(preds, "cycle_category")   # VLMEvalKit's headline: the mean over cycles
         out["vlmevalkit_cycle_avg"] = sum(per.values()) / len(per)
@@ -222,12 +346,13 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
     for t in range(args.trials):
         temp = args.trial_temperature if t > 0 else 0.0
         outs = common.defender_generate(model, processor, [it["image"] for it in alive],
-                                        [common.defender_prompt(it["question"], it["options"], style) for it in alive],
-                                        args.max_new_tokens, temperature=temp, batch_size=args.batch_size,
-                                        memory_gb=args.gen_memory_gb, desc=f"[05] {pred_path.stem} trial {t + 1}/{args.trials}")
+                                        [item_prompt(it, style) for it in alive], args.max_new_tokens,
+                                        temperature=temp, batch_size=args.batch_size, memory_gb=args.gen_memory_gb,
+                                        layout="images_first" if style == "vlmevalkit" else "text_first",
+                                        desc=f"[05] {pred_path.stem} trial {t + 1}/{args.trials}")
         for it, text in zip(alive, outs):
-            pred = common.extract_answer(text, it["options"], style)
-            trials[it["index"]].append(dict(output=text, pred=pred, correct=pred == it["answer"]))
+            pred, correct = judge(text, it, style)
+            trials[it["index"]].append(dict(output=text, pred=pred, correct=correct))
         alive = [it for it in alive if trials[it["index"]][-1]["correct"]]
     new = [dict(index=it["index"], trials=trials[it["index"]], pred=trials[it["index"]][-1]["pred"],
                 answer=it["answer"], meta=it["meta"], correct=all(x["correct"] for x in trials[it["index"]]))

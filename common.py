@@ -344,29 +344,41 @@ def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # 2b. The defender's model interface (used by stages 01, 03, 04, 05)
 # ---------------------------------------------------------------------------------------------
-def defender_inputs(processor, images: list[Image.Image], prompts: list[str], device,
-                    assistant_prefix: str = ""):
-    """Left-padded chat inputs, one user turn each: the text, then the image (the official layout)."""
-    texts = []
-    for p in prompts:
-        msgs = [{"role": "user", "content": [{"type": "text", "text": p}, {"type": "image"}]}]
+def as_images(image) -> list[Image.Image]:
+    """An item's images: one PIL image, or a list of them (multi-image benchmark rows)."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def defender_inputs(processor, images: list, prompts: list[str], device, assistant_prefix: str = "",
+                    layout: str = "text_first"):
+    """Left-padded chat inputs, one user turn each. ``images[i]`` is one PIL image or a list of them.
+    layout 'text_first': the text, then the image(s) (the authors' eval layout); 'images_first': every
+    image in order, then the text (VLMEvalKit's Qwen2-VL prompts, multi-image rows included)."""
+    texts, flat = [], []
+    for im, p in zip(images, prompts):
+        ims = as_images(im)
+        content = [{"type": "image"} for _ in ims]
+        content = ([{"type": "text", "text": p}] + content) if layout == "text_first" else (content + [
+            {"type": "text", "text": p}])
+        msgs = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
                      + assistant_prefix)
-    inputs = processor(text=texts, images=[im.convert("RGB") for im in images], padding=True,
-                       return_tensors="pt")
+        flat += [x.convert("RGB") for x in ims]
+    inputs = processor(text=texts, images=flat, padding=True, return_tensors="pt")
     return inputs.to(device)
 
 
-@torch.no_grad()
-def prompt_length(processor, image: Image.Image, text: str) -> tuple[int, int]:
-    """(tokens, vision patches) of one chat prompt from the image size and the processor's pixel
-    limits (smart_resize), without running the processor: ~32 template tokens + text + image."""
+def prompt_length(processor, image, text: str) -> tuple[int, int]:
+    """(tokens, vision patches) of one chat prompt from the image sizes and the processor's pixel
+    limits (smart_resize), without running the processor: ~32 template tokens + text + images."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
     ip = processor.image_processor
     f = ip.patch_size * ip.merge_size
-    h, w = smart_resize(image.height, image.width, factor=f, min_pixels=ip.size["shortest_edge"],
-                        max_pixels=ip.size["longest_edge"])
-    n_img = (h // f) * (w // f)
+    n_img = 0
+    for im in as_images(image):
+        h, w = smart_resize(im.height, im.width, factor=f, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+        n_img += (h // f) * (w // f)
     return 32 + len(processor.tokenizer(text)["input_ids"]) + n_img, n_img * ip.merge_size**2
 
 
@@ -393,14 +405,16 @@ def memory_batches(model, processor, images, prompts, max_new_tokens: int, memor
 
 
 def defender_generate(model, processor, images, prompts, max_new_tokens=64, temperature=0.0,
-                      top_p=1.0, batch_size=16, desc: str | None = None, memory_gb: float = 0.0) -> list[str]:
+                      top_p=1.0, batch_size=16, desc: str | None = None, memory_gb: float = 0.0,
+                      layout: str = "text_first") -> list[str]:
     """Batched answers (greedy when temperature == 0); a progress bar when ``desc`` is given.
-    memory_gb > 0: as many prompts per call (up to batch_size) as that memory holds (memory_batches)."""
+    memory_gb > 0: as many prompts per call (up to batch_size) as that memory holds (memory_batches).
+    ``images[i]``: a PIL image or a list of them; ``layout``: see defender_inputs."""
     out = []
     batches = memory_batches(model, processor, images, prompts, max_new_tokens, memory_gb, batch_size) \
         if memory_gb > 0 else [slice(i, i + batch_size) for i in range(0, len(prompts), batch_size)]
     for b in progress(batches, desc=desc or "", disable=desc is None):
-        inputs = defender_inputs(processor, images[b], prompts[b], model.device)
+        inputs = defender_inputs(processor, images[b], prompts[b], model.device, layout=layout)
         kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
                   pad_token_id=processor.tokenizer.pad_token_id)
         if temperature > 0:
