@@ -59,6 +59,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
+import rundir
 import seeds
 
 PRESETS = {
@@ -472,8 +473,8 @@ def main(args: Args):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
-            save_rows(rows, "seed", common.tmp_dir_for(data / "seed"))
-            common.commit_dir(common.tmp_dir_for(data / "seed"), data / "seed")
+            save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))
+            rundir.commit_dir(rundir.tmp_dir_for(data / "seed"), data / "seed")
     elif args.seed_data.startswith("coco:"):
         rows, skipped, rejected = seeds.read_coco(args.seed_data, args)
         common.print0(f"[01] COCO: {len(rows)} questions; candidates rejected: {rejected or 'none'}")
@@ -514,7 +515,7 @@ def main(args: Args):
             save_rows(scenes, "scenes", tmp / "scenes")
             save_rows(sft, "aot_sft", tmp / "aot_sft")
             (tmp / "counts.json").write_text(json.dumps(counts))
-            common.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
+            rundir.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
             print(f"[01] rank {ddp.rank} chunk {c + 1}/{n_chunks}: {counts['scenes']} scenes, "
                   f"{counts['effective']} effective ({len(sft) / max(1, time.time() - tc):.2f} rows/s)", flush=True)
     common.barrier()
@@ -533,15 +534,15 @@ def main(args: Args):
             assert len(set(ds["id"])) == len(ds), f"duplicate ids in {kind}"
             if len(ds) == 0:
                 raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
-            ds.save_to_disk(str(common.tmp_dir_for(data / kind)))
+            ds.save_to_disk(str(rundir.tmp_dir_for(data / kind)))
         funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
                   "seed_candidates_rejected": rejected, "args": {k: v for k, v in vars(args).items()}}
         (data / "funnel.json").write_text(json.dumps(funnel, indent=2))
-        sft = load_from_disk(str(common.tmp_dir_for(data / "aot_sft")))
-        common.save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
+        sft = load_from_disk(str(rundir.tmp_dir_for(data / "aot_sft")))
+        rundir.save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
                      data / "gallery_01.png")
         for kind in ("scenes", "aot_sft"):
-            common.commit_dir(common.tmp_dir_for(data / kind), data / kind)
+            rundir.commit_dir(rundir.tmp_dir_for(data / kind), data / kind)
         shutil.rmtree(work, ignore_errors=True)
         print("[01] funnel: " + " -> ".join(f"{k} {total[k]}" for k in
               ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
@@ -552,4 +553,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, PRESETS))
+    main(rundir.parse_args(Args, PRESETS))

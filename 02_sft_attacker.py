@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
                         grad_accum=2, save_every=5)}
@@ -127,9 +128,9 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100 + ddp.rank)
     ckpt_dir = run / "attacker" / ".ckpt_sft"
-    logger = common.JsonlLogger(run / "logs" / "02_sft.jsonl", ddp.master, args.report_to, vars(args))
+    logger = rundir.JsonlLogger(run / "logs" / "02_sft.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
-    resumed = common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)
+    resumed = rundir.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)
     if resumed:
         start, extra = resumed
         gen.set_state(extra["gen"])
@@ -158,14 +159,14 @@ def main(args: Args):
         common.print0(f"[02] step {step + 1}/{steps} loss {loss_all:.4f} grad {gnorm:.3f} {row['step_s']:.2f}s "
                       f"mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            common.save_checkpoint(ckpt_dir, step + 1, pipe.transformer, opt,
+            rundir.save_checkpoint(ckpt_dir, step + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
 
     if ddp.master:
-        tmp = common.tmp_dir_for(out)
+        tmp = rundir.tmp_dir_for(out)
         common.save_attacker_lora(pipe, tmp)
-        common.save_args(args, tmp)
-        common.commit_dir(tmp, out)
+        rundir.save_args(args, tmp)
+        rundir.commit_dir(tmp, out)
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"[02] wrote {out} in {time.time() - t0:.0f}s")
@@ -174,4 +175,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, PRESETS))
+    main(rundir.parse_args(Args, PRESETS))

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 import common
+import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
@@ -302,11 +303,11 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     train = allrows.filter(lambda s, a: s == "train" and a >= args.tau, input_columns=["split", "ssim_local"])
     test = allrows.filter(lambda s: s == "test", input_columns="split")
     n_gate = sum(1 for s, a in zip(allrows["split"], allrows["ssim_local"]) if s == "train" and a < args.tau)
-    tmp = common.tmp_dir_for(out)
+    tmp = rundir.tmp_dir_for(out)
     DatasetDict(train=train, test=test).save_to_disk(str(tmp))
     g = [(r["image"], r["attacked_image"]) for r in allrows.select(range(min(4, len(allrows))))]
-    common.save_gallery(g, tmp / "gallery.png")
-    common.commit_dir(tmp, out)
+    rundir.save_gallery(g, tmp / "gallery.png")
+    rundir.commit_dir(tmp, out)
     shutil.rmtree(shard_dir, ignore_errors=True)
     wf = sum(test["defender_wrong_fraction"]) / max(1, len(test))
     print(f"[03] curriculum {out}: {len(train)} train attacks ({n_gate} failed the SSIM gate, dropped), "
@@ -361,11 +362,11 @@ def main(args: Args):
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100 + ddp.rank)
     ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
-    logger = common.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
+    logger = rundir.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
     if done:
         start = args.train_iters
-    elif resumed := common.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank):
+    elif resumed := rundir.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
@@ -414,15 +415,15 @@ def main(args: Args):
                       f"kl {row['approx_kl']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
                       f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
-            common.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
+            rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
 
     if not done:
-        tmp = common.tmp_dir_for(out_lora)
+        tmp = rundir.tmp_dir_for(out_lora)
         common.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
         if ddp.master:
-            common.save_args(args, tmp)
-            common.commit_dir(tmp, out_lora)
+            rundir.save_args(args, tmp)
+            rundir.commit_dir(tmp, out_lora)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             print(f"[03] wrote {out_lora}")
     common.barrier()
@@ -439,4 +440,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, PRESETS))
+    main(rundir.parse_args(Args, PRESETS))

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 import common
+import rundir
 
 PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
@@ -520,14 +521,14 @@ def save_final(model, out: Path, ddp, args, init: str):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ddp.master:
-        tmp = common.tmp_dir_for(out)
+        tmp = rundir.tmp_dir_for(out)
         if args.lora_rank > 0:
             model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         common.load_processor(init).save_pretrained(tmp)
-        common.save_args(args, tmp)
-        common.commit_dir(tmp, out)
+        rundir.save_args(args, tmp)
+        rundir.commit_dir(tmp, out)
     common.barrier()
 
 
@@ -555,9 +556,9 @@ def main(args: Args):
     per_rank = max(1, args.rollout_batch // ddp.world)
     steps = step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
-    logger = common.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
+    logger = rundir.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
-    resumed = common.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, data position, RNG
+    resumed = rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, data position, RNG
     if resumed:
         start, extra = resumed
         stream.epoch, stream.pos = extra["stream"]
@@ -589,7 +590,7 @@ def main(args: Args):
                       f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
                       f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            common.save_checkpoint(ckpt_dir, step + 1, model, opt,
+            rundir.save_checkpoint(ckpt_dir, step + 1, model, opt,
                                    dict(stream=[stream.epoch, stream.pos], rng=torch.get_rng_state()), ddp.rank)
     save_final(model, out, ddp, args, init)
     logger.close()
@@ -601,4 +602,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, PRESETS))
+    main(rundir.parse_args(Args, PRESETS))

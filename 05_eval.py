@@ -55,6 +55,7 @@ from pathlib import Path
 from PIL import Image
 
 import common
+import rundir
 
 PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False)}
 
@@ -542,4 +543,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, PRESETS))
+    main(rundir.parse_args(Args, PRESETS))

@@ -9,16 +9,14 @@
 4. Prompts (the authors' eval wording, the attacker's adversarial instruction).
 5. Rewards: answer extraction and the DAPO reward as the authors' scripts compute them, DAPO's
    soft overlong penalty, local SSIM and the attacker reward.
-6. Small I/O helpers: checkpoints (torch.distributed.checkpoint), JSONL logs, atomic directory writes.
+6. A progress bar. The run directory's I/O (checkpoints, logs, atomic outputs, arguments) is rundir.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -756,127 +754,8 @@ def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. I/O: checkpoints, logs, atomic outputs
+# 6. Progress bars (the run directory's I/O is in rundir.py)
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict, rank: int = 0):
-    """One step-numbered checkpoint, written by every rank (torch.distributed.checkpoint):
-    the trainable weights and the optimizer, each rank its own shard under FSDP2 (replicated LoRA
-    weights are written once), plus this rank's ``extra`` (RNG and data positions: tensors in a
-    safetensors file, the rest as JSON in its metadata). ``latest.json`` names it once complete;
-    the previous checkpoint is then deleted. Resume needs the same world size."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    ckpt_dir = Path(ckpt_dir)
-    name = f"step_{step:06d}"
-    opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / name), no_dist=not dist.is_initialized())
-    tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
-    rest = {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}
-    save_file(tensors, str(ckpt_dir / name / f"rank_{rank}.safetensors"), metadata={"json": json.dumps(rest)})
-    barrier()
-    if rank == 0:
-        previous = json.loads((ckpt_dir / "latest.json").read_text())["name"] if (ckpt_dir / "latest.json").exists() else None
-        (ckpt_dir / "latest.json.tmp").write_text(json.dumps({"name": name, "step": step}))
-        (ckpt_dir / "latest.json.tmp").replace(ckpt_dir / "latest.json")
-        if previous and previous != name:
-            shutil.rmtree(ckpt_dir / previous, ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tuple[int, dict] | None:
-    """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (in place, re-sharded
-    by DCP); returns (step, this rank's extra), or None when there is no checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "latest.json").exists():
-        return None
-    latest = json.loads((ckpt_dir / "latest.json").read_text())
-    path = ckpt_dir / latest["name"]
-    opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    state = {"model": model_sd, "optim": optim_sd}
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    missing = [k for k in model_sd if f"model.{k}" not in saved]
-    if missing:
-        raise SystemExit(f"{path} lacks trained weights {missing[:3]}: not a checkpoint of this model / these flags")
-    # partial: AdamW keeps no state for weights that never got a gradient (e.g. the last MMDiT block's
-    # text stream), while get_state_dict above made one for every weight
-    dcp.load(state, checkpoint_id=str(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-             no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights: not saved
-    for fqn, p in model.named_parameters():  # no state saved -> none restored (AdamW's step count starts at 0)
-        if p in optimizer.state and f"optim.state.{fqn}.step" not in saved:
-            del optimizer.state[p]
-    rank_file = path / f"rank_{rank}.safetensors"
-    if not rank_file.exists():
-        raise SystemExit(f"{rank_file} is missing: resume with the world size that wrote {path}")
-    with safe_open(str(rank_file), "pt") as f:
-        extra = json.loads(f.metadata()["json"])
-        extra.update({k: f.get_tensor(k) for k in f.keys()})
-    return latest["step"], extra
-
-
-REPORT_TO = ("none", "tensorboard", "wandb")
-
-
-class JsonlLogger:
-    """One JSON object per step under runs/<name>/logs/<stage>.jsonl (rank 0 only): the source of truth.
-    With report_to 'tensorboard' (event files under logs/tb/<stage>) or 'wandb' (offline unless
-    WANDB_MODE says otherwise) the same scalars, and images, go to that tracker too; each is imported
-    only when asked for, as transformers' and TRL's --report_to."""
-
-    def __init__(self, path: str | Path, enabled: bool = True, report_to: str = "none", config=None):
-        self.path, self.enabled, self.tb, self.wandb = Path(path), enabled, None, None
-        if report_to not in REPORT_TO:
-            raise SystemExit(f"--report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if report_to == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(log_dir=str(self.path.parent / "tb" / self.path.stem))
-            elif report_to == "wandb":
-                import wandb
-                os.environ.setdefault("WANDB_MODE", "offline")
-                self.wandb = wandb.init(project="aot", name=f"{self.path.parent.parent.name}/{self.path.stem}",
-                                        dir=str(self.path.parent), config=config, reinit=True)
-        except ImportError as e:
-            raise SystemExit(f"--report_to {report_to} needs `pip install {report_to}` ({e})") from e
-
-    def log(self, row: dict):
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        step = row.get("step", row.get("iter", 0))
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "iter")}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{self.path.stem}/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"{self.path.stem}/{k}": v for k, v in scalars.items()}, step=step)
-
-    def image(self, tag: str, image: Image.Image, step: int = 0):
-        """A gallery (PIL) to the tracker; the PNG on disk is what the stages write regardless."""
-        if self.tb is not None:
-            self.tb.add_image(f"{self.path.stem}/{tag}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
-        if self.wandb is not None:
-            import wandb
-            self.wandb.log({f"{self.path.stem}/{tag}": wandb.Image(image)}, step=step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def progress(iterable=None, total: int | None = None, desc: str = "", **kw):
     """A tqdm bar with rate and ETA on rank 0, on a terminal only (not in CI logs or pipes)."""
     import sys
@@ -885,55 +764,3 @@ def progress(iterable=None, total: int | None = None, desc: str = "", **kw):
     off = kw.pop("disable", False) or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty() \
         or bool(os.environ.get("CI"))
     return tqdm(iterable, total=total, desc=desc, disable=off, dynamic_ncols=True, **kw)
-
-
-def save_gallery(pairs, path: str | Path, cell: int = 192):
-    """A PNG with one row per (before, after) pair: before | after | difference map (01, 03)."""
-    if not pairs:
-        return
-    sheet = Image.new("RGB", (3 * cell, cell * len(pairs)), "white")
-    for r, (a, b) in enumerate(pairs):
-        d = np.abs(np.asarray(a.convert("RGB"), dtype=np.float32)
-                   - np.asarray(b.convert("RGB").resize(a.size), dtype=np.float32)).mean(-1)
-        d = (255 * d / max(d.max(), 1e-6)).astype(np.uint8)
-        for c, im in enumerate([a, b, Image.fromarray(np.stack([d, d // 3, 255 - d], -1))]):
-            sheet.paste(im.convert("RGB").resize((cell, cell)), (c * cell, r * cell))
-    sheet.save(path)
-
-
-def tmp_dir_for(final: str | Path) -> Path:
-    """The temporary sibling a stage writes into before renaming it to ``final``."""
-    final = Path(final)
-    return final.parent / f".tmp_{final.name}"
-
-
-def commit_dir(tmp: str | Path, final: str | Path):
-    """Atomically move a finished output into place (replacing an older one)."""
-    tmp, final = Path(tmp), Path(final)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def save_args(args, out_dir: str | Path):
-    from dataclasses import asdict
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
-
-
-def parse_args(args_cls, presets: dict, argv=None):
-    """HfArgumentParser over a dataclass; ``--preset NAME`` applies overrides, explicit flags win."""
-    import sys
-
-    from transformers import HfArgumentParser
-    argv = list(sys.argv[1:] if argv is None else argv)
-    (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(args=argv)
-    preset = getattr(args, "preset", None)
-    if preset:
-        if preset not in presets:
-            raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-        for k, v in presets[preset].items():
-            if k not in given:
-                setattr(args, k, v)
-    return args

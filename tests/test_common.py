@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import rundir
 import tiny_world
 
 
@@ -159,15 +160,15 @@ def test_checkpoint_roundtrip_trainable_only_and_previous_removed(tmp_path):
         m[1](m[0](torch.randn(5, 4))).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    assert common.load_checkpoint(tmp_path, m, opt) is None
+    assert rundir.load_checkpoint(tmp_path, m, opt) is None
     gen = torch.Generator().manual_seed(3)
-    common.save_checkpoint(tmp_path, 2, m, opt, {"gen": gen.get_state(), "pos": [1, 2]})
-    common.save_checkpoint(tmp_path, 3, m, opt, {"gen": gen.get_state(), "pos": [5, 6]})
+    rundir.save_checkpoint(tmp_path, 2, m, opt, {"gen": gen.get_state(), "pos": [1, 2]})
+    rundir.save_checkpoint(tmp_path, 3, m, opt, {"gen": gen.get_state(), "pos": [5, 6]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_000003"]
     torch.manual_seed(1)
     m2, opt2 = build()
     frozen = m2[0].weight.detach().clone()
-    step, extra = common.load_checkpoint(tmp_path, m2, opt2)
+    step, extra = rundir.load_checkpoint(tmp_path, m2, opt2)
     assert step == 3 and extra["pos"] == [5, 6] and torch.equal(extra["gen"], gen.get_state())
     assert torch.equal(m2[1].weight, m[1].weight) and torch.equal(m2[1].bias, m[1].bias)
     assert torch.equal(m2[0].weight, frozen)                     # not in the checkpoint: left as built
@@ -295,7 +296,7 @@ def test_progress_bar_on_a_terminal_only(monkeypatch):
 
 def test_jsonl_logger_tensorboard_scalars_and_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    log = common.JsonlLogger(tmp_path / "logs" / "03_round_1.jsonl", True, "tensorboard")
+    log = rundir.JsonlLogger(tmp_path / "logs" / "03_round_1.jsonl", True, "tensorboard")
     for i in (1, 2):
         log.log({"iter": i, "reward_mean": 0.5 * i, "note": "text is not a scalar"})
     log.image("gallery", Image.new("RGB", (24, 8), (200, 10, 10)), 2)
@@ -307,4 +308,4 @@ def test_jsonl_logger_tensorboard_scalars_and_images(tmp_path):
     assert [(e.step, e.value) for e in ev.Scalars("03_round_1/reward_mean")] == [(1, 0.5), (2, 1.0)]
     assert (ev.Images("03_round_1/gallery")[0].width, ev.Images("03_round_1/gallery")[0].height) == (24, 8)
     with pytest.raises(SystemExit, match="--report_to"):
-        common.JsonlLogger(tmp_path / "x.jsonl", True, "mlflow")
+        rundir.JsonlLogger(tmp_path / "x.jsonl", True, "mlflow")
