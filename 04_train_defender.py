@@ -175,7 +175,6 @@ class PromptStream:
 # ---------------------------------------------------------------------------------------------
 # Rollout: sampling a group of answers per prompt
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 class SampledLogprobs:
     """A logits processor that keeps, per decoding step, only the log-prob of the token the sampler
     picks under logits / T (B floats), instead of the (B, T, vocab) logits output_logits would keep
@@ -198,6 +197,7 @@ class SampledLogprobs:
         return torch.stack(self.logps, 1) if self.logps else completions.new_zeros(completions.shape, dtype=torch.float)
 
 
+@torch.no_grad()
 def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
     """One sample per (prompt, answer): unpadded prompt ids / image tensors, completion ids up to
     and including EOS, the sampler's log-probs, the decoded text."""
