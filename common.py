@@ -396,16 +396,17 @@ def memory_batches(model, processor, images, prompts, max_new_tokens: int, memor
     budget, out, start, worst = memory_gb * 1e9, [], 0, 0.0
     for i, (im, p) in enumerate(zip(images, prompts)):
         n, patches = prompt_length(processor, im, p)
-        need = max(worst, kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n
-                   + 12 * vc.intermediate_size * patches)
+        one = kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
+        need = max(worst, one)
         full = (i - start + 1) * repeat * need > budget or (max_batch and i - start >= max_batch)
         if full and i > start:
             out.append(slice(start, i))
-            start, need = i, kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
+            start, need = i, one
         worst = need
     return out + ([slice(start, len(prompts))] if start < len(prompts) else [])
 
 
+@torch.no_grad()
 def defender_generate(model, processor, images, prompts, max_new_tokens=64, temperature=0.0,
                       top_p=1.0, batch_size=16, desc: str | None = None, memory_gb: float = 0.0,
                       layout: str = "text_first") -> list[str]:
