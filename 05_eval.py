@@ -57,7 +57,8 @@ from PIL import Image
 import common
 import rundir
 
-PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False)}
+PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False),
+           "tiny_world": dict(model="{run_dir}/models/defender", max_new_tokens=8, trials=1, paper_table=False)}
 
 PAPER = {  # authors' table, Qwen2.5-VL-7B base -> clean-data DAPO (ablation) -> Defender Iter. 1..3
     "base": dict(vstar=71.0, hrbench4k=64.1, hrbench8k=64.9, hallusionbench=67.5, pope=77.1, mmmu=20.7, mmstar=60.3,
@@ -396,8 +397,11 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
                     answer=r["answer"], meta={}) for r in test]
         preds = answer_items(model, processor, att, args, pdir / f"attacks_{d.name}.jsonl", ddp)
         flipped = [not p["correct"] for p in preds if clean_ok.get(p["index"])]
+        saved = run / "attacker" / d.name / "args.json"   # the gate the attacker was trained with
+        tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
         out[f"attacker_{d.name}"] = dict(acc=acc(p["correct"] for p in preds), attack_success=acc(flipped),
-                                         n=len(preds))
+                                         n=len(preds), ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
+                                         ssim_pass=acc(s >= tau for s in test["ssim_local"]), tau=tau)
     return out
 
 
@@ -444,6 +448,11 @@ def write_summary(eval_dir: Path, paper_table: bool):
             lines.append(f"| *paper: {PAPER_ROW.get(row_label(r), row_label(r))}* | " +
                          " | ".join("" if math.isnan(v) else f"*{v:.1f}*" for v in pv) +
                          f" | *{sum(known) / len(known):.1f}* |" + " |" * (1 + len(attackers)))
+    for a in attackers:   # the held-out attacks themselves (the same rows for every defender)
+        x = next((r["robustness"][a] for r in rounds if "ssim_pass" in r["robustness"].get(a, {})), None)
+        if x:
+            lines.append(f"\n{a.replace('attacker_round_', 'Attacker ')}: {x['n']} held-out attacks, local SSIM on the "
+                         f"targets {x['ssim_local']:.3f} on average, {x['ssim_pass']:.1f}% pass the gate (>= {x['tau']}).")
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)

@@ -144,6 +144,12 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     r0 = json.loads((tmp_path / "loop" / "eval" / "round_0.json").read_text())
     n_test = len(load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"])
     assert r0["robustness"]["attacker_round_1"]["n"] == n_test
+    # the held-out attacks' local SSIM and the share passing attacker 1's own gate (the tiny preset's tau 0.3)
+    ssim = load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"]["ssim_local"]
+    x = r0["robustness"]["attacker_round_1"]
+    assert x["tau"] == 0.3 and abs(x["ssim_pass"] - 100 * sum(s >= 0.3 for s in ssim) / len(ssim)) < 1e-9
+    assert abs(x["ssim_local"] - sum(ssim) / len(ssim)) < 1e-6
+    assert f"Attacker 1: {n_test} held-out attacks" in summary
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
               "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png", "eval/curves.png"]:
         assert (tmp_path / "loop" / d).exists(), d
