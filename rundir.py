@@ -188,6 +188,6 @@ def parse_args(args_cls, presets: dict, argv=None):
             raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
         for k, v in presets[preset].items():
-            if k not in given:
-                setattr(args, k, v)
+            if k not in given:   # a preset may name paths inside the run directory: "{run_dir}/models/..."
+                setattr(args, k, v.format(run_dir=args.run_dir) if isinstance(v, str) else v)
     return args
