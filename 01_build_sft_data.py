@@ -27,7 +27,8 @@ Mechanism (shared/PAPER_NOTES.md, "Stage 01"):
      composition, duplication (one question per target category), realism;
   2. distractor proposal (MLLM JSON or random), validated: inside the image, no overlap with a
      target box (IoU and cover), not a target category or synonym, not named in the question;
-  3. implantation: masked edit inside the distractor box with the object text;
+  3. implantation: masked edit inside the distractor box, the instruction naming the object and the
+     ninth of the image it goes in ("Add a clock at the top left of the image.");
   4. effectiveness: the target MLLM answers before and after; kept only if right before
      (--require_correct_before) and wrong after.
 
@@ -61,11 +62,20 @@ from PIL import Image, ImageDraw, ImageFilter
 import common
 import rundir
 import seeds
+import tiny_world
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
                  resolution=64, cond_resolution=0, outpaint_steps=4, inpaint_steps=4, chunk_size=8, proposer="random",
                  require_correct_before=False, max_duplication=0.6, max_new_tokens=8),
+    # tiny_world.py's trained models and scenes (run_rounds.sh builds them first). Its judge is trained on
+    # the world's questions only: the three checks run and are counted but cannot fail (thresholds 0 / 1).
+    "tiny_world": dict(judge="{run_dir}/models/defender", target="{run_dir}/models/defender",
+                       editor="{run_dir}/models/editor", seed_data="tiny_world",
+                       num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
+                       chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.15, max_box_frac=0.2,
+                       distractors="red triangle,blue triangle,orange triangle,purple triangle",
+                       min_composition=0.0, max_duplication=1.0, min_realism=0.0, max_new_tokens=8),
 }
 
 
@@ -73,14 +83,15 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', a seed JSONL path, or "
-                                                                   "coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances)"})
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (tiny_world.py's scenes), "
+                                                                   "a seed JSONL path, or coco:ANNOTATIONS.json:IMAGE_DIR "
+                                                                   "(COCO-format instances)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
     coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap between two boxes along the asked "
                                                                 "axis, as a share of the image side"})
     coco_per_image: int = field(default=4, metadata={"help": "COCO: max questions per image"})
     num_seed_rows: int = field(default=0, metadata={"help": "COCO: max seed rows in all (0 = no cap)"})
-    num_synthetic: int = field(default=2000, metadata={"help": "synthetic seed items"})
+    num_synthetic: int = field(default=2000, metadata={"help": "synthetic / tiny_world seed items"})
     synthetic_size: int = field(default=512, metadata={"help": "synthetic image side (pixels)"})
     test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
     judge: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM for checks and proposals"})
@@ -104,6 +115,8 @@ class Args:
     max_cover: float = field(default=0.0, metadata={"help": "max share of a target box it may cover"})
     min_box_frac: float = field(default=0.12, metadata={"help": "random proposer: min box side / image"})
     max_box_frac: float = field(default=0.3, metadata={"help": "random proposer: max box side / image"})
+    distractors: str = field(default="", metadata={"help": "random proposer: comma-separated object names "
+                                                            "(default: everyday objects, DISTRACTOR_CATEGORIES)"})
     require_correct_before: bool = field(default=True, metadata={"help": "keep only if right before"})
     max_new_tokens: int = field(default=128, metadata={"help": "target/proposer answer length"})
     chunk_size: int = field(default=64, metadata={"help": "rows per resumable chunk"})
@@ -253,7 +266,8 @@ def random_proposals(size, n, rng: random.Random, args) -> list[dict]:
     for _ in range(n):
         side = rng.uniform(args.min_box_frac, args.max_box_frac) * min(w, h)
         x1, y1 = rng.uniform(0, w - side), rng.uniform(0, h - side)
-        out.append({"object": rng.choice(DISTRACTOR_CATEGORIES), "bbox": [x1, y1, x1 + side, y1 + side]})
+        names = [n.strip() for n in args.distractors.split(",") if n.strip()] or DISTRACTOR_CATEGORIES
+        out.append({"object": rng.choice(names), "bbox": [x1, y1, x1 + side, y1 + side]})
     return out
 
 
@@ -403,7 +417,8 @@ def process_chunk(rows, chunk_idx, models, args):
                 ImageDraw.Draw(mk).rectangle([int(v) for v in p["bbox"]], fill=255)
                 masks.append(mk)
             outs = masked_edit(editor, [s["image"] for s, _ in group],
-                               [f"Add a {p['object']} in this place." for _, p in group], masks,
+                               [common.implant_instruction(p["object"], p["bbox"], *s["image"].size) for s, p in group],
+                               masks,
                                args.inpaint_steps, args.cfg, gen, args.resolution,
                                args.cond_resolution)
             implanted += [(s, p, o) for (s, p), o in zip(group, outs)]
@@ -469,8 +484,9 @@ def main(args: Args):
     t0 = time.time()
 
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
-    if args.seed_data == "synthetic":
-        rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
+    if args.seed_data in ("synthetic", "tiny_world"):
+        rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
+                else tiny_world.world_seed_item(i, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
             save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))

@@ -610,6 +610,19 @@ def attack_instruction(question: str) -> str:
     return ATTACK_INSTRUCTION.format(question=question)
 
 
+def implant_instruction(obj: str, bbox, width: int, height: int) -> str:
+    """Stage 01's implantation instruction (and the tiny world editor's training wording)."""
+    return f"Add a {obj} at the {place_name(bbox, width, height)} of the image."
+
+
+def place_name(bbox, width: int, height: int) -> str:
+    """The ninth of the image a box's centre falls in: 'top left', 'top', ..., 'center', ..., 'bottom right'."""
+    col = min(2, int(3 * (bbox[0] + bbox[2]) / 2 / width))
+    row = min(2, int(3 * (bbox[1] + bbox[3]) / 2 / height))
+    name = f"{['top', '', 'bottom'][row]} {['left', '', 'right'][col]}".strip()
+    return name or "center"
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Rewards and answer extraction (one function per official behaviour)
 # ---------------------------------------------------------------------------------------------
