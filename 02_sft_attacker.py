@@ -39,7 +39,9 @@ import common
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
-                        grad_accum=2, save_every=5)}
+                        grad_accum=2, save_every=5),
+           "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, lora_rank=16, lora_alpha=32,
+                              epochs=2, lr=1e-3, grad_accum=8, save_every=20, grad_ckpt=False)}
 
 
 @dataclass

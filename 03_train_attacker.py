@@ -55,7 +55,10 @@ import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
-                        defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3)}
+                        defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3),
+           "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
+                              group_size=8, scenes_per_step=4, train_iters=12, lr=1e-3, defender_k=2,
+                              defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False)}
 
 
 @dataclass

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny bash run_rounds.sh                 # whole loop offline on CPU (minutes)
+#   PRESET=tiny_world ROUNDS=2 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (~15 min)
+#   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
 #   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
 #
-# Env: PRESET (tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
+# Env: PRESET (tiny_world|tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
 #      SEED_DATA (synthetic or a seed JSONL), BENCH ("name=path.tsv name=path.tsv" for stage 05),
 #      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
 #      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).
@@ -20,7 +21,7 @@ NPROC=${NPROC:-1}
 SEED_DATA=${SEED_DATA:-synthetic}
 BENCH=${BENCH:-}
 PY=${PYTHON:-python}
-if [ "$PRESET" = "tiny" ]; then export HF_HUB_OFFLINE=1; P=(--preset tiny); else P=(); fi
+case "$PRESET" in tiny|tiny_world) export HF_HUB_OFFLINE=1; P=(--preset "$PRESET") ;; *) P=() ;; esac
 if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
 T=(); if [ -n "${REPORT_TO:-}" ]; then T=(--report_to "$REPORT_TO"); fi   # trackers of the training stages
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
@@ -44,6 +45,10 @@ stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (out
 
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 
+# 0. the tiny world's trained defender and editor (first run ~6 min on 2 cores, then reused)
+if [ "$PRESET" = "tiny_world" ]; then
+  EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
+fi
 # 1. AOT-SFT: extended scenes + effective distractors
 stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
 # 2. attacker cold start

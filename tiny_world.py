@@ -10,6 +10,10 @@ common.load_defender("tiny") / common.load_attacker("tiny") call these; nothing 
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from common import seeded
 
@@ -89,18 +93,21 @@ def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16):
                                video_processor=video_processor, chat_template=QWEN2_VL_CHAT_TEMPLATE)
 
 
-def _tiny_vl_config(tok):
+def _tiny_vl_config(tok, hidden=64, layers=2, vision_hidden=32, vision_heads=2, rope_theta=1e6):
+    """Qwen2.5-VL config: 4 text heads (2 KV heads), vision patch 14 merged 2 x 2 as the real one."""
     from transformers import Qwen2_5_VLConfig
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                # head_dim 16 -> mrope sections must sum to head_dim / 2 = 8
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+    half = hidden // 8   # head_dim / 2 rotary pairs, split (temporal, height, width) as Qwen's 16/24/24
+    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2 if hidden == 64 else hidden * 4,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
-                  fullatt_block_indexes=[1])
+    vision = dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=vision_heads,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  out_hidden_size=hidden, fullatt_block_indexes=[1])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                             vision_start_token_id=ids["<|vision_start|>"],
@@ -146,3 +153,451 @@ QWEN_IMAGE_SCHEDULER = dict(
     base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
     num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type="exponential",
     use_dynamic_shifting=True)
+
+
+# =============================================================================================
+# The tiny world: scenes the generator draws exactly, and trained tiny models that live in it
+# =============================================================================================
+# Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to the right, green
+# downwards: Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns
+# "where" far faster when the pixels carry it), one red circle and one blue square (the targets,
+# inside the central 2/3 that stage 01 extends outwards) and 0-2 triangles in other colours. The
+# questions are fixed: left/right and above/below of the red circle and the blue square, and
+# whether there is a red circle. On such clean scenes "the red thing" identifies the circle: the
+# shortcut a defender learns and an attacker can exploit with a red non-circle outside the targets.
+WORLD_SIZE = 112
+WORLD_CLUTTER = ["green", "yellow", "purple", "orange"]
+WORLD_QUESTIONS = {
+    "horizontal": ("Is the red circle to the left or to the right of the blue square?", ["left", "right"]),
+    "vertical": ("Is the red circle above or below the blue square?", ["above", "below"]),
+    "exists": ("Is there a red circle in the image?", []),
+}
+
+
+def world_background(size: int, noise_seed: int):
+    import numpy as np
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    bg = np.stack([50 + 150 * xx, 50 + 150 * yy, 110 + 0 * xx], -1)
+    bg = bg + np.random.default_rng(noise_seed).normal(0, 4, (size, size, 3))
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def _free_box(rng, side, lo, hi, boxes, gap=3):
+    """A side x side box inside [lo, hi) that keeps ``gap`` pixels from every box in ``boxes``."""
+    for _ in range(200):
+        x1, y1 = rng.randrange(lo, hi - side), rng.randrange(lo, hi - side)
+        b = [x1, y1, x1 + side, y1 + side]
+        if all(b[2] + gap <= o[0] or o[2] + gap <= b[0] or b[3] + gap <= o[1] or o[3] + gap <= b[1] for o in boxes):
+            return b
+    return None
+
+
+def world_scene(index: int, seed: int = 0, size: int = WORLD_SIZE, kind: str | None = None) -> dict:
+    """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
+    (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
+    a fifth of the canvas apart along the asked axis, so every answer is unambiguous."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from seeds import COLORS, draw_shape
+    rng = random.Random(seed * 1_000_003 + index)
+    kind = kind or rng.choice(list(WORLD_QUESTIONS))
+    lo, hi = size // 6, size - size // 6
+    while True:
+        sides = [int(size * rng.uniform(0.15, 0.2)) for _ in range(2)]
+        circle = _free_box(rng, sides[0], lo, hi, [])
+        square = _free_box(rng, sides[1], lo, hi, [circle])
+        if square is None:
+            continue
+        axis = 1 if kind == "vertical" else 0
+        if kind == "exists" or abs((circle[axis] + circle[axis + 2]) - (square[axis] + square[axis + 2])) / 2 >= size / 5:
+            break
+    objects = [("red circle", circle), ("blue square", square)]
+    if kind == "exists" and rng.random() < 0.5:
+        objects = objects[1:]                                   # the answer is No
+    for color in rng.sample(WORLD_CLUTTER, rng.choice([0, 1, 2])):
+        box = _free_box(rng, int(size * rng.uniform(0.12, 0.2)), 0, size, [b for _, b in objects])
+        if box:
+            objects.append((f"{color} triangle", box))
+    img = Image.fromarray(world_background(size, seed * 1_000_003 + index))
+    draw = ImageDraw.Draw(img)
+    for name, box in objects:
+        color, shape = name.split()
+        draw_shape(draw, shape, box, COLORS[color])
+    question, options = WORLD_QUESTIONS[kind]
+    named = dict(objects)
+    targets = [{"name": n, "bbox": [float(v) for v in named[n]]} for n in ("red circle", "blue square") if n in named]
+    if kind == "exists":
+        answer = "Yes" if "red circle" in named else "No"
+        targets = targets[:1] if answer == "Yes" else []
+    else:
+        answer = "A" if circle[axis] < square[axis] else "B"
+    return dict(image=img, question=question, options=options, answer=answer, targets=targets,
+                objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
+
+
+def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
+    """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
+    extension grows back to a full canvas (pad 0.25 per side)."""
+    import random
+    s = world_scene(index, seed)
+    m = WORLD_SIZE // 6
+    image = s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
+    targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}
+               for t in s["targets"]]
+    split = "test" if random.Random(seed * 7_654_321 + index).random() < test_fraction else "train"
+    return dict(id=f"world{index:06d}", image=image, question=s["question"], options=s["options"],
+                answer=s["answer"], targets=targets, split=split)
+
+
+# ---------------------------------------------------------------------------------------------
+# The world's defender: a 1.7M-parameter Qwen2.5-VL, supervised on the world's questions
+# ---------------------------------------------------------------------------------------------
+def world_defender_inputs(processor, scenes: list[dict]):
+    """Teacher-forcing batch in the stages' exact chat format (common.defender_prompt): the prompt,
+    then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens."""
+    import torch
+
+    import common
+    tok = processor.tokenizer
+    inputs = common.defender_inputs(processor, [s["image"] for s in scenes],
+                                    [common.defender_prompt(s["question"], s["options"]) for s in scenes], "cpu")
+    answers = [tok(f"\\boxed{{{s['answer']}}}<|im_end|>")["input_ids"] for s in scenes]
+    n, p, t = len(scenes), inputs["input_ids"].shape[1], max(map(len, answers))
+    ids = torch.full((n, p + t), tok.pad_token_id)
+    labels = torch.full((n, p + t), -100)
+    attn = torch.zeros(n, p + t, dtype=torch.long)
+    mm = torch.zeros(n, p + t, dtype=torch.long)
+    ids[:, :p], attn[:, :p], mm[:, :p] = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    for i, a in enumerate(answers):
+        ids[i, p:p + len(a)] = labels[i, p:p + len(a)] = torch.tensor(a)
+        attn[i, p:p + len(a)] = 1
+    return dict(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"]), labels
+
+
+def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
+                         n_test: int = 192, log=print):
+    """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes)."""
+    import math
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import common
+    pixels = WORLD_SIZE * WORLD_SIZE
+    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels)
+    processor.tokenizer.padding_side = "left"   # as common.load_defender: batched generation
+    config = _tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
+                             rope_theta=1e4)
+    with seeded(10):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    train = [world_scene(i, seed=1) for i in range(n_train)]
+    test = [world_scene(i, seed=2) for i in range(n_test)]
+    batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, steps // 8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        logits = model(**x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(dict(part="defender", step=step + 1, loss=round(loss.item(), 4), s=round(time.time() - t0, 1)))
+    model.eval()
+    answers = common.defender_generate(model, processor, [s["image"] for s in test],
+                                       [common.defender_prompt(s["question"], s["options"]) for s in test],
+                                       max_new_tokens=8, batch_size=64)
+    acc = sum(common.extract_answer(a, s["options"]) == s["answer"] for a, s in zip(answers, test)) / n_test
+    return model, processor, dict(defender_test_acc=round(100 * acc, 1), defender_params=sum(
+        p.numel() for p in model.parameters()), defender_steps=steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The world's editor: a Qwen-Image VAE and MMDiT trained on pairs the generator draws exactly
+# ---------------------------------------------------------------------------------------------
+KEEP = "Keep the image unchanged."
+EXTEND = "Extend the scene naturally beyond its borders."   # stage 01's outpainting instruction
+
+
+def world_edit_pair(index: int, seed: int = 3) -> tuple:
+    """(condition image, instruction, target image): keep the scene, add a named coloured shape in
+    a named ninth of the image, or extend the central 2/3 of a scene (padded as stage 01 pads it,
+    edge colours blurred) back to the whole scene."""
+    import random
+
+    from PIL import Image, ImageDraw, ImageFilter
+
+    import common
+    from seeds import COLORS, SHAPES, draw_shape
+    rng = random.Random(seed * 1_000_003 + index)
+    s = world_scene(index, seed)
+    scene = s["image"]
+    task = rng.choices(["keep", "add", "extend"], weights=[1, 3, 1])[0]
+    if task == "keep":
+        return scene, KEEP, scene
+    if task == "extend":
+        m = WORLD_SIZE // 6
+        crop = scene.crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
+        canvas = crop.resize((WORLD_SIZE, WORLD_SIZE), Image.BILINEAR).filter(ImageFilter.GaussianBlur(max(2, WORLD_SIZE // 32)))
+        canvas.paste(crop, (m, m))
+        return canvas, EXTEND, scene
+    taken = [o["bbox"] for o in s["objects"]]
+    third = WORLD_SIZE // 3
+    for _ in range(20):
+        r, c = rng.randrange(3), rng.randrange(3)
+        side = int(WORLD_SIZE * rng.uniform(0.14, 0.2))
+        x1 = c * third + rng.randrange(0, max(1, third - side + 1))
+        y1 = r * third + rng.randrange(0, max(1, third - side + 1))
+        box = [x1, y1, x1 + side, y1 + side]
+        if all(box[2] <= o[0] or o[2] <= box[0] or box[3] <= o[1] or o[3] <= box[1] for o in taken):
+            break
+    else:
+        return scene, KEEP, scene
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    target = scene.copy()
+    draw_shape(ImageDraw.Draw(target), shape, box, COLORS[color])
+    assert common.place_name(box, WORLD_SIZE, WORLD_SIZE) == common.place_name(
+        [c * third + 1, r * third + 1, c * third + 2, r * third + 2], WORLD_SIZE, WORLD_SIZE)
+    return scene, common.implant_instruction(f"{color} {shape}", box, WORLD_SIZE, WORLD_SIZE), target
+
+
+def train_world_vae(steps: int = 600, batch: int = 8, crop: int = 56, lr: float = 2e-3, n_train: int = 1024,
+                    n_test: int = 64, log=print):
+    """A Qwen-Image VAE (8x down, 16 latent channels) trained to reconstruct world scenes and their
+    edits (MSE on random crops; latents = the posterior's mode, which is what common.encode_images
+    uses), then its latent mean/std written to its config (the pipeline's normalisation).
+    Returns (vae, PSNR on held-out scenes)."""
+    import math
+
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    import common
+    with seeded(11):
+        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    def pictures(start, n, seed):
+        pairs = [world_edit_pair(start + i, seed) for i in range(n)]
+        return common.images_to_tensor([p[2] if i % 2 else p[0] for i, p in enumerate(pairs)], WORLD_SIZE, WORLD_SIZE)
+    train = pictures(0, n_train, 4)
+    test = pictures(0, n_test, 5)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    vae.train()
+    t0 = time.time()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)   # random crop x crop windows: the VAE is convolutional
+        idx = torch.randint(0, len(train), (batch,), generator=g)
+        i, j = (int(v) * 8 for v in torch.randint(0, (WORLD_SIZE - crop) // 8 + 1, (2,), generator=g))
+        x = train[idx, :, i:i + crop, j:j + crop].unsqueeze(2)
+        z = vae.encode(x).latent_dist.mode()   # a plain autoencoder: the pipelines only ever use the mode
+        rec = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(rec, x) + 1e-4 * z.pow(2).mean()   # + a leash on the latents' scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(dict(part="vae", step=step + 1, loss=round(loss.item(), 5), s=round(time.time() - t0, 1)))
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(c.unsqueeze(2)).latent_dist.mode() for c in train[:256].split(32)])
+        vae.register_to_config(latents_mean=z.mean((0, 2, 3, 4)).tolist(), latents_std=z.std((0, 2, 3, 4)).tolist())
+        rec = torch.cat([vae.decode(vae.encode(c.unsqueeze(2)).latent_dist.mode()).sample for c in test.split(32)])[:, :, 0]
+        mse = ((rec.clamp(-1, 1) - test) / 2).pow(2).mean((1, 2, 3))
+    psnr = (10 * torch.log10(1 / mse)).mean().item()
+    return vae, round(psnr, 2)
+
+
+def world_pipeline(text_encoder, processor, vae, layers: int = 4):
+    """A QwenImageEditPipeline around the world's VAE and defender (its text encoder) and a fresh MMDiT."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageTransformer2DModel
+    with seeded(12):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=layers, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=text_encoder.config.text_config.hidden_size,
+            axes_dims_rope=(8, 12, 12))
+    return QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                                 text_encoder=text_encoder, tokenizer=processor.tokenizer, processor=processor,
+                                 transformer=transformer)
+
+
+def encode_pairs(pipe, pairs, chunk: int = 32, drop_prompt: float = 0.0, seed: int = 0):
+    """Cache what training needs once: per chunk of pairs, the EditContext (prompt embeddings from the
+    frozen text encoder, condition latents) and the target latents. With ``drop_prompt`` a share of
+    instructions becomes the empty prompt " " (the negative prompt of true CFG), as classifier-free
+    guidance training does."""
+    import random
+
+    import torch
+
+    import common
+    rng = random.Random(seed)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i:i + chunk]
+            instr = [" " if rng.random() < drop_prompt else p[1] for p in part]
+            ctx = common.encode_edit(pipe, [p[0] for p in part], instr, WORLD_SIZE, negative_prompt=None)
+            x0 = common.encode_images(pipe, common.images_to_tensor([p[2] for p in part], WORLD_SIZE, WORLD_SIZE))
+            out.append((ctx, x0.float()))
+    return out
+
+
+
+def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, seed: int = 0):
+    """Plain Euler sampling of the flow (the stages' sigma schedule and true CFG): the editor's check."""
+    import torch
+
+    import common
+    with torch.no_grad():
+        ctx = common.encode_edit(pipe, images, instructions, WORLD_SIZE)
+        sigmas = common.sigma_schedule(pipe.scheduler, steps, ctx.target_len)
+        x = torch.randn(len(images), ctx.target_len, 64, generator=torch.Generator().manual_seed(seed))
+        for i in range(steps):
+            v = common.predict_velocity(pipe.transformer, x, sigmas[i].view(1), ctx, cfg)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        return common.tensor_to_images(common.decode_latents(pipe, x, WORLD_SIZE, WORLD_SIZE))
+
+
+def train_world_editor(pipe, steps: int = 1500, batch: int = 32, lr: float = 1e-3, n_train: int = 2048,
+                       log=print):
+    """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
+    (stage 02's objective, on the whole transformer instead of a LoRA). 10% empty prompts for CFG."""
+    import math
+
+    import torch
+
+    import common
+    tr = pipe.transformer
+    tr.requires_grad_(True)
+    data = encode_pairs(pipe, [world_edit_pair(i) for i in range(n_train)], chunk=batch, drop_prompt=0.1)
+    opt = torch.optim.AdamW(tr.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(13)
+    tr.train()
+    t0 = time.time()
+    for step in range(steps):
+        ctx, x0 = data[step % len(data)]
+        s = torch.rand(x0.shape[0], generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
+        loss = torch.nn.functional.mse_loss(common.predict_velocity(tr, xs, s, ctx, 1.0), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(dict(part="editor", step=step + 1, loss=round(loss.item(), 4), s=round(time.time() - t0, 1)))
+    tr.eval().requires_grad_(False)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Build, check and save the world's models (run_rounds.sh runs this first for PRESET=tiny_world)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    out: str = field(default="runs/tiny_world/models", metadata={"help": "writes defender/, editor/, world.json"})
+    defender_steps: int = field(default=400, metadata={"help": "defender SFT steps (batch 32)"})
+    defender_lr: float = field(default=2e-3, metadata={"help": "defender SFT peak learning rate"})
+    defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
+    vae_steps: int = field(default=300, metadata={"help": "VAE steps (batch 8, 56 x 56 crops)"})
+    vae_images: int = field(default=1024, metadata={"help": "VAE training images"})
+    editor_steps: int = field(default=1200, metadata={"help": "editor (MMDiT) flow-matching steps (batch 32)"})
+    editor_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate"})
+    editor_pairs: int = field(default=2048, metadata={"help": "editor training pairs"})
+    check_items: int = field(default=48, metadata={"help": "held-out scenes / pairs in the checks (world.json)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+
+
+def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[dict, list]:
+    """PSNR of the editor's samples (8 Euler steps, CFG 4) against the exact target, per instruction
+    kind, on held-out pairs; for 'add' also against the unedited scene (lower: something was added)."""
+    import torch
+
+    import common
+    pairs = [world_edit_pair(i, seed=6) for i in range(n)]
+    outs = []
+    for i in range(0, n, 16):
+        part = pairs[i:i + 16]
+        outs += world_edit(pipe, [p[0] for p in part], [p[1] for p in part], steps=steps, cfg=cfg, seed=i)
+    def psnr(a, b):
+        x, y = (common.images_to_tensor([im], WORLD_SIZE, WORLD_SIZE) for im in (a, b))
+        return (10 * torch.log10(4 / (x - y).pow(2).mean())).item()
+    report = {}
+    for kind in ("keep", "add", "extend"):
+        idx = [i for i, p in enumerate(pairs) if {KEEP: "keep", EXTEND: "extend"}.get(p[1], "add") == kind]
+        if idx:
+            report[f"editor_psnr_{kind}"] = round(sum(psnr(outs[i], pairs[i][2]) for i in idx) / len(idx), 2)
+        if kind == "add" and idx:
+            report["editor_psnr_add_vs_unedited"] = round(sum(psnr(outs[i], pairs[i][0]) for i in idx) / len(idx), 2)
+    return report, [(p[0], o) for p, o in zip(pairs, outs)]
+
+
+def build(args: Args) -> Path:
+    """Train the three models (about 6 minutes on 2 cores) unless ``out`` holds them; -> out."""
+    import torch
+
+    import rundir
+    out = Path(args.out)
+    if (out / "world.json").exists():
+        print(f"[world] {out} exists: models built earlier ({out / 'world.json'})")
+        return out
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = rundir.tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log_file = (tmp / "build_log.jsonl").open("w")
+
+    def log(d):
+        print(f"[world] {d}", flush=True)
+        log_file.write(json.dumps(d) + "\n")
+    t0 = time.time()
+    defender, processor, info = train_world_defender(steps=args.defender_steps, lr=args.defender_lr,
+                                                     n_train=args.defender_scenes, n_test=args.check_items, log=log)
+    info["defender_s"] = round(time.time() - t0)
+    defender.save_pretrained(tmp / "defender", safe_serialization=True)
+    processor.save_pretrained(tmp / "defender")
+    t1 = time.time()
+    vae, info["vae_psnr"] = train_world_vae(steps=args.vae_steps, n_train=args.vae_images, n_test=args.check_items,
+                                            log=log)
+    info["vae_s"] = round(time.time() - t1)
+    t2 = time.time()
+    pipe = train_world_editor(world_pipeline(defender, processor, vae), steps=args.editor_steps,
+                              lr=args.editor_lr, n_train=args.editor_pairs, log=log)
+    info["editor_s"] = round(time.time() - t2)
+    report, samples = editor_report(pipe, n=args.check_items)
+    info.update(report)
+    pipe.save_pretrained(tmp / "editor", safe_serialization=True)
+    rundir.save_gallery(samples[:8], tmp / "editor_samples.png")
+    info.update(total_s=round(time.time() - t0), args=vars(args))
+    (tmp / "world.json").write_text(json.dumps(info, indent=2))
+    log(info)
+    log_file.close()
+    rundir.commit_dir(tmp, out)
+    return out
+
+
+if __name__ == "__main__":
+    import common
+    import rundir
+    common.quiet()
+    build(rundir.parse_args(Args, {}))

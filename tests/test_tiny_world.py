@@ -1,0 +1,137 @@
+"""tiny_world.py: the world's scenes and edit pairs are what they claim (checked against their own
+geometry), and its trained models are saved as ordinary model directories the stages load by path."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import rundir
+import tiny_world
+from tiny_world import WORLD_SIZE
+
+
+def centre(box, axis):
+    return (box[axis] + box[axis + 2]) / 2
+
+
+def test_world_scenes_answer_their_question_from_the_drawn_geometry():
+    kinds = set()
+    for i in range(90):
+        s = tiny_world.world_scene(i, seed=7)
+        kinds.add(s["kind"])
+        objs = {o["name"]: o["bbox"] for o in s["objects"]}
+        assert not any(n.startswith(("red ", "blue ")) for n in objs if n not in ("red circle", "blue square"))
+        for t in s["targets"]:   # targets inside the central 2/3 that stage 01 extends outwards
+            assert WORLD_SIZE // 6 <= min(t["bbox"]) and max(t["bbox"]) <= WORLD_SIZE - WORLD_SIZE // 6
+        if s["kind"] == "exists":
+            assert s["options"] == [] and s["answer"] == ("Yes" if "red circle" in objs else "No")
+            assert [t["name"] for t in s["targets"]] == (["red circle"] if s["answer"] == "Yes" else [])
+        else:
+            axis = 0 if s["kind"] == "horizontal" else 1
+            c, q = centre(objs["red circle"], axis), centre(objs["blue square"], axis)
+            assert abs(c - q) >= WORLD_SIZE / 5
+            assert s["answer"] == ("A" if c < q else "B")
+            assert s["options"] == (["left", "right"] if axis == 0 else ["above", "below"])
+        # the pixels at a target's centre are its colour (drawn, not only described)
+        for t in s["targets"]:
+            x, y = (int(centre(t["bbox"], a)) for a in (0, 1))
+            r, g, b = np.asarray(s["image"])[y, x]
+            assert (r > 180 and b < 80) if t["name"] == "red circle" else (b > 180 and r < 80)
+    assert kinds == {"horizontal", "vertical", "exists"}
+    a, b = tiny_world.world_scene(5, seed=7), tiny_world.world_scene(5, seed=7)
+    assert a["image"].tobytes() == b["image"].tobytes() and a["question"] == b["question"]
+
+
+def test_world_seed_item_is_the_central_crop_with_shifted_boxes():
+    m = WORLD_SIZE // 6
+    s, row = tiny_world.world_scene(3, seed=0), tiny_world.world_seed_item(3, 0.2, 0)
+    assert row["image"].size == (WORLD_SIZE - 2 * m,) * 2
+    assert row["image"].tobytes() == s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m)).tobytes()
+    for t, u in zip(s["targets"], row["targets"]):
+        assert u["bbox"] == [v - m for v in t["bbox"]] and 0 <= min(u["bbox"]) and max(u["bbox"]) <= row["image"].width
+    splits = [tiny_world.world_seed_item(i, 0.25, 0)["split"] for i in range(400)]
+    assert 0.18 < splits.count("test") / 400 < 0.32
+
+
+def test_place_name_and_implant_instruction():
+    assert common.place_name([0, 0, 10, 10], 90, 90) == "top left"
+    assert common.place_name([40, 40, 50, 50], 90, 90) == "center"
+    assert common.place_name([80, 40, 90, 50], 90, 90) == "right"
+    assert common.place_name([30, 70, 40, 90], 90, 90) == "bottom"
+    assert common.place_name([85, 85, 90, 90], 90, 90) == "bottom right"
+    assert common.implant_instruction("small clock", [0, 80, 10, 90], 90, 90) == \
+        "Add a small clock at the bottom left of the image."
+
+
+def test_edit_pairs_change_only_what_the_instruction_names():
+    seen = set()
+    for i in range(40):
+        cond, instr, target = tiny_world.world_edit_pair(i, seed=9)
+        a, b = np.asarray(cond, dtype=int), np.asarray(target, dtype=int)
+        if instr == tiny_world.KEEP:
+            seen.add("keep")
+            assert (a == b).all()
+        elif instr == tiny_world.EXTEND:
+            seen.add("extend")
+            m = WORLD_SIZE // 6
+            assert (a[m:-m, m:-m] == b[m:-m, m:-m]).all() and not (a == b).all()
+        else:
+            seen.add("add")
+            ys, xs = np.nonzero((a != b).any(-1))
+            assert len(ys) > 50      # a shape of >= 15 px was drawn ...
+            box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert instr == common.implant_instruction(instr[6:instr.index(" at the ")], box, WORLD_SIZE, WORLD_SIZE)
+    assert seen == {"keep", "add", "extend"}
+
+
+def test_preset_paths_name_the_run_directory():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class A:
+        run_dir: str = field(default="runs/x")
+        preset: str | None = field(default=None)
+        model: str = field(default="hub/id")
+        steps: int = field(default=1)
+    presets = {"w": dict(model="{run_dir}/models/editor", steps=3)}
+    a = rundir.parse_args(A, presets, ["--preset", "w", "--run_dir", "/tmp/r"])
+    assert a.model == "/tmp/r/models/editor" and a.steps == 3
+    a = rundir.parse_args(A, presets, ["--preset", "w", "--model", "mine"])
+    assert a.model == "mine"
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """The build with a few steps of each model: the directories, not the learning, are under test."""
+    out = tmp_path_factory.mktemp("world") / "models"
+    args = tiny_world.Args(out=str(out), defender_steps=2, defender_scenes=32, vae_steps=2, vae_images=16,
+                           editor_steps=2, editor_pairs=32, check_items=4)
+    tiny_world.build(args)
+    return out, args
+
+
+def test_build_writes_model_directories_that_load_by_path(small_world):
+    out, args = small_world
+    info = json.loads((out / "world.json").read_text())
+    for k in ("defender_test_acc", "vae_psnr", "editor_psnr_add", "total_s"):
+        assert k in info
+    assert (out / "editor_samples.png").exists() and (out / "build_log.jsonl").read_text().count("\n") >= 3
+    model, processor = common.load_defender(str(out / "defender"))
+    img = tiny_world.world_scene(0)["image"]
+    inputs = common.defender_inputs(processor, [img], ["Is there a red circle in the image?"], "cpu")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16   # 112 px -> 4 x 4 merged patches
+    pipe = common.load_attacker(str(out / "editor"))
+    assert type(pipe).__name__ == "QwenImageEditPipeline" and pipe.transformer.config.num_layers == 4
+    te = dict(pipe.text_encoder.named_parameters())
+    assert all(torch.equal(p, te[n]) for n, p in model.named_parameters())   # the defender is the text encoder
+    assert len(pipe.vae.config.latents_mean) == 16 and pipe.vae.config.latents_std != [1.0] * 16
+    ctx = common.encode_edit(pipe, [img], [tiny_world.KEEP], WORLD_SIZE)
+    assert ctx.cond_latents.shape == (1, 49, 64)
+    # cached: a second build returns at once and leaves the directory as it was
+    stamp = (out / "world.json").stat().st_mtime
+    t0 = time.time()
+    tiny_world.build(args)
+    assert time.time() - t0 < 1 and (out / "world.json").stat().st_mtime == stamp
