@@ -541,15 +541,17 @@ def main(args: Args):
         parts = {"scenes": [], "aot_sft": []}
         for c in range(n_chunks):
             d = work / f"chunk_{c:05d}"
-            for k, v in json.loads((d / "counts.json").read_text()).items():
+            counts = json.loads((d / "counts.json").read_text())
+            for k, v in counts.items():
                 total[k] += v
-            for kind in parts:
-                parts[kind].append(load_from_disk(str(d / kind)))
+            for kind, n in (("scenes", counts["scenes"]), ("aot_sft", counts["effective"])):
+                if n:   # a saved 0-row dataset does not load back (datasets' empty Arrow table)
+                    parts[kind].append(load_from_disk(str(d / kind)))
         for kind, dsets in parts.items():
+            if not dsets:
+                raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
             ds = concatenate_datasets(dsets)
             assert len(set(ds["id"])) == len(ds), f"duplicate ids in {kind}"
-            if len(ds) == 0:
-                raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
             ds.save_to_disk(str(rundir.tmp_dir_for(data / kind)))
         funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
                   "seed_candidates_rejected": rejected, "args": {k: v for k, v in vars(args).items()}}

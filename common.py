@@ -56,6 +56,7 @@ def quiet():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -107,8 +108,7 @@ def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, devi
         from tiny_world import build_tiny_attacker
         pipe = build_tiny_attacker()
     else:
-        pipe = QwenImageEditPipeline.from_pretrained(name_or_path, torch_dtype=dtype,
-                                                     use_safetensors=True)
+        pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)

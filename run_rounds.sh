@@ -7,7 +7,7 @@
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
 #
 # Env: PRESET (tiny_world|tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
-#      SEED_DATA (synthetic or a seed JSONL), BENCH ("name=path.tsv name=path.tsv" for stage 05),
+#      SEED_DATA (synthetic, tiny_world, coco:..., or a seed JSONL; default the preset's), BENCH ("name=path.tsv name=path.tsv" for stage 05),
 #      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
 #      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).
 # Every stage skips work whose output directory is complete, so re-running continues after a failure.
@@ -18,13 +18,14 @@ PRESET=${PRESET:-tiny}
 ROUNDS=${ROUNDS:-3}
 RUN_DIR=${RUN_DIR:-runs/$PRESET}
 NPROC=${NPROC:-1}
-SEED_DATA=${SEED_DATA:-synthetic}
+SEED_DATA=${SEED_DATA:-}   # empty: the preset's (tiny_world: its scenes), else 01's default, synthetic
 BENCH=${BENCH:-}
 PY=${PYTHON:-python}
 case "$PRESET" in tiny|tiny_world) export HF_HUB_OFFLINE=1; P=(--preset "$PRESET") ;; *) P=() ;; esac
 if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
 T=(); if [ -n "${REPORT_TO:-}" ]; then T=(--report_to "$REPORT_TO"); fi   # trackers of the training stages
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
+SD=(); if [ -n "$SEED_DATA" ]; then SD=(--seed_data "$SEED_DATA"); fi
 
 run() {  # one stage: plain python for one process, torchrun otherwise (extra args passed through)
   if [ "$NPROC" -gt 1 ] || [ -n "$EXTRA" ]; then
@@ -50,7 +51,7 @@ if [ "$PRESET" = "tiny_world" ]; then
   EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
 fi
 # 1. AOT-SFT: extended scenes + effective distractors
-stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" --seed_data "$SEED_DATA"
+stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}"
 # 2. attacker cold start
 stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR"
 # 3. the untouched base defender, then its warm-up: DAPO on clean scenes (round 0), and their evaluation
