@@ -5,6 +5,11 @@ built offline and deterministically: the same weights in every process and stage
 random: they exercise every code path of the stages, but they do not solve the synthetic task.
 
 common.load_defender("tiny") / common.load_attacker("tiny") call these; nothing else needs to.
+
+The second half is the tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): scenes the
+generator draws exactly, and a defender, VAE and editor trained on them, saved as ordinary model
+directories that the stages load by path. Work in progress (issue 12): the defender learns the world
+(~92% held-out); the VAE does not yet reconstruct well enough in its budget (~17 dB PSNR).
 """
 
 from __future__ import annotations
