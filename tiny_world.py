@@ -9,7 +9,9 @@ common.load_defender("tiny") / common.load_attacker("tiny") call these; nothing 
 The second half is the tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): scenes the
 generator draws exactly, and a defender, VAE and editor trained on them, saved as ordinary model
 directories that the stages load by path. Work in progress (issue 12): the defender learns the world
-(~92% held-out); the VAE does not yet reconstruct well enough in its budget (~17 dB PSNR).
+(~92% held-out); the VAE starts as an exact 8x mean pool (``thumbnail_init``: 26.6 dB untrained, 27.0 dB
+after 200 steps, where default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM
+of untouched targets at ~0.65, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def world_background(size: int, noise_seed: int):
     import numpy as np
     yy, xx = np.mgrid[0:size, 0:size] / size
     bg = np.stack([50 + 150 * xx, 50 + 150 * yy, 110 + 0 * xx], -1)
-    bg = bg + np.random.default_rng(noise_seed).normal(0, 4, (size, size, 3))
+    bg = bg + np.random.default_rng(noise_seed).normal(0, 2, (size, size, 3))
     return np.clip(bg, 0, 255).astype(np.uint8)
 
 
@@ -378,12 +380,76 @@ def world_edit_pair(index: int, seed: int = 3) -> tuple:
     return scene, common.implant_instruction(f"{color} {shape}", box, WORLD_SIZE, WORLD_SIZE), target
 
 
-def train_world_vae(steps: int = 600, batch: int = 8, crop: int = 56, lr: float = 2e-3, n_train: int = 1024,
+def thumbnail_init(vae, k: float = 20.0, s: float = 0.02):
+    """Initialise a Qwen-Image VAE (any size) so that it is, before any training, an exact 8x average
+    pool (encoder: the latent's channels 0-2 are the mean RGB of each 8 x 8 block) and a smooth
+    upsampling (decoder: nearest 2x then a [1, 2, 1] / 4 filter per level); everything else starts at zero.
+
+    Why: trained from PyTorch's default initialisation this VAE does not learn in a CPU budget. Measured
+    (32 px crops, batch 16, Adam 3e-4 to 4e-3, 300-600 steps): held-out PSNR stays at 16-18 dB, the level
+    of predicting each image's mean colour (16.3 dB); even its decoder alone, given the 8x thumbnail as
+    latent, stays at the data's variance for 200 steps. Each residual branch reads a per-pixel RMS-normalised
+    input and the mid-block attention averages the whole map, so at initialisation they add O(1)
+    position-blind terms that drown the skip path. Here those branches start at zero (their last conv and the
+    attention projection), the skip path carries (R, G, B, k) on four channels, and the heads' RMS norm is
+    linearised: with a constant channel k >> |RGB| it divides by ~k, the gain ``k / sqrt(C) * s`` puts the
+    colours at ~s, where SiLU(u) ~ u / 2, and the output conv multiplies by 2 / s. Result: 27.0 dB on
+    held-out world scenes with no training (8x pool + bilinear: 27.4 dB)."""
+    import math
+
+    import torch
+    from diffusers.models.autoencoders import autoencoder_kl_qwenimage as q
+
+    def eye(conv, n, gain=1.0):                     # conv_out[c] = gain * conv_in[c] (centre tap), c < n
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for c in range(n):
+            conv.weight[c, c, -1, conv.weight.shape[3] // 2, conv.weight.shape[4] // 2] = gain
+    smooth = torch.tensor([1.0, 2.0, 1.0]) / 4
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, q.QwenImageResidualBlock):
+                m.conv2.weight.zero_()
+                m.conv2.bias.zero_()
+                if isinstance(m.conv_shortcut, q.QwenImageCausalConv3d):
+                    eye(m.conv_shortcut, 4)
+            elif isinstance(m, q.QwenImageAttentionBlock):
+                m.proj.weight.zero_()
+                m.proj.bias.zero_()
+            elif isinstance(m, q.QwenImageResample) and m.mode != "none":
+                conv = m.resample[-1]
+                conv.weight.zero_()
+                conv.bias.zero_()
+                for c in range(4):
+                    if m.mode.startswith("down"):
+                        conv.weight[c, c, :2, :2] = 0.25       # 2x2 mean (the pad is on the far side)
+                    else:
+                        conv.weight[c, c] = smooth[:, None] * smooth[None, :]
+        enc_out, dec_in = vae.encoder.conv_out.weight.clone(), vae.decoder.conv_in.weight.clone()
+        for part in (vae.encoder, vae.decoder):
+            eye(part.conv_in, 3)
+            part.conv_in.bias[3] = k
+            part.norm_out.gamma[:3] = k / math.sqrt(part.norm_out.gamma.shape[0]) * s
+            eye(part.conv_out, 3, 2 / s)
+        # latent channels 3.. keep their random encoder rows (else they are 0 for ever, their std 0 and the
+        # pipeline's latent normalisation divides by it); the decoder reads them only into its residual
+        # branches' channels (4..), so the thumbnail path stays exact until training uses them
+        z = vae.config.z_dim
+        vae.encoder.conv_out.weight[3:z] = enc_out[3:z]
+        vae.decoder.conv_in.weight[4:, 3:] = dec_in[4:, 3:]
+        eye(vae.quant_conv, vae.quant_conv.weight.shape[0])
+        eye(vae.post_quant_conv, vae.post_quant_conv.weight.shape[0])
+    return vae
+
+
+def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float = 1e-4, n_train: int = 512,
                     n_test: int = 64, log=print):
-    """A Qwen-Image VAE (8x down, 16 latent channels) trained to reconstruct world scenes and their
-    edits (MSE on random crops; latents = the posterior's mode, which is what common.encode_images
-    uses), then its latent mean/std written to its config (the pipeline's normalisation).
-    Returns (vae, PSNR on held-out scenes)."""
+    """A Qwen-Image VAE (8x down, 16 latent channels) started from ``thumbnail_init`` and fine-tuned to
+    reconstruct world scenes and their edits (MSE on random crops, through the decoder without the final
+    clamp; latents = the posterior's mode, which is what common.encode_images uses); then its latent
+    mean/std are written to its config (the pipeline's normalisation).
+    Returns (vae, info): PSNR on held-out scenes before and after fine-tuning, and the local SSIM of the
+    reconstruction on held-out scenes' target boxes (the ceiling of any attack's SSIM in this world)."""
     import math
 
     import torch
@@ -391,15 +457,23 @@ def train_world_vae(steps: int = 600, batch: int = 8, crop: int = 56, lr: float 
 
     import common
     with seeded(11):
-        vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
-    def pictures(start, n, seed):
-        pairs = [world_edit_pair(start + i, seed) for i in range(n)]
-        return common.images_to_tensor([p[2] if i % 2 else p[0] for i, p in enumerate(pairs)], WORLD_SIZE, WORLD_SIZE)
-    train = pictures(0, n_train, 4)
-    test = pictures(0, n_test, 5)
+        vae = thumbnail_init(AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                                    temperal_downsample=[False, True, True]))
+    pictures = lambda n, seed: common.images_to_tensor(   # noqa: E731  (scenes and edit targets, alternating)
+        [world_edit_pair(i, seed)[i % 2 * 2] for i in range(n)], WORLD_SIZE, WORLD_SIZE)
+    train, test = pictures(n_train, 4), pictures(n_test, 5)
+
+    def reconstruct(x):
+        with torch.no_grad():
+            return torch.cat([vae.decode(vae.encode(c.unsqueeze(2)).latent_dist.mode()).sample[:, :, 0]
+                              for c in x.split(32)])
+
+    def psnr():
+        return round((10 * torch.log10(4 / (reconstruct(test) - test).pow(2).mean((1, 2, 3)))).mean().item(), 2)
+
+    info = {"vae_psnr_init": psnr()}
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     vae.train()
     t0 = time.time()
     for step in range(steps):
@@ -407,9 +481,11 @@ def train_world_vae(steps: int = 600, batch: int = 8, crop: int = 56, lr: float 
         idx = torch.randint(0, len(train), (batch,), generator=g)
         i, j = (int(v) * 8 for v in torch.randint(0, (WORLD_SIZE - crop) // 8 + 1, (2,), generator=g))
         x = train[idx, :, i:i + crop, j:j + crop].unsqueeze(2)
-        z = vae.encode(x).latent_dist.mode()   # a plain autoencoder: the pipelines only ever use the mode
-        rec = vae.decode(z).sample
-        loss = torch.nn.functional.mse_loss(rec, x) + 1e-4 * z.pow(2).mean()   # + a leash on the latents' scale
+        z = vae.encode(x).latent_dist.mode()      # a plain autoencoder: the pipelines only ever use the mode
+        vae.clear_cache()
+        rec = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=[0])   # decode() minus its clamp
+        vae.clear_cache()
+        loss = torch.nn.functional.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -421,10 +497,12 @@ def train_world_vae(steps: int = 600, batch: int = 8, crop: int = 56, lr: float 
     with torch.no_grad():
         z = torch.cat([vae.encode(c.unsqueeze(2)).latent_dist.mode() for c in train[:256].split(32)])
         vae.register_to_config(latents_mean=z.mean((0, 2, 3, 4)).tolist(), latents_std=z.std((0, 2, 3, 4)).tolist())
-        rec = torch.cat([vae.decode(vae.encode(c.unsqueeze(2)).latent_dist.mode()).sample for c in test.split(32)])[:, :, 0]
-        mse = ((rec.clamp(-1, 1) - test) / 2).pow(2).mean((1, 2, 3))
-    psnr = (10 * torch.log10(1 / mse)).mean().item()
-    return vae, round(psnr, 2)
+    info["vae_psnr"] = psnr()
+    scenes = [world_scene(i, 5) for i in range(n_test)]
+    recs = common.tensor_to_images(reconstruct(common.images_to_tensor([s["image"] for s in scenes], WORLD_SIZE, WORLD_SIZE)))
+    ssim = [common.local_ssim(s["image"], r, [t["bbox"] for t in s["targets"]]) for s, r in zip(scenes, recs) if s["targets"]]
+    info["vae_target_ssim"] = round(sum(ssim) / len(ssim), 3)
+    return vae, info
 
 
 def world_pipeline(text_encoder, processor, vae, layers: int = 4):
@@ -523,8 +601,8 @@ class Args:
     defender_steps: int = field(default=400, metadata={"help": "defender SFT steps (batch 32)"})
     defender_lr: float = field(default=2e-3, metadata={"help": "defender SFT peak learning rate"})
     defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
-    vae_steps: int = field(default=300, metadata={"help": "VAE steps (batch 8, 56 x 56 crops)"})
-    vae_images: int = field(default=1024, metadata={"help": "VAE training images"})
+    vae_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps after thumbnail_init (batch 16, 32 px crops)"})
+    vae_images: int = field(default=512, metadata={"help": "VAE training images"})
     editor_steps: int = field(default=1200, metadata={"help": "editor (MMDiT) flow-matching steps (batch 32)"})
     editor_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate"})
     editor_pairs: int = field(default=2048, metadata={"help": "editor training pairs"})
@@ -582,8 +660,8 @@ def build(args: Args) -> Path:
     defender.save_pretrained(tmp / "defender", safe_serialization=True)
     processor.save_pretrained(tmp / "defender")
     t1 = time.time()
-    vae, info["vae_psnr"] = train_world_vae(steps=args.vae_steps, n_train=args.vae_images, n_test=args.check_items,
-                                            log=log)
+    vae, vae_info = train_world_vae(steps=args.vae_steps, n_train=args.vae_images, n_test=args.check_items, log=log)
+    info.update(vae_info)
     info["vae_s"] = round(time.time() - t1)
     t2 = time.time()
     pipe = train_world_editor(world_pipeline(defender, processor, vae), steps=args.editor_steps,
