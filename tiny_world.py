@@ -258,6 +258,29 @@ def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
                 answer=s["answer"], targets=targets, split=split)
 
 
+def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.9, 0.999), log=print,
+         log_every: int = 50):
+    """The three world models' training loop: AdamW (no weight decay), linear warm-up over ``warm`` steps
+    then cosine decay to 0, gradient clipping at 1.0; ``loss_at(step)`` returns the step's loss."""
+    import math
+
+    import torch
+    params = [p for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    t0 = time.time()
+    for step in range(steps):
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log(dict(part=part, step=step + 1, loss=round(loss.item(), 5), s=round(time.time() - t0, 1)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The world's defender: a 1.7M-parameter Qwen2.5-VL, supervised on the world's questions
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +310,6 @@ def world_defender_inputs(processor, scenes: list[dict]):
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
                          n_test: int = 192, log=print):
     """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes)."""
-    import math
-
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -305,23 +326,12 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     train = [world_scene(i, seed=1) for i in range(n_train)]
     test = [world_scene(i, seed=2) for i in range(n_test)]
     batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warm = max(1, steps // 8)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
+    def loss_at(step):
         x, y = batches[step % len(batches)]
         logits = model(**x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(dict(part="defender", step=step + 1, loss=round(loss.item(), 4), s=round(time.time() - t0, 1)))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+    model.train()
+    _fit("defender", model.parameters(), loss_at, steps, lr, max(1, steps // 8), (0.9, 0.98), log)
     model.eval()
     answers = common.defender_generate(model, processor, [s["image"] for s in test],
                                        [common.defender_prompt(s["question"], s["options"]) for s in test],
@@ -450,8 +460,6 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
     mean/std are written to its config (the pipeline's normalisation).
     Returns (vae, info): PSNR on held-out scenes before and after fine-tuning, and the local SSIM of the
     reconstruction on held-out scenes' target boxes (the ceiling of any attack's SSIM in this world)."""
-    import math
-
     import torch
     from diffusers import AutoencoderKLQwenImage
 
@@ -472,11 +480,8 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
         return round((10 * torch.log10(4 / (reconstruct(test) - test).pow(2).mean((1, 2, 3)))).mean().item(), 2)
 
     info = {"vae_psnr_init": psnr()}
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    vae.train()
-    t0 = time.time()
-    for step in range(steps):
+
+    def loss_at(step):
         g = torch.Generator().manual_seed(step)   # random crop x crop windows: the VAE is convolutional
         idx = torch.randint(0, len(train), (batch,), generator=g)
         i, j = (int(v) * 8 for v in torch.randint(0, (WORLD_SIZE - crop) // 8 + 1, (2,), generator=g))
@@ -485,14 +490,9 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
         vae.clear_cache()
         rec = vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=[0])   # decode() minus its clamp
         vae.clear_cache()
-        loss = torch.nn.functional.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(dict(part="vae", step=step + 1, loss=round(loss.item(), 5), s=round(time.time() - t0, 1)))
+        return torch.nn.functional.mse_loss(rec, x)
+    vae.train()
+    _fit("vae", vae.parameters(), loss_at, steps, lr, 20, log=log)
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(c.unsqueeze(2)).latent_dist.mode() for c in train[:256].split(32)])
@@ -560,34 +560,22 @@ def train_world_editor(pipe, steps: int = 1500, batch: int = 32, lr: float = 1e-
                        log=print):
     """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
     (stage 02's objective, on the whole transformer instead of a LoRA). 10% empty prompts for CFG."""
-    import math
-
     import torch
 
     import common
     tr = pipe.transformer
     tr.requires_grad_(True)
     data = encode_pairs(pipe, [world_edit_pair(i) for i in range(n_train)], chunk=batch, drop_prompt=0.1)
-    opt = torch.optim.AdamW(tr.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(13)
-    tr.train()
-    t0 = time.time()
-    for step in range(steps):
+
+    def loss_at(step):
         ctx, x0 = data[step % len(data)]
         s = torch.rand(x0.shape[0], generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
-        loss = torch.nn.functional.mse_loss(common.predict_velocity(tr, xs, s, ctx, 1.0), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(dict(part="editor", step=step + 1, loss=round(loss.item(), 4), s=round(time.time() - t0, 1)))
+        return torch.nn.functional.mse_loss(common.predict_velocity(tr, xs, s, ctx, 1.0), eps - x0)
+    tr.train()
+    _fit("editor", tr.parameters(), loss_at, steps, lr, max(1, steps // 20), (0.9, 0.98), log, log_every=100)
     tr.eval().requires_grad_(False)
     return pipe
 
