@@ -265,7 +265,7 @@ def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.
     import math
 
     import torch
-    params = [p for p in params]
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
