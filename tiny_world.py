@@ -623,7 +623,8 @@ def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[
 
 
 def build(args: Args) -> Path:
-    """Train the three models (about 6 minutes on 2 cores) unless ``out`` holds them; -> out."""
+    """Train the three models unless ``out`` holds them; -> out. Measured alone on 2 cores: defender ~4 min
+    (400 steps), VAE ~1 min, editor ~0.45 s per step (1,200 steps ~9 min)."""
     import torch
 
     import rundir
