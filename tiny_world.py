@@ -337,8 +337,45 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
                                        [common.defender_prompt(s["question"], s["options"]) for s in test],
                                        max_new_tokens=8, batch_size=64)
     acc = sum(common.extract_answer(a, s["options"]) == s["answer"] for a, s in zip(answers, test)) / n_test
-    return model, processor, dict(defender_test_acc=round(100 * acc, 1), defender_params=sum(
-        p.numel() for p in model.parameters()), defender_steps=steps)
+    oracle = [oracle_distractor(s, i) for i, s in enumerate(test)]
+    answers = common.defender_generate(model, processor, [o[0] for o in oracle],
+                                       [common.defender_prompt(s["question"], s["options"]) for s in test],
+                                       max_new_tokens=8, batch_size=64)
+    oracle_acc = sum(common.extract_answer(a, s["options"]) == s["answer"] for a, s in zip(answers, test)) / n_test
+    return model, processor, dict(defender_test_acc=round(100 * acc, 1), defender_oracle_acc=round(100 * oracle_acc, 1),
+                                  defender_params=sum(p.numel() for p in model.parameters()), defender_steps=steps)
+
+
+def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
+    """(image, name, box): the scene with the distractor the world's shortcut predicts to be the most
+    misleading, drawn exactly, never touching an object: for left/right and above/below a blue triangle on
+    the far side of the red circle from the blue square ("the blue thing" now straddles the circle), for
+    existence a red triangle anywhere. The defender's accuracy on these (world.json "defender_oracle_acc")
+    is a reference for what an attacker that adds one such shape could reach; stage 03 has to find it."""
+    import random
+
+    from PIL import ImageDraw
+
+    from seeds import COLORS, draw_shape
+    rng = random.Random(seed)
+    side, taken = int(WORLD_SIZE * side_frac), [o["bbox"] for o in scene["objects"]]
+    named = {o["name"]: o["bbox"] for o in scene["objects"]}
+    color = "red" if scene["kind"] == "exists" else "blue"
+    ax = 0 if scene["kind"] == "horizontal" else 1
+
+    def mid(b):                                        # centre along the asked axis
+        return (b[ax] + b[ax + 2]) / 2
+    box = None
+    for _ in range(50):
+        box = _free_box(rng, side, 0, WORLD_SIZE, taken)
+        if box is None or scene["kind"] == "exists":
+            break
+        if (mid(box) - mid(named["red circle"])) * (mid(named["blue square"]) - mid(named["red circle"])) < 0:
+            break
+    image = scene["image"].copy()
+    if box is not None:
+        draw_shape(ImageDraw.Draw(image), "triangle", box, COLORS[color])
+    return image, f"{color} triangle", box
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,9 +635,22 @@ class Args:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
 
 
+def add_hit(condition, target, output, min_diff: int = 30) -> bool | None:
+    """Did the editor add what it was asked to? On the pixels where the exact target differs from the
+    condition (summed |RGB| > ``min_diff``: the drawn shape), the output is closer to the target than to
+    the unedited condition (mean |RGB|). None when the pair adds nothing."""
+    import numpy as np
+    c, t, o = (np.asarray(im.convert("RGB"), dtype=np.float32) for im in (condition, target, output))
+    drawn = np.abs(t - c).sum(-1) > min_diff
+    if not drawn.any():
+        return None
+    return bool(np.abs(o[drawn] - t[drawn]).mean() < np.abs(o[drawn] - c[drawn]).mean())
+
+
 def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[dict, list]:
-    """PSNR of the editor's samples (8 Euler steps, CFG 4) against the exact target, per instruction
-    kind, on held-out pairs; for 'add' also against the unedited scene (lower: something was added)."""
+    """The editor's samples (8 Euler steps, CFG 4) on held-out pairs: PSNR against the exact target per
+    instruction kind; for 'add' also against the unedited scene (lower: something was added) and the hit
+    rate (add_hit: the named shape appears where the target has it)."""
     import torch
 
     import common
@@ -619,6 +669,8 @@ def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[
             report[f"editor_psnr_{kind}"] = round(sum(psnr(outs[i], pairs[i][2]) for i in idx) / len(idx), 2)
         if kind == "add" and idx:
             report["editor_psnr_add_vs_unedited"] = round(sum(psnr(outs[i], pairs[i][0]) for i in idx) / len(idx), 2)
+            hits = [h for h in (add_hit(pairs[i][0], pairs[i][2], outs[i]) for i in idx) if h is not None]
+            report["editor_add_hit"] = round(sum(hits) / max(1, len(hits)), 3)
     return report, [(p[0], o) for p, o in zip(pairs, outs)]
 
 

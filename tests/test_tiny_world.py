@@ -87,6 +87,45 @@ def test_edit_pairs_change_only_what_the_instruction_names():
     assert seen == {"keep", "add", "extend"}
 
 
+def test_add_hit_asks_whether_the_drawn_shape_appeared():
+    from PIL import Image, ImageDraw
+    scene = Image.new("RGB", (32, 32), (100, 100, 100))
+    target = scene.copy()
+    ImageDraw.Draw(target).rectangle([4, 4, 11, 11], fill=(230, 30, 30))      # 64 drawn pixels
+    assert tiny_world.add_hit(scene, target, target) is True
+    assert tiny_world.add_hit(scene, target, scene) is False
+    assert tiny_world.add_hit(scene, scene, target) is None                  # nothing to add
+    half = np.asarray(scene).copy()
+    half[4:12, 4:12] = (170, 60, 60)           # 4/7 of the way to the red: closer to the target
+    assert tiny_world.add_hit(scene, target, Image.fromarray(half)) is True
+    half[4:12, 4:12] = (150, 80, 80)           # 3/7 of the way: still closer to the unedited scene
+    assert tiny_world.add_hit(scene, target, Image.fromarray(half)) is False
+    moved = scene.copy()
+    ImageDraw.Draw(moved).rectangle([20, 20, 27, 27], fill=(230, 30, 30))     # right shape, wrong place
+    assert tiny_world.add_hit(scene, target, moved) is False
+
+
+def test_oracle_distractor_sits_beyond_the_circle_and_touches_nothing():
+    n_far = n_relations = 0
+    for i in range(24):
+        s = tiny_world.world_scene(i, seed=2)
+        image, name, box = tiny_world.oracle_distractor(s, i)
+        assert box is not None and name == ("red triangle" if s["kind"] == "exists" else "blue triangle")
+        assert box[2] - box[0] == WORLD_SIZE // 4
+        for o in s["objects"]:       # disjoint from every object, which are all still drawn as they were
+            b = o["bbox"]
+            assert box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]
+            x1, y1, x2, y2 = (int(v) for v in b)
+            assert np.array_equal(np.asarray(image)[y1:y2, x1:x2], np.asarray(s["image"])[y1:y2, x1:x2])
+        if s["kind"] != "exists":
+            n_relations += 1
+            a = 0 if s["kind"] == "horizontal" else 1
+            named = {o["name"]: o["bbox"] for o in s["objects"]}
+            box_c, circle_c, square_c = ((b[a] + b[a + 2]) / 2 for b in (box, named["red circle"], named["blue square"]))
+            n_far += (box_c - circle_c) * (square_c - circle_c) < 0
+    assert n_far == n_relations == 18     # every relation scene (the other 6 ask about existence)
+
+
 def test_preset_paths_name_the_run_directory():
     from dataclasses import dataclass, field
 
@@ -134,7 +173,8 @@ def small_world(tmp_path_factory):
 def test_build_writes_model_directories_that_load_by_path(small_world):
     out, args = small_world
     info = json.loads((out / "world.json").read_text())
-    for k in ("defender_test_acc", "vae_psnr", "editor_psnr_add", "total_s"):
+    for k in ("defender_test_acc", "defender_oracle_acc", "vae_psnr", "editor_psnr_add", "editor_add_hit",
+              "total_s"):
         assert k in info
     assert (out / "editor_samples.png").exists() and (out / "build_log.jsonl").read_text().count("\n") >= 3
     model, processor = common.load_defender(str(out / "defender"))
