@@ -1,7 +1,7 @@
 """Shared pieces of the AOT reference scripts, and nothing else.
 
 1. Model loading: the defender MLLM (Qwen2.5-VL), the attacker editor (Qwen-Image-Edit) with
-   its LoRA; hub ids, local paths, or ``tiny`` (tiny_world.py: small offline versions of both).
+   its LoRA; hub ids, local paths, or ``tiny`` (tiny_models.py: small offline versions of both).
 2. The attacker's model interface (prompt + condition encoding, one velocity prediction with
    true CFG, latent <-> image) and the defender's batched generation / P(Yes) scoring: every
    stage calls these, so they live here once.
@@ -77,7 +77,7 @@ def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.flo
     """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     if name_or_path == TINY:
-        from tiny_world import build_tiny_defender
+        from tiny_models import build_tiny_defender
         model, _ = build_tiny_defender()
     else:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -95,7 +95,7 @@ def load_processor(name_or_path: str = DEFENDER_ID):
     """The defender's processor as saved with the model (its own pixel limits)."""
     from transformers import AutoProcessor
     if name_or_path == TINY:
-        from tiny_world import tiny_vl_processor
+        from tiny_models import tiny_vl_processor
         return tiny_vl_processor()
     return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
 
@@ -105,7 +105,7 @@ def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, devi
     """-> diffusers QwenImageEditPipeline (all weights frozen, in ``dtype``), with an optional saved LoRA."""
     from diffusers import QwenImageEditPipeline
     if name_or_path == TINY:
-        from tiny_world import build_tiny_attacker
+        from tiny_models import build_tiny_attacker
         pipe = build_tiny_attacker()
     else:
         pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-import tiny_world  # noqa: E402
+import tiny_models  # noqa: E402
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_stage04():
 def build_model_dir(args, path: Path):
     """A random Qwen2.5-VL of the requested size with the tiny tokenizer, saved as a model directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    model, processor = tiny_world.build_tiny_defender()
+    model, processor = tiny_models.build_tiny_defender()
     cfg = model.config
     cfg.text_config.update(dict(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                                 num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,

@@ -9,7 +9,7 @@ from PIL import Image
 
 import common
 import rundir
-import tiny_world
+import tiny_models
 
 
 # --------------------------------------------------------------------------- extraction and reward
@@ -183,8 +183,8 @@ def test_checkpoint_roundtrip_trainable_only_and_previous_removed(tmp_path):
 
 # --------------------------------------------------------------------------- tiny models
 def test_tiny_tokenizer_has_qwen_special_tokens():
-    tok = tiny_world.build_tiny_tokenizer()
-    for t in tiny_world.QWEN_SPECIAL_TOKENS:
+    tok = tiny_models.build_tiny_tokenizer()
+    for t in tiny_models.QWEN_SPECIAL_TOKENS:
         ids = tok.encode(t, add_special_tokens=False)
         assert len(ids) == 1 and tok.decode(ids) == t
     assert len(tok.encode("Yes", add_special_tokens=False)) == 1
