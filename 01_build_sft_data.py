@@ -73,7 +73,7 @@ PRESETS = {
     "tiny_world": dict(judge="{run_dir}/models/defender", target="{run_dir}/models/defender",
                        editor="{run_dir}/models/editor", seed_data="tiny_world",
                        num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
-                       chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.15, max_box_frac=0.2,
+                       chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.18, max_box_frac=0.26,
                        distractors="red triangle,blue triangle,orange triangle,purple triangle",
                        min_composition=0.0, max_duplication=1.0, min_realism=0.0, max_new_tokens=8),
 }

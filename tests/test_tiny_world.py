@@ -103,6 +103,10 @@ def test_add_hit_asks_whether_the_drawn_shape_appeared():
     moved = scene.copy()
     ImageDraw.Draw(moved).rectangle([20, 20, 27, 27], fill=(230, 30, 30))     # right shape, wrong place
     assert tiny_world.add_hit(scene, target, moved) is False
+    # change elsewhere: 0 for the exact target; the moved square's 64 pixels of |130|+|70|+|70| / 3 = 90
+    # over the 32 x 32 - 27 x 27 pixels away from the asked box (dilated by 8: [0, 19] x [0, 19] -> 400)
+    assert tiny_world.change_elsewhere(scene, target, target) == 0.0
+    assert abs(tiny_world.change_elsewhere(scene, target, moved) - 64 * 90 / (1024 - 400)) < 1e-4
 
 
 def test_oracle_distractor_sits_beyond_the_circle_and_touches_nothing():
@@ -165,7 +169,7 @@ def small_world(tmp_path_factory):
     """The build with a few steps of each model: the directories, not the learning, are under test."""
     out = tmp_path_factory.mktemp("world") / "models"
     args = tiny_world.Args(out=str(out), defender_steps=2, defender_scenes=32, vae_steps=2, vae_images=16,
-                           editor_steps=2, editor_pairs=32, check_items=4)
+                           editor_steps=2, editor_add_steps=2, editor_pairs=32, check_items=8)
     tiny_world.build(args)
     return out, args
 
@@ -174,7 +178,7 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     out, args = small_world
     info = json.loads((out / "world.json").read_text())
     for k in ("defender_test_acc", "defender_oracle_acc", "vae_psnr", "editor_psnr_add", "editor_add_hit",
-              "total_s"):
+              "editor_add_change_elsewhere", "editor_keep_change", "total_s"):
         assert k in info
     assert (out / "editor_samples.png").exists() and (out / "build_log.jsonl").read_text().count("\n") >= 3
     model, processor = common.load_defender(str(out / "defender"))
