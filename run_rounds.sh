@@ -46,7 +46,7 @@ stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (out
 
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 
-# 0. the tiny world's trained defender and editor (first run ~35 min on 2 cores, then reused)
+# 0. the tiny world's trained defender and editor (first run ~35 min on 2 cores, estimated from its parts; then reused)
 if [ "$PRESET" = "tiny_world" ]; then
   EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
 fi

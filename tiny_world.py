@@ -190,17 +190,16 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     model.train()
     _fit("defender", model.parameters(), loss_at, steps, lr, max(1, steps // 8), (0.9, 0.98), log)
     model.eval()
-    answers = common.defender_generate(model, processor, [s["image"] for s in test],
-                                       [common.defender_prompt(s["question"], s["options"]) for s in test],
-                                       max_new_tokens=8, batch_size=64)
-    acc = sum(common.extract_answer(a, s["options"]) == s["answer"] for a, s in zip(answers, test)) / n_test
-    oracle = [oracle_distractor(s, i) for i, s in enumerate(test)]
-    answers = common.defender_generate(model, processor, [o[0] for o in oracle],
-                                       [common.defender_prompt(s["question"], s["options"]) for s in test],
-                                       max_new_tokens=8, batch_size=64)
-    oracle_acc = sum(common.extract_answer(a, s["options"]) == s["answer"] for a, s in zip(answers, test)) / n_test
-    return model, processor, dict(defender_test_acc=round(100 * acc, 1), defender_oracle_acc=round(100 * oracle_acc, 1),
-                                  defender_params=sum(p.numel() for p in model.parameters()), defender_steps=steps)
+    prompts = [common.defender_prompt(s["question"], s["options"]) for s in test]
+
+    def accuracy(images):
+        answers = common.defender_generate(model, processor, images, prompts, max_new_tokens=8, batch_size=64)
+        return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
+                               for a, s in zip(answers, test)) / n_test, 1)
+    return model, processor, dict(
+        defender_test_acc=accuracy([s["image"] for s in test]),
+        defender_oracle_acc=accuracy([oracle_distractor(s, i)[0] for i, s in enumerate(test)]),
+        defender_params=sum(p.numel() for p in model.parameters()), defender_steps=steps)
 
 
 def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
