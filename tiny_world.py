@@ -24,13 +24,15 @@ from tiny_models import QWEN_IMAGE_SCHEDULER, tiny_vl_config, tiny_vl_processor
 # =============================================================================================
 # Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to the right, green
 # downwards: Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns
-# "where" far faster when the pixels carry it), one red circle and one blue square (the targets,
-# inside the central 2/3 that stage 01 extends outwards) and 0-2 triangles in other colours. The
-# questions are fixed: left/right and above/below of the red circle and the blue square, and
-# whether there is a red circle. On such clean scenes "the red thing" identifies the circle: the
-# shortcut a defender learns and an attacker can exploit with a red non-circle outside the targets.
+# "where" far faster when the pixels carry it) and two objects: a red circle and a blue square (the
+# targets, inside the central 2/3 that stage 01 extends outwards). The questions are fixed:
+# left/right and above/below of the red circle and the blue square, and whether there is a red
+# circle. On such scenes "the red thing" is the circle: a defender trained on them never has to tell
+# shapes apart, the weakness AOT's attacker is there to find (a red triangle) and its defender
+# training to repair. Measured (400 defender steps, 192 held-out scenes, a red triangle of 28 px
+# drawn beyond the square or, for existence, anywhere): without other objects 97.9% clean, 58.9%
+# attacked; with 0-2 triangles of other colours in every scene 92.7% clean, 73.4% attacked.
 WORLD_SIZE = 112
-WORLD_CLUTTER = ["green", "yellow", "purple", "orange"]
 WORLD_QUESTIONS = {
     "horizontal": ("Is the red circle to the left or to the right of the blue square?", ["left", "right"]),
     "vertical": ("Is the red circle above or below the blue square?", ["above", "below"]),
@@ -80,10 +82,6 @@ def world_scene(index: int, seed: int = 0, size: int = WORLD_SIZE, kind: str | N
     objects = [("red circle", circle), ("blue square", square)]
     if kind == "exists" and rng.random() < 0.5:
         objects = objects[1:]                                   # the answer is No
-    for color in rng.sample(WORLD_CLUTTER, rng.choice([0, 1, 2])):
-        box = _free_box(rng, int(size * rng.uniform(0.12, 0.2)), 0, size, [b for _, b in objects])
-        if box:
-            objects.append((f"{color} triangle", box))
     img = Image.fromarray(world_background(size, seed * 1_000_003 + index))
     draw = ImageDraw.Draw(img)
     for name, box in objects:
@@ -204,10 +202,11 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
 
 def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
     """(image, name, box): the scene with the distractor the world's shortcut predicts to be the most
-    misleading, drawn exactly, never touching an object: for left/right and above/below a blue triangle on
-    the far side of the red circle from the blue square ("the blue thing" now straddles the circle), for
-    existence a red triangle anywhere. The defender's accuracy on these (world.json "defender_oracle_acc")
-    is a reference for what an attacker that adds one such shape could reach; stage 03 has to find it."""
+    misleading, drawn exactly, never touching an object: a red triangle, for left/right and above/below on
+    the far side of the blue square from the red circle ("the red thing" now straddles the square), for
+    existence anywhere. The defender's accuracy on these (world.json "defender_oracle_acc") is a reference
+    for what an attacker that adds one such shape could reach; stage 03 has to find it. (Measured on the
+    world's defender, 192 scenes, 28 px: a red triangle there 58.9%, a blue one beyond the circle 85.9%.)"""
     import random
 
     from PIL import ImageDraw
@@ -216,7 +215,6 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
     rng = random.Random(seed)
     side, taken = int(WORLD_SIZE * side_frac), [o["bbox"] for o in scene["objects"]]
     named = {o["name"]: o["bbox"] for o in scene["objects"]}
-    color = "red" if scene["kind"] == "exists" else "blue"
     ax = 0 if scene["kind"] == "horizontal" else 1
 
     def mid(b):                                        # centre along the asked axis
@@ -226,12 +224,12 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
         box = _free_box(rng, side, 0, WORLD_SIZE, taken)
         if box is None or scene["kind"] == "exists":
             break
-        if (mid(box) - mid(named["red circle"])) * (mid(named["blue square"]) - mid(named["red circle"])) < 0:
+        if (mid(box) - mid(named["blue square"])) * (mid(named["red circle"]) - mid(named["blue square"])) < 0:
             break
     image = scene["image"].copy()
     if box is not None:
-        draw_shape(ImageDraw.Draw(image), "triangle", box, COLORS[color])
-    return image, f"{color} triangle", box
+        draw_shape(ImageDraw.Draw(image), "triangle", box, COLORS["red"])
+    return image, "red triangle", box
 
 
 # ---------------------------------------------------------------------------------------------

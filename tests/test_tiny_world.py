@@ -23,7 +23,7 @@ def test_world_scenes_answer_their_question_from_the_drawn_geometry():
         s = tiny_world.world_scene(i, seed=7)
         kinds.add(s["kind"])
         objs = {o["name"]: o["bbox"] for o in s["objects"]}
-        assert not any(n.startswith(("red ", "blue ")) for n in objs if n not in ("red circle", "blue square"))
+        assert set(objs) <= {"red circle", "blue square"} and "blue square" in objs   # the targets, nothing else
         for t in s["targets"]:   # targets inside the central 2/3 that stage 01 extends outwards
             assert WORLD_SIZE // 6 <= min(t["bbox"]) and max(t["bbox"]) <= WORLD_SIZE - WORLD_SIZE // 6
         if s["kind"] == "exists":
@@ -109,12 +109,12 @@ def test_add_hit_asks_whether_the_drawn_shape_appeared():
     assert abs(tiny_world.change_elsewhere(scene, target, moved) - 64 * 90 / (1024 - 400)) < 1e-4
 
 
-def test_oracle_distractor_sits_beyond_the_circle_and_touches_nothing():
+def test_oracle_distractor_sits_beyond_the_square_and_touches_nothing():
     n_far = n_relations = 0
     for i in range(24):
         s = tiny_world.world_scene(i, seed=2)
         image, name, box = tiny_world.oracle_distractor(s, i)
-        assert box is not None and name == ("red triangle" if s["kind"] == "exists" else "blue triangle")
+        assert box is not None and name == "red triangle"
         assert box[2] - box[0] == WORLD_SIZE // 4
         for o in s["objects"]:       # disjoint from every object, which are all still drawn as they were
             b = o["bbox"]
@@ -126,7 +126,7 @@ def test_oracle_distractor_sits_beyond_the_circle_and_touches_nothing():
             a = 0 if s["kind"] == "horizontal" else 1
             named = {o["name"]: o["bbox"] for o in s["objects"]}
             box_c, circle_c, square_c = ((b[a] + b[a + 2]) / 2 for b in (box, named["red circle"], named["blue square"]))
-            n_far += (box_c - circle_c) * (square_c - circle_c) < 0
+            n_far += (box_c - square_c) * (circle_c - square_c) < 0
     assert n_far == n_relations == 18     # every relation scene (the other 6 ask about existence)
 
 
