@@ -60,9 +60,12 @@ PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
                  max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
-    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=32, group_size=4, micro_batch=32,
-                       max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=6, lr=2e-4, save_every=2,
-                       min_pixels=112 * 112, max_pixels=112 * 112, max_tries=2, grad_ckpt=False),
+    # the world's defender is confident (entropy ~0.08 nats): at group size 4 nearly every group was all
+    # right or all wrong and dynamic sampling kept 3-18% of them, too few to learn from attacks (attacked
+    # accuracy 52.6 -> 54.0 in round 1); at 16 answers per prompt it keeps 17-44% (measured, issue 12)
+    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=32, group_size=16, micro_batch=32,
+                       max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=12, lr=1e-4, save_every=4,
+                       min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
 }
 
 
