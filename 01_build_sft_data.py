@@ -205,6 +205,20 @@ CHECKS = {
 }
 
 
+@torch.no_grad()
+def defender_p_yes(model, processor, images, questions, batch_size=16) -> torch.Tensor:
+    """P(Yes) / (P(Yes) + P(No)) at the first answer position: one forward, always defined."""
+    tok = processor.tokenizer
+    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+    out = []
+    for i in range(0, len(questions), batch_size):
+        inputs = common.defender_inputs(processor, images[i:i + batch_size],
+                                        [common.yes_no_prompt(q) for q in questions[i:i + batch_size]], model.device)
+        logits = model(**inputs).logits[:, -1].float()  # left padding: last position is the answer's
+        out.append(torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def check_decisions(p_comp, p_dup_per_row, p_real, args) -> list[dict]:
     """Per row: pass/fail of each check from P(Yes) (duplication: every target must pass)."""
     return [{"composition": pc >= args.min_composition,
@@ -360,14 +374,14 @@ def process_chunk(rows, chunk_idx, models, args):
     # 2. the three checks, P(Yes) from one forward each
     swap.use(judge)
     imgs = extended
-    p_comp = common.defender_p_yes(judge, judge_proc, imgs, [CHECKS["composition"].format(question=r["question"])
+    p_comp = defender_p_yes(judge, judge_proc, imgs, [CHECKS["composition"].format(question=r["question"])
                                                              for r in rows], args.batch_size).tolist()
     dup_q = [(i, CHECKS["duplication"].format(name=t["name"])) for i, (_, _, boxes) in enumerate(canvases)
              for t in boxes]
-    p_dup_flat = common.defender_p_yes(judge, judge_proc, [imgs[i] for i, _ in dup_q], [q for _, q in dup_q],
+    p_dup_flat = defender_p_yes(judge, judge_proc, [imgs[i] for i, _ in dup_q], [q for _, q in dup_q],
                                        args.batch_size).tolist()
     p_dup = [[p for (i, _), p in zip(dup_q, p_dup_flat) if i == k] for k in range(len(rows))]
-    p_real = common.defender_p_yes(judge, judge_proc, imgs, [CHECKS["realism"]] * len(rows),
+    p_real = defender_p_yes(judge, judge_proc, imgs, [CHECKS["realism"]] * len(rows),
                                    args.batch_size).tolist()
     decisions = check_decisions(p_comp, p_dup, p_real, args)
     scenes = []

@@ -62,8 +62,11 @@ PRESETS = {
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
     # the world's defender is confident (entropy ~0.08 nats): at group size 4 nearly every group was all
     # right or all wrong and dynamic sampling kept 3-18% of them, too few to learn from attacks (attacked
-    # accuracy 52.6 -> 54.0 in round 1); at 16 answers per prompt it keeps 17-44% (measured, issue 12)
-    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=32, group_size=16, micro_batch=32,
+    # accuracy 52.6 -> 54.0 in round 1); at 16 answers per prompt it keeps 15-44%. Updates of 8 prompts
+    # (~3 per rollout step) won back more than one update per step, on the same round-0 defender and
+    # attacks (issue 12, 137 held-out attacks): 48.9 -> 68.6 (clean 97.8 -> 94.2) against 60.6 (96.4) at
+    # 32 and 64.2 (97.1) at 4; round 0 at 8 keeps clean accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it
+    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=32,
                        max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=12, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
 }
@@ -271,6 +274,15 @@ def collate(samples, pad_id, device):
     return {k: v.to(device) for k, v in batch.items()}, comp_mask.to(device), P
 
 
+def overlong_penalty(length: int, max_len: int, cache: int) -> float:
+    """DAPO soft overlong punishment: 0 up to max_len - cache, linear to -1 at max_len, -1 past it."""
+    if length <= max_len - cache:
+        return 0.0
+    if length <= max_len:
+        return ((max_len - cache) - length) / cache
+    return -1.0
+
+
 def token_logprobs(model, batch, P, T, temperature, with_entropy=False):
     """Log-probs (B, T) of the completion tokens under the model (logits / temperature)."""
     with compute_dtype(model):  # logits of the completion positions only (prompts are left-padded to P)
@@ -290,7 +302,7 @@ def score(samples, args):
     for s in samples:
         p = s["prompt"]
         s["accuracy"] = common.accuracy_reward(s["text"], p["answer"], p["options"])
-        s["overlong"] = (common.overlong_penalty(len(s["completion"]), args.max_new_tokens, args.overlong_cache)
+        s["overlong"] = (overlong_penalty(len(s["completion"]), args.max_new_tokens, args.overlong_cache)
                          if args.overlong_cache > 0 else 0.0)
         s["reward"] = s["accuracy"] + s["overlong"]
 

@@ -427,20 +427,6 @@ def defender_generate(model, processor, images, prompts, max_new_tokens=64, temp
     return out
 
 
-@torch.no_grad()
-def defender_p_yes(model, processor, images, questions, batch_size=16) -> torch.Tensor:
-    """P(Yes) / (P(Yes) + P(No)) at the first answer position: one forward, always defined."""
-    tok = processor.tokenizer
-    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
-    out = []
-    for i in range(0, len(questions), batch_size):
-        inputs = defender_inputs(processor, images[i:i + batch_size],
-                                 [yes_no_prompt(q) for q in questions[i:i + batch_size]], model.device)
-        logits = model(**inputs).logits[:, -1].float()  # left padding: last position is the answer's
-        out.append(torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. torchrun
 # ---------------------------------------------------------------------------------------------
@@ -692,15 +678,6 @@ def accuracy_reward(text: str, answer: str, options: list[str] | None = None) ->
     if pred is None or pred != str(answer).strip():
         return 0.0
     return 1.0 if strict else 0.8
-
-
-def overlong_penalty(length: int, max_len: int, cache: int) -> float:
-    """DAPO soft overlong punishment: 0 up to max_len - cache, linear to -1 at max_len, -1 past it."""
-    if length <= max_len - cache:
-        return 0.0
-    if length <= max_len:
-        return ((max_len - cache) - length) / cache
-    return -1.0
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -142,31 +142,65 @@ def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.
 # ---------------------------------------------------------------------------------------------
 def world_defender_inputs(processor, scenes: list[dict]):
     """Teacher-forcing batch in the stages' exact chat format (common.defender_prompt): the prompt,
-    then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens."""
+    then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens. -> (inputs, labels,
+    other): ``other`` holds, where the wrong answer's completion differs from the right one (the answer
+    token itself: "{A" / "{B", "{Yes" / "{No"), the wrong answer's token, elsewhere -100."""
     import torch
 
     import common
     tok = processor.tokenizer
     inputs = common.defender_inputs(processor, [s["image"] for s in scenes],
                                     [common.defender_prompt(s["question"], s["options"]) for s in scenes], "cpu")
-    answers = [tok(f"\\boxed{{{s['answer']}}}<|im_end|>")["input_ids"] for s in scenes]
+    def completion(answer):
+        return tok(f"\\boxed{{{answer}}}<|im_end|>")["input_ids"]
+    answers = [completion(s["answer"]) for s in scenes]
+    wrong = [completion({"A": "B", "B": "A", "Yes": "No", "No": "Yes"}[s["answer"]]) for s in scenes]
     n, p, t = len(scenes), inputs["input_ids"].shape[1], max(map(len, answers))
     ids = torch.full((n, p + t), tok.pad_token_id)
     labels = torch.full((n, p + t), -100)
+    other = torch.full((n, p + t), -100)
     attn = torch.zeros(n, p + t, dtype=torch.long)
     mm = torch.zeros(n, p + t, dtype=torch.long)
     ids[:, :p], attn[:, :p], mm[:, :p] = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     for i, a in enumerate(answers):
         ids[i, p:p + len(a)] = labels[i, p:p + len(a)] = torch.tensor(a)
         attn[i, p:p + len(a)] = 1
+        if len(wrong[i]) == len(a):
+            w = torch.tensor(wrong[i])
+            other[i, p:p + len(a)] = torch.where(w != labels[i, p:p + len(a)], w, -100)
     return dict(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"]), labels
+                image_grid_thw=inputs["image_grid_thw"]), labels, other
+
+
+def answer_smoothed_loss(logits, labels, other, smoothing: float):
+    """Token-mean cross-entropy on ``labels`` where, at the answer token (``other`` != -100), the target
+    is (1 - smoothing) on the right answer and ``smoothing`` on the wrong one: label smoothing inside the
+    answer set, none on the format tokens (smoothing over the 151k-token vocabulary would teach the model
+    to break "\\boxed{}")."""
+    import torch
+    flat = logits.reshape(-1, logits.shape[-1])
+    if smoothing == 0:                              # plain token-mean cross-entropy (the default build)
+        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1))
+    ce = torch.nn.functional.cross_entropy(flat, labels.reshape(-1), reduction="none")
+    ce_wrong = torch.nn.functional.cross_entropy(flat, other.reshape(-1), reduction="none")  # 0 where -100
+    at_answer = other.reshape(-1) != -100
+    ce = torch.where(at_answer, (1 - smoothing) * ce + smoothing * ce_wrong, ce)
+    return ce.sum() / (labels != -100).sum()
 
 
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
-                         n_test: int = 192, log=print):
-    """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes)."""
-    import torch
+                         n_test: int = 192, smoothing: float = 0.0, log=print):
+    """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes); with
+    ``smoothing`` > 0 the answer token is label-smoothed (``answer_smoothed_loss``).
+
+    Hard labels make a confident defender (entropy ~0.06 nats per token): 16 sampled answers to a prompt
+    are nearly always all right or all wrong, DAPO's dynamic sampling keeps 15-25% of the groups, and the
+    prompts an attack fools confidently give no signal. Smoothing 0.1 was tried to make groups mix, one
+    ROUNDS=1 run, measured (issue 12): groups of 8 mixed on 73% of clean prompts (was ~20%), but the
+    greedy answers became fragile: test accuracy 91.7 (48 scenes; 97.9 with hard labels), and DAPO's
+    updates swung the A/B bias: round 0 (04's preset) took clean accuracy from 91.2 to 81.8 (137 scenes; the
+    hard-label defender, same preset: 97.8 -> 97.8), and round 1 won back 8 of attacker 1's 27.8 points.
+    Hence the default 0: hard labels."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     import common
@@ -183,9 +217,8 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     test = [world_scene(i, seed=2) for i in range(n_test)]
     batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
     def loss_at(step):
-        x, y = batches[step % len(batches)]
-        logits = model(**x).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+        x, y, other = batches[step % len(batches)]
+        return answer_smoothed_loss(model(**x).logits[:, :-1].float(), y[:, 1:], other[:, 1:], smoothing)
     model.train()
     _fit("defender", model.parameters(), loss_at, steps, lr, max(1, steps // 8), (0.9, 0.98), log)
     model.eval()
@@ -501,6 +534,8 @@ class Args:
     out: str = field(default="runs/tiny_world/models", metadata={"help": "writes defender/, editor/, world.json"})
     defender_steps: int = field(default=400, metadata={"help": "defender SFT steps (batch 32)"})
     defender_lr: float = field(default=2e-3, metadata={"help": "defender SFT peak learning rate"})
+    defender_smoothing: float = field(default=0.0, metadata={"help": "label smoothing between the right and the "
+                                                                     "wrong answer token (0 = hard labels)"})
     defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
     vae_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps after thumbnail_init (batch 16, 32 px crops)"})
     vae_images: int = field(default=512, metadata={"help": "VAE training images"})
@@ -591,6 +626,7 @@ def build(args: Args) -> Path:
         log_file.write(json.dumps(d) + "\n")
     t0 = time.time()
     defender, processor, info = train_world_defender(steps=args.defender_steps, lr=args.defender_lr,
+                                                     smoothing=args.defender_smoothing,
                                                      n_train=args.defender_scenes, n_test=args.check_items, log=log)
     info["defender_s"] = round(time.time() - t0)
     defender.save_pretrained(tmp / "defender", safe_serialization=True)

@@ -245,3 +245,11 @@ def test_stage04_round1_reads_curriculum(tiny_run, tmp_path):
     p = run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run, "--round", "1")
     assert "(6 attacked)" in p.stdout
     assert (run / "defender" / "round_1" / "model.safetensors").is_file()
+
+
+def test_overlong_penalty_three_regimes():
+    assert s04.overlong_penalty(100, max_len=512, cache=128) == 0.0
+    assert s04.overlong_penalty(384, max_len=512, cache=128) == 0.0     # boundary
+    assert s04.overlong_penalty(448, max_len=512, cache=128) == pytest.approx(-0.5)
+    assert s04.overlong_penalty(512, max_len=512, cache=128) == pytest.approx(-1.0)
+    assert s04.overlong_penalty(600, max_len=512, cache=128) == -1.0

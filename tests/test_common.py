@@ -5,11 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 import common
 import rundir
 import tiny_models
+
+s01 = load_script("01_build_sft_data.py")
 
 
 # --------------------------------------------------------------------------- extraction and reward
@@ -70,14 +73,6 @@ def test_extract_yes_no_official(text, expected):
 def test_extract_option_hrbench_and_vstar(text, hrbench, vstar):
     assert common.extract_option_hrbench(text) == hrbench
     assert common.extract_option_vstar(text) == vstar
-
-
-def test_overlong_penalty_three_regimes():
-    assert common.overlong_penalty(100, max_len=512, cache=128) == 0.0
-    assert common.overlong_penalty(384, max_len=512, cache=128) == 0.0     # boundary
-    assert common.overlong_penalty(448, max_len=512, cache=128) == pytest.approx(-0.5)
-    assert common.overlong_penalty(512, max_len=512, cache=128) == pytest.approx(-1.0)
-    assert common.overlong_penalty(600, max_len=512, cache=128) == -1.0
 
 
 def test_prompts_official_wording():
@@ -207,7 +202,7 @@ def test_tiny_defender_generates_and_is_deterministic():
     out = common.defender_generate(m1, proc, imgs, ["Is it red?", "A longer question here?"],
                                    max_new_tokens=6)
     assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
-    p = common.defender_p_yes(m1, proc, imgs, ["q?", "q?"])
+    p = s01.defender_p_yes(m1, proc, imgs, ["q?", "q?"])
     assert p.shape == (2,) and torch.all((p > 0) & (p < 1))
 
 

@@ -198,3 +198,22 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     t0 = time.time()
     tiny_world.build(args)
     assert time.time() - t0 < 1 and (out / "world.json").stat().st_mtime == stamp
+
+
+def test_answer_smoothing_moves_only_the_answer_token_towards_the_wrong_answer():
+    processor = tiny_world.tiny_vl_processor(min_pixels=WORLD_SIZE ** 2, max_pixels=WORLD_SIZE ** 2)
+    scenes = [tiny_world.world_scene(i, kind=k) for i, k in enumerate(["horizontal", "exists"])]
+    inputs, labels, other = tiny_world.world_defender_inputs(processor, scenes)
+    tok = processor.tokenizer
+    for i, s in enumerate(scenes):       # exactly one position: the answer token ("{A" / "{B", "{Yes" / "{No")
+        (pos,) = (other[i] != -100).nonzero()[:, 0].tolist()
+        right, wrong = tok.decode(labels[i, pos]), tok.decode(other[i, pos])
+        assert right == "{" + s["answer"] and wrong == "{" + {"A": "B", "B": "A", "Yes": "No", "No": "Yes"}[s["answer"]]
+    # a hand-computed case: 2 sequences, vocab 3; sequence 0 has an answer token at t = 1
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]], [[0.1, 0.1, 0.8], [1 / 3] * 3]]))
+    y = torch.tensor([[0, 0], [2, -100]])
+    o = torch.tensor([[-100, 1], [-100, -100]])
+    want = (-np.log(0.5) + (0.9 * -np.log(0.7) + 0.1 * -np.log(0.2)) - np.log(0.8)) / 3
+    assert tiny_world.answer_smoothed_loss(logits, y, o, 0.1).item() == pytest.approx(want, rel=1e-5)
+    hard = (-np.log(0.5) - np.log(0.7) - np.log(0.8)) / 3                     # smoothing 0: hard labels
+    assert tiny_world.answer_smoothed_loss(logits, y, o, 0.0).item() == pytest.approx(hard, rel=1e-5)
