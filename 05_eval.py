@@ -453,9 +453,39 @@ def write_summary(eval_dir: Path, paper_table: bool):
         if x:
             lines.append(f"\n{a.replace('attacker_round_', 'Attacker ')}: {x['n']} held-out attacks, local SSIM on the "
                          f"targets {x['ssim_local']:.3f} on average, {x['ssim_pass']:.1f}% pass the gate (>= {x['tau']}).")
+    for c in coevolution(rounds):
+        k = c["attacker"]
+        line = (f"\nRound {k}: attacker {k} takes {c['drop']:.1f} points from defender {k - 1}, the model it was trained "
+                f"to fool ({c['clean_before']:.1f} clean, {c['attacked_before']:.1f} attacked)")
+        if "recovered" in c:
+            line += (f"; defender {k} wins back {c['attacked_after'] - c['attacked_before']:.1f} of them "
+                     f"({100 * c['recovered']:.0f}%: {c['attacked_after']:.1f} attacked) at "
+                     f"{c['clean_after']:.1f} clean ({c['clean_after'] - c['clean_before']:+.1f})")
+        lines.append(line + ".")
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)
+
+
+def coevolution(rounds) -> list[dict]:
+    """What each co-evolution round did, on the held-out test scenes: attacker k against defender k-1, the model
+    it was trained to fool (clean_before, attacked_before, drop = their difference; gate_pass: % of its attacks
+    passing its local-SSIM gate), then defender k, trained on its curriculum, on the same attacks (attacked_after,
+    clean_after, recovered = the share of the drop won back). One dict per attacker round scored on defender
+    k-1; the "after" keys only once defender k is scored."""
+    by = {r["round"]: r["robustness"] for r in rounds}
+    out = []
+    for k in sorted({int(a.rsplit("_", 1)[1]) for r in by.values() for a in r if a.startswith("attacker_")}):
+        a, before, after = f"attacker_round_{k}", by.get(k - 1, {}), by.get(k, {})
+        if a not in before or "clean_acc" not in before:
+            continue
+        c = dict(attacker=k, clean_before=before["clean_acc"], attacked_before=before[a]["acc"],
+                 drop=before["clean_acc"] - before[a]["acc"], gate_pass=before[a].get("ssim_pass", float("nan")))
+        if a in after and "clean_acc" in after:
+            c.update(attacked_after=after[a]["acc"], clean_after=after["clean_acc"],
+                     recovered=(after[a]["acc"] - c["attacked_before"]) / c["drop"] if c["drop"] > 0 else float("nan"))
+        out.append(c)
+    return out
 
 
 CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),

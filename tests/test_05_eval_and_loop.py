@@ -77,6 +77,28 @@ def test_curves_from_the_logs(tmp_path):
     assert drawn["04_round:entropy"] == 0 and drawn["03_round:ssim_local"] == 0   # None and absent: not drawn
 
 
+def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
+    def res(rnd, clean, **attacks):
+        rob = dict(clean_acc=clean, **{f"attacker_round_{k[1:]}": dict(acc=v, attack_success=0.0, n=10, ssim_local=0.7,
+                                                                         ssim_pass=90.0, tau=0.55)
+                                       for k, v in attacks.items()})
+        (tmp_path / f"{'base' if rnd < 0 else f'round_{rnd}'}.json").write_text(
+            json.dumps(dict(round=rnd, benchmarks={}, robustness=rob)))
+    res(-1, 98.0)
+    res(0, 96.0, a1=50.0)                # attacker 1 takes 46 points from defender 0
+    res(1, 94.0, a1=73.0, a2=60.0)       # defender 1 wins back 23 of them (50%); attacker 2 not yet scored on 1 -> 2
+    rounds = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    c = s05.coevolution(rounds)
+    assert [x["attacker"] for x in c] == [1, 2]
+    assert c[0]["drop"] == 46.0 and c[0]["recovered"] == pytest.approx(0.5) and c[0]["clean_after"] == 94.0
+    assert c[0]["gate_pass"] == 90.0
+    assert c[1] == dict(attacker=2, clean_before=94.0, attacked_before=60.0, drop=34.0, gate_pass=90.0)   # no defender 2 yet
+    summary = s05.write_summary(tmp_path, False)
+    assert ("Round 1: attacker 1 takes 46.0 points from defender 0, the model it was trained to fool (96.0 clean, "
+            "50.0 attacked); defender 1 wins back 23.0 of them (50%: 73.0 attacked) at 94.0 clean (-2.0).") in summary
+    assert "Round 2: attacker 2 takes 34.0 points from defender 1" in summary
+
+
 def _b64(color):
     buf = io.BytesIO()
     Image.new("RGB", (56, 56), color).save(buf, format="PNG")
