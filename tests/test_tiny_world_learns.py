@@ -1,8 +1,8 @@
 """The tiny world learns (issue 12, targets 1-3): PRESET=tiny_world ROUNDS=1 end to end, then the co-evolution
 measured on its held-out test scenes (05_eval.coevolution, the lines at the end of eval/summary.md).
 
-Opt-in: one run from an empty directory takes ~60 min on 2 cores (the models 38 of them), over the suite's
-budget. ``AOT_LEARNING_TEST=1`` runs it in a temporary directory; ``AOT_LEARNING_TEST=DIR`` runs it in DIR,
+Opt-in: one run from an empty directory takes 28-59 min on 2 cores (the models 18-38 of them, by CPU), over
+the suite's budget. ``AOT_LEARNING_TEST=1`` runs it in a temporary directory; ``AOT_LEARNING_TEST=DIR`` runs it in DIR,
 where finished stages are skipped (a finished run is re-checked in seconds)."""
 import json
 import os
@@ -16,7 +16,7 @@ from helpers import env
 WHERE = os.environ.get("AOT_LEARNING_TEST", "")
 
 
-@pytest.mark.skipif(not WHERE, reason="~60 min on 2 cores: AOT_LEARNING_TEST=1 (or a run directory) runs it")
+@pytest.mark.skipif(not WHERE, reason="28-59 min on 2 cores: AOT_LEARNING_TEST=1 (or a run directory) runs it")
 def test_tiny_world_co_evolution_meets_its_targets(tmp_path):
     run = tmp_path / "world" if WHERE == "1" else Path(WHERE)
     e = dict(env(), PRESET="tiny_world", ROUNDS="1", RUN_DIR=str(run), PYTHON=os.sys.executable)
@@ -27,9 +27,8 @@ def test_tiny_world_co_evolution_meets_its_targets(tmp_path):
     s05 = load_script("05_eval.py")
     rounds = [json.loads((run / "eval" / f"{n}.json").read_text()) for n in ("base", "round_0", "round_1")]
     (c,) = s05.coevolution(rounds)
-    print(json.dumps(c))
-    assert c["clean_before"] >= 85.0                                       # 1. defender round 0, clean
-    assert c["drop"] >= 25.0 and c["gate_pass"] >= 80.0                    # 2. attacker 1 vs defender 0, within the gate
-    assert c["recovered"] >= 0.5 and c["clean_after"] >= c["clean_before"] - 5.0   # 3. defender round 1
+    assert c["clean_before"] >= 85.0, c                                       # 1. defender round 0, clean
+    assert c["drop"] >= 25.0 and c["gate_pass"] >= 80.0, c                    # 2. attacker 1 vs defender 0, within the gate
+    assert c["recovered"] >= 0.5 and c["clean_after"] >= c["clean_before"] - 5.0, c   # 3. defender round 1
     for gallery in ("data/gallery_01.png", "attacks/round_1/gallery.png", "models/editor_samples.png"):
         assert (run / gallery).stat().st_size > 10_000, gallery
