@@ -24,7 +24,8 @@ Flow-GRPO, every piece in this file (shared/PAPER_NOTES.md, "Flow-GRPO", "Attack
 Our choices where the paper is silent:
   1. the reward formula above (the paper gives its two parts, not how they combine);
   2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks
-     whose local SSIM passes the gate (others could have changed the true answer);
+     whose local SSIM passes the gate (others could have changed the true answer); one attack per
+     scene, or --curriculum_samples per train scene (each from its own initial noise);
   3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
      reward for checking that the RL loop learns (the tests use it).
   4. precision as flow_grpo: transformer, text encoder, VAE and defender frozen in --dtype (bf16 on
@@ -82,6 +83,8 @@ class Args:
                                                                    "at --resolution"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
+    curriculum_samples: int = field(default=1, metadata={"help": "attacks per train scene in the curriculum (each "
+                                                                 "from its own noise; held-out: 1 per scene)"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
     sde_window: int = field(default=0, metadata={"help": "stochastic + trained steps per rollout "
                                                          "(0 = every step but the last)"})
@@ -260,22 +263,26 @@ def encode_scenes(pipe, scenes, args):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
-    """One deterministic (ODE) attack per scene: rows for attacks/round_k. Scenes are batched by
-    output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on
+    """Deterministic (ODE) attacks: rows for attacks/round_k. Every scene once; with
+    --curriculum_samples n > 1 every train scene n times, each from its own initial noise (the first is
+    the one a single-sample run draws, so the held-out attacks do not depend on n). Scenes are batched
+    by output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on
     ``filler`` (results dropped)."""
     batches = []
-    for i in range(0, len(scenes), args.scenes_per_step):
-        by_size = {}
-        for s in scenes[i:i + args.scenes_per_step]:
-            by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
-        batches += [(i, group) for group in by_size.values()]
+    for j in range(args.curriculum_samples):
+        part = scenes if j == 0 else [s for s in scenes if s["split"] == "train"]
+        for i in range(0, len(part), args.scenes_per_step):
+            by_size = {}
+            for s in part[i:i + args.scenes_per_step]:
+                by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
+            batches += [(seed + i + 1_000_003 * j, group) for group in by_size.values()]
     n = int(common.all_reduce(torch.tensor(float(len(batches))), op="max").item())
     rows = []
     for b in common.progress(range(n), desc="[03] curriculum"):
-        i, group = batches[b] if b < len(batches) else (0, [filler])
+        noise_seed, group = batches[b] if b < len(batches) else (seed, [filler])
         ctx = encode_scenes(pipe, group, args)
         sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
-        _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(seed + i))
+        _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(noise_seed))
         images = common.decode_latents(pipe, x, ctx.height, ctx.width)
         edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
         r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)

@@ -1,6 +1,7 @@
 """Stages 02 + 03: the SDE step, log-prob recomputation, Flow-GRPO and SFT learning, stage runs."""
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -136,7 +137,6 @@ def test_sft_loss_falls(tiny_run):
 
 
 def _copy_run(tiny_run, dst):
-    import shutil
     shutil.copytree(tiny_run / "data", dst / "data")
     return dst
 
@@ -195,6 +195,23 @@ def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
     assert len(att["test"]) == scenes["split"].count("test")
     assert all(a >= 0.3 for a in att["train"]["ssim_local"])
     assert (run / "attacks" / "round_1" / "gallery.png").is_file()
+    # the curriculum alone, from the finished adapter, two attacks per train scene: the held-out attacks
+    # and the first draws are the single-sample run's, the second draws other edits of the same scenes
+    shutil.copytree(run / "attacker", tmp_path / "m" / "attacker")
+    _copy_run(tiny_run, tmp_path / "m")
+    run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", tmp_path / "m", "--round", "1",
+              "--defender", "tiny", "--curriculum_samples", "2")
+    many = load_from_disk(str(tmp_path / "m" / "attacks" / "round_1"))
+
+    def pixels(rows):
+        return [im.tobytes() for im in rows["attacked_image"]]
+    assert pixels(many["test"]) == pixels(att["test"]) and many["test"]["ssim_local"] == att["test"]["ssim_local"]
+    n = len(att["train"])
+    first, second = many["train"].select(range(n)), many["train"].select(range(n, len(many["train"])))
+    assert pixels(first) == pixels(att["train"]) and len(second) > 0
+    assert set(second["id"]) <= {i for i, s in zip(scenes["id"], scenes["split"]) if s == "train"}
+    again = {i: b for i, b in zip(first["id"], pixels(first))}
+    assert all(b != again[i] for i, b in zip(second["id"], pixels(second)) if i in again)
     run2 = _copy_run(tiny_run, tmp_path / "b")
     p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run2, "--round", "1", "--defender", "tiny",
                   "--dtype", "bf16", nproc=2)
