@@ -60,6 +60,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import common
+import editing
 import rundir
 import seeds
 import tiny_world
@@ -154,22 +155,22 @@ def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolu
     """Edit only where mask == 1 (PIL 'L' masks, image size). Flow-matching inpainting: after
     each Euler step the unmasked region is reset to the original latents noised to the next
     sigma, so the model fills the hole consistently with what surrounds it."""
-    ctx = common.encode_edit(pipe, images, instructions, resolution, cond_resolution=cond_resolution)
+    ctx = editing.encode_edit(pipe, images, instructions, resolution, cond_resolution=cond_resolution)
     w, h = ctx.width, ctx.height
-    x0 = common.encode_images(pipe, common.images_to_tensor(images, w, h)).float()   # (B, L, 64) original latents
+    x0 = editing.encode_images(pipe, editing.images_to_tensor(images, w, h)).float()   # (B, L, 64) original latents
     m = torch.stack([torch.from_numpy(np.asarray(mk.resize((w // 8, h // 8), Image.BILINEAR),
                                                  dtype=np.float32) / 255.0) for mk in masks])
-    m = common.pack_latents((m > 0.01).float()[:, None, None].expand(-1, 16, 1, -1, -1).contiguous())
-    sigmas = common.sigma_schedule(pipe.scheduler, steps, x0.shape[1])
+    m = editing.pack_latents((m > 0.01).float()[:, None, None].expand(-1, 16, 1, -1, -1).contiguous())
+    sigmas = editing.sigma_schedule(pipe.scheduler, steps, x0.shape[1])
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     x = noise.clone()
     for i in range(steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        v = common.predict_velocity(pipe.transformer, x, s.view(1).to(x.device), ctx, cfg)
+        v = editing.predict_velocity(pipe.transformer, x, s.view(1).to(x.device), ctx, cfg)
         x = x + (s_next - s) * v
         known = (1 - s_next) * x0 + s_next * noise
         x = m * x + (1 - m) * known
-    out = common.tensor_to_images(common.decode_latents(pipe, x, h, w))
+    out = editing.tensor_to_images(editing.decode_latents(pipe, x, h, w))
     results = []
     for orig, edited, mk in zip(images, out, masks):  # paste the original back outside the mask
         edited = edited.resize(orig.size, Image.BICUBIC)
@@ -187,7 +188,7 @@ def extend_canvas(image: Image.Image, targets, pad_ratio: float, resolution: int
     canvas.paste(image, (px, py))
     mask = Image.new("L", (cw, ch), 255)
     mask.paste(0, (px, py, px + w, py + h))
-    ew, eh = common.snap_size(canvas, resolution)
+    ew, eh = editing.snap_size(canvas, resolution)
     sx, sy = ew / cw, eh / ch
     boxes = [{"name": t["name"], "bbox": [(t["bbox"][0] + px) * sx, (t["bbox"][1] + py) * sy,
                                           (t["bbox"][2] + px) * sx, (t["bbox"][3] + py) * sy]} for t in targets]

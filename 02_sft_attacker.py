@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import editing
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
@@ -81,10 +82,10 @@ def cache_rows(pipe, rows, resolution, cond_resolution=0):
     latents, target latents x0. The text encoder is not needed afterwards."""
     cache = []
     for r in common.progress(rows, desc="[02] cache", leave=False):
-        ctx = common.encode_edit(pipe, [r["image"]], [r["instruction"]], resolution, negative_prompt=None,
+        ctx = editing.encode_edit(pipe, [r["image"]], [r["instruction"]], resolution, negative_prompt=None,
                                  cond_resolution=cond_resolution)
-        target = common.images_to_tensor([r["edited_image"]], ctx.width, ctx.height)
-        cache.append((ctx.to("cpu"), common.encode_images(pipe, target).float().cpu()))
+        target = editing.images_to_tensor([r["edited_image"]], ctx.width, ctx.height)
+        cache.append((ctx.to("cpu"), editing.encode_images(pipe, target).float().cpu()))
     return cache
 
 
@@ -97,7 +98,7 @@ def sample_sigma(n, mode, generator):
 def sft_loss(transformer, ctx, x0, s, eps):
     """Flow-matching MSE on the target tokens: v(x_s) vs eps - x0."""
     x_s = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * eps          # (1, L, 64)
-    v = common.predict_velocity(transformer, x_s.to(x0.device), s.to(x0.device), ctx, cfg_scale=1.0)
+    v = editing.predict_velocity(transformer, x_s.to(x0.device), s.to(x0.device), ctx, cfg_scale=1.0)
     return F.mse_loss(v, eps - x0)
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 import common
+import editing
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
@@ -153,7 +154,7 @@ def rollout(pipe, ctx, sigmas, train_steps, noise_level, cfg, generator):
     sigma_max = sigmas[1].item()
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
-        v = common.predict_velocity(pipe.transformer, x, sigmas[i:i + 1].to(x.device), ctx, cfg)
+        v = editing.predict_velocity(pipe.transformer, x, sigmas[i:i + 1].to(x.device), ctx, cfg)
         x, logp, _ = sde_step(v, x, s, s_next, noise_level if i in train_steps else 0.0, sigma_max,
                               generator=generator)
         xs.append(x)
@@ -220,7 +221,7 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
             m = mb * args.micro_batch if real else 0
             idx = slice(m, m + args.micro_batch)
             sub = ctx.select(idx)
-            v = common.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+            v = editing.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
             _, logp, mean = sde_step(v, xs[j, idx], s, s_next, args.noise_level, sigma_max, prev=xs[j + 1, idx])
             ratio = torch.exp(logp - old_logps[j, idx])
             a = adv[idx].to(ratio.device)
@@ -228,7 +229,7 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
             if args.kl_beta > 0:
                 with torch.no_grad():
                     tr.disable_adapters()
-                    v_ref = common.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+                    v_ref = editing.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
                     tr.enable_adapters()
                     _, _, mean_ref = sde_step(v_ref, xs[j, idx], s, s_next, args.noise_level, sigma_max,
                                               prev=xs[j + 1, idx])
@@ -253,7 +254,7 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
 
 
 def encode_scenes(pipe, scenes, args):
-    return common.encode_edit(pipe, [s["image"] for s in scenes],
+    return editing.encode_edit(pipe, [s["image"] for s in scenes],
                               [common.attack_instruction(s["question"]) for s in scenes], args.resolution,
                               negative_prompt=" " if args.cfg > 1 else None, cond_resolution=args.cond_resolution)
 
@@ -274,17 +275,17 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
         for i in range(0, len(part), args.scenes_per_step):
             by_size = {}
             for s in part[i:i + args.scenes_per_step]:
-                by_size.setdefault(common.snap_size(s["image"], args.resolution), []).append(s)
+                by_size.setdefault(editing.snap_size(s["image"], args.resolution), []).append(s)
             batches += [(seed + i + 1_000_003 * j, group) for group in by_size.values()]
     n = int(common.all_reduce(torch.tensor(float(len(batches))), op="max").item())
     rows = []
     for b in common.progress(range(n), desc="[03] curriculum"):
         noise_seed, group = batches[b] if b < len(batches) else (seed, [filler])
         ctx = encode_scenes(pipe, group, args)
-        sig = common.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
+        sig = editing.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
         _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(noise_seed))
-        images = common.decode_latents(pipe, x, ctx.height, ctx.width)
-        edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group)]
+        images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
+        edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group)]
         r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)
         if b >= len(batches):
             continue
@@ -396,16 +397,16 @@ def main(args: Args):
                               desc="[03] iterations"):
         t0 = time.time()
         scenes = [train_scenes[rng.randrange(len(train_scenes))] for _ in range(args.scenes_per_step)]
-        size = common.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
-        scenes = [s for s in scenes if common.snap_size(s["image"], args.resolution) == size]
+        size = editing.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
+        scenes = [s for s in scenes if editing.snap_size(s["image"], args.resolution) == size]
         pipe.transformer.eval()
         ctx = encode_scenes(pipe, scenes, args).repeat(args.group_size)   # (B*G, ...)
-        sigmas = common.sigma_schedule(pipe.scheduler, args.num_steps, ctx.target_len)
+        sigmas = editing.sigma_schedule(pipe.scheduler, args.num_steps, ctx.target_len)
         steps = sde_steps(args, args.num_steps, rng)
         xs, logps, x = rollout(pipe, ctx, sigmas, steps, args.noise_level, args.cfg, gen)
-        images = common.decode_latents(pipe, x, ctx.height, ctx.width)
+        images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
         group_scenes = [s for s in scenes for _ in range(args.group_size)]
-        edits = [e.resize(s["image"].size) for e, s in zip(common.tensor_to_images(images), group_scenes)]
+        edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group_scenes)]
         t_roll = time.time() - t0
         rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
         adv = group_advantages(rewards, args.group_size, args.adv_clip)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import editing
 from common import seeded
 from tiny_models import QWEN_IMAGE_SCHEDULER, tiny_vl_config, tiny_vl_processor
 
@@ -382,7 +383,7 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
                     n_test: int = 64, log=print):
     """A Qwen-Image VAE (8x down, 16 latent channels) started from ``thumbnail_init`` and fine-tuned to
     reconstruct world scenes and their edits (MSE on random crops, through the decoder without the final
-    clamp; latents = the posterior's mode, which is what common.encode_images uses); then its latent
+    clamp; latents = the posterior's mode, which is what editing.encode_images uses); then its latent
     mean/std are written to its config (the pipeline's normalisation).
     Returns (vae, info): PSNR on held-out scenes before and after fine-tuning, and the local SSIM of the
     reconstruction on held-out scenes' target boxes (the ceiling of any attack's SSIM in this world)."""
@@ -393,7 +394,7 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
     with seeded(11):
         vae = thumbnail_init(AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                                     temperal_downsample=[False, True, True]))
-    pictures = lambda n, seed: common.images_to_tensor(   # noqa: E731  (scenes and edit targets, alternating)
+    pictures = lambda n, seed: editing.images_to_tensor(   # noqa: E731  (scenes and edit targets, alternating)
         [world_edit_pair(i, seed)[i % 2 * 2] for i in range(n)], WORLD_SIZE, WORLD_SIZE)
     train, test = pictures(n_train, 4), pictures(n_test, 5)
 
@@ -425,7 +426,7 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
         vae.register_to_config(latents_mean=z.mean((0, 2, 3, 4)).tolist(), latents_std=z.std((0, 2, 3, 4)).tolist())
     info["vae_psnr"] = psnr()
     scenes = [world_scene(i, 5) for i in range(n_test)]
-    recs = common.tensor_to_images(reconstruct(common.images_to_tensor([s["image"] for s in scenes], WORLD_SIZE, WORLD_SIZE)))
+    recs = editing.tensor_to_images(reconstruct(editing.images_to_tensor([s["image"] for s in scenes], WORLD_SIZE, WORLD_SIZE)))
     ssim = [common.local_ssim(s["image"], r, [t["bbox"] for t in s["targets"]]) for s, r in zip(scenes, recs) if s["targets"]]
     info["vae_target_ssim"] = round(sum(ssim) / len(ssim), 3)
     return vae, info
@@ -453,15 +454,14 @@ def encode_pairs(pipe, pairs, chunk: int = 32, drop_prompt: float = 0.0, seed: i
 
     import torch
 
-    import common
     rng = random.Random(seed)
     out = []
     with torch.no_grad():
         for i in range(0, len(pairs), chunk):
             part = pairs[i:i + chunk]
             instr = [" " if rng.random() < drop_prompt else p[1] for p in part]
-            ctx = common.encode_edit(pipe, [p[0] for p in part], instr, WORLD_SIZE, negative_prompt=None)
-            x0 = common.encode_images(pipe, common.images_to_tensor([p[2] for p in part], WORLD_SIZE, WORLD_SIZE))
+            ctx = editing.encode_edit(pipe, [p[0] for p in part], instr, WORLD_SIZE, negative_prompt=None)
+            x0 = editing.encode_images(pipe, editing.images_to_tensor([p[2] for p in part], WORLD_SIZE, WORLD_SIZE))
             out.append((ctx, x0.float()))
     return out
 
@@ -471,15 +471,14 @@ def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, see
     """Plain Euler sampling of the flow (the stages' sigma schedule and true CFG): the editor's check."""
     import torch
 
-    import common
     with torch.no_grad():
-        ctx = common.encode_edit(pipe, images, instructions, WORLD_SIZE)
-        sigmas = common.sigma_schedule(pipe.scheduler, steps, ctx.target_len)
+        ctx = editing.encode_edit(pipe, images, instructions, WORLD_SIZE)
+        sigmas = editing.sigma_schedule(pipe.scheduler, steps, ctx.target_len)
         x = torch.randn(len(images), ctx.target_len, 64, generator=torch.Generator().manual_seed(seed))
         for i in range(steps):
-            v = common.predict_velocity(pipe.transformer, x, sigmas[i].view(1), ctx, cfg)
+            v = editing.predict_velocity(pipe.transformer, x, sigmas[i].view(1), ctx, cfg)
             x = x + (sigmas[i + 1] - sigmas[i]) * v
-        return common.tensor_to_images(common.decode_latents(pipe, x, WORLD_SIZE, WORLD_SIZE))
+        return editing.tensor_to_images(editing.decode_latents(pipe, x, WORLD_SIZE, WORLD_SIZE))
 
 
 def train_world_editor(pipe, steps: int = 1500, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
@@ -502,7 +501,6 @@ def train_world_editor(pipe, steps: int = 1500, add_steps: int = 5000, batch: in
     the named row (editor_samples.png)."""
     import torch
 
-    import common
     tr = pipe.transformer
     tr.requires_grad_(True)
     data = encode_pairs(pipe, [world_edit_pair(i) for i in range(n_train)], chunk=batch, drop_prompt=0.1)
@@ -514,7 +512,7 @@ def train_world_editor(pipe, steps: int = 1500, add_steps: int = 5000, batch: in
             s = torch.rand(x0.shape[0], generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
             xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
-            err = (common.predict_velocity(tr, xs, s, ctx, 1.0) - (eps - x0)).pow(2).mean(-1)    # (B, L)
+            err = (editing.predict_velocity(tr, xs, s, ctx, 1.0) - (eps - x0)).pow(2).mean(-1)    # (B, L)
             w = 1 + weight * ((x0 - ctx.cond_latents.float()).abs().mean(-1) > 0.05).float()
             return (err * w).sum() / w.sum()
         return loss_at
@@ -580,14 +578,13 @@ def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[
     rate (add_hit: the named shape appears where the target has it)."""
     import torch
 
-    import common
     pairs = [world_edit_pair(i, seed=6) for i in range(n)]
     outs = []
     for i in range(0, n, 16):
         part = pairs[i:i + 16]
         outs += world_edit(pipe, [p[0] for p in part], [p[1] for p in part], steps=steps, cfg=cfg, seed=i)
     def psnr(a, b):
-        x, y = (common.images_to_tensor([im], WORLD_SIZE, WORLD_SIZE) for im in (a, b))
+        x, y = (editing.images_to_tensor([im], WORLD_SIZE, WORLD_SIZE) for im in (a, b))
         return (10 * torch.log10(4 / (x - y).pow(2).mean())).item()
     report = {}
     for kind in ("keep", "add", "extend"):

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_leaves
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import editing  # noqa: E402
 
 GB = 1e9
 H100_BF16_FLOPS = 989e12    # dense bf16, SXM
@@ -458,7 +459,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     judge_seq = Pp + s01.max_new_tokens
     phases = {"edit": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16, activations=B * work_nograd),
               "vae encode": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16,
-                                 activations=min(B, common.VAE_CHUNK) * cond_px * E["encode"]["live_per_px"]),
+                                 activations=min(B, editing.VAE_CHUNK) * cond_px * E["encode"]["live_per_px"]),
               "judge": dict(transformer=T_bf16, vae=vae, judge=VL_bf16,
                             kv_and_prefill=B * (kv * judge_seq + prefill_work(Pp, n_patch)))}
     edits = s01.outpaint_steps + ASSUMED["implant_share"] * s01.inpaint_steps
@@ -487,7 +488,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     def_seq = Pp + s03.defender_max_new_tokens
     dbatch = min(64, E3 * s03.defender_k)
     phases = {"rollout": dict(sharded, activations=E3 * work_nograd),
-              "vae decode": dict(sharded, activations=min(E3, common.VAE_CHUNK) * out_px * E["decode"]["live_per_px"]),
+              "vae decode": dict(sharded, activations=min(E3, editing.VAE_CHUNK) * out_px * E["decode"]["live_per_px"]),
               "reward": dict(sharded, defender_gathered=VL_bf16,
                              kv_and_prefill=dbatch * (kv * def_seq + prefill_work(Pp, n_patch))),
               "update": dict(sharded, activations=s03.micro_batch * 2 * (act_ckpt if s03.grad_ckpt else act_full))}

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
+import editing
 
 s02 = load_script("02_sft_attacker.py")
 s03 = load_script("03_train_attacker.py")
@@ -20,7 +21,7 @@ s03 = load_script("03_train_attacker.py")
 
 def test_sde_step_noise0_is_scheduler_euler_step():
     pipe = common.load_attacker("tiny")
-    sigmas = common.sigma_schedule(pipe.scheduler, 6, 16)
+    sigmas = editing.sigma_schedule(pipe.scheduler, 6, 16)
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
     for i in range(6):
@@ -65,13 +66,13 @@ def test_recomputed_logprobs_match_rollout(dtype):
         for p in params:
             p.normal_(0, 0.02)
     img = Image.new("RGB", (64, 64), (90, 120, 30))
-    ctx = common.encode_edit(pipe, [img, img], ["add a cup", "add a lamp"], 64).repeat(3)
-    sig = common.sigma_schedule(pipe.scheduler, 5, 16)
+    ctx = editing.encode_edit(pipe, [img, img], ["add a cup", "add a lamp"], 64).repeat(3)
+    sig = editing.sigma_schedule(pipe.scheduler, 5, 16)
     steps = list(range(4))
     xs, logps, _ = s03.rollout(pipe, ctx, sig, steps, 1.0, 4.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for j in steps:
-            v = common.predict_velocity(pipe.transformer, xs[j], sig[j:j + 1], ctx, 4.0)
+            v = editing.predict_velocity(pipe.transformer, xs[j], sig[j:j + 1], ctx, 4.0)
             _, lp, _ = s03.sde_step(v, xs[j], sig[j].item(), sig[j + 1].item(), 1.0, sig[1].item(), prev=xs[j + 1])
             assert torch.allclose(lp, logps[j], atol=1e-6, rtol=0)
     # and inside the update (micro-batched), the first on-policy ratio is 1 to 1e-5
@@ -95,13 +96,13 @@ def test_flow_grpo_raises_brightness():
     params = common.add_attacker_lora(pipe, rank=8, alpha=8)
     opt = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
     img = Image.new("RGB", (32, 32), (128, 128, 128))
-    ctx = common.encode_edit(pipe, [img], ["make it brighter"], 32, negative_prompt=None).repeat(8)
-    sig = common.sigma_schedule(pipe.scheduler, 6, ctx.cond_latents.shape[1])
+    ctx = editing.encode_edit(pipe, [img], ["make it brighter"], 32, negative_prompt=None).repeat(8)
+    sig = editing.sigma_schedule(pipe.scheduler, 6, ctx.cond_latents.shape[1])
     steps, gen, history = list(range(5)), torch.Generator().manual_seed(0), []
     args = _args(micro_batch=8)
     for _ in range(60):
         xs, logps, x = s03.rollout(pipe, ctx, sig, steps, 1.0, 1.0, gen)
-        images = common.decode_latents(pipe, x, 32, 32)
+        images = editing.decode_latents(pipe, x, 32, 32)
         r = ((images.clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3))
         history.append(r.mean().item())
         s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, s03.group_advantages(r, 8, 5.0), steps, args)
@@ -156,11 +157,11 @@ def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
     img = Image.new("RGB", (64, 64), (90, 120, 30))
     base = common.load_attacker("tiny")
     tuned = common.load_attacker("tiny", lora=str(run / "attacker" / "sft"))
-    ctx = common.encode_edit(base, [img], ["x"], 64)
+    ctx = editing.encode_edit(base, [img], ["x"], 64)
     x = torch.randn(1, 16, 64)
     with torch.no_grad():
-        d = (common.predict_velocity(base.transformer, x, torch.tensor([0.5]), ctx, 1.0)
-             - common.predict_velocity(tuned.transformer, x, torch.tensor([0.5]), ctx, 1.0)).abs().max()
+        d = (editing.predict_velocity(base.transformer, x, torch.tensor([0.5]), ctx, 1.0)
+             - editing.predict_velocity(tuned.transformer, x, torch.tensor([0.5]), ctx, 1.0)).abs().max()
     assert d > 1e-4
     # torchrun, two ranks, in bf16 (the LoRA stays fp32)
     run2 = _copy_run(tiny_run, tmp_path / "b")

@@ -9,6 +9,7 @@ from conftest import load_script
 from PIL import Image
 
 import common
+import editing
 import rundir
 import tiny_models
 
@@ -230,17 +231,17 @@ def test_tiny_edit_pipeline_produces_image():
                generator=torch.Generator().manual_seed(0)).images[0]
     assert out.size == (64, 64)
     # our interface: condition kept at the edit resolution (no 1 MP resize)
-    ctx = common.encode_edit(pipe, [img], ["add a cup"], resolution=64)
+    ctx = editing.encode_edit(pipe, [img], ["add a cup"], resolution=64)
     assert ctx.cond_latents.shape == (1, 16, 64) and ctx.img_shapes == [[(1, 4, 4), (1, 4, 4)]]
     # the condition at another size (the pipeline's 1 MP at paper scale): its own img_shapes entry
-    ctx2 = common.encode_edit(pipe, [Image.new("RGB", (96, 64))], ["add a cup"], resolution=64, cond_resolution=128)
+    ctx2 = editing.encode_edit(pipe, [Image.new("RGB", (96, 64))], ["add a cup"], resolution=64, cond_resolution=128)
     assert (ctx2.width, ctx2.height) == (80, 48) and ctx2.target_len == 15            # output: snap_size, /16
     assert ctx2.img_shapes == [[(1, 3, 5), (1, 6, 10)]] and ctx2.cond_latents.shape == (1, 60, 64)  # cond: /32
-    sig = common.sigma_schedule(pipe.scheduler, 4, 16)
+    sig = editing.sigma_schedule(pipe.scheduler, 4, 16)
     assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[-2] == pytest.approx(0.02)
-    v = common.predict_velocity(pipe.transformer, torch.randn(1, 16, 64), sig[:1], ctx, 4.0)
+    v = editing.predict_velocity(pipe.transformer, torch.randn(1, 16, 64), sig[:1], ctx, 4.0)
     assert v.shape == (1, 16, 64) and torch.isfinite(v).all()
-    x = common.decode_latents(pipe, torch.randn(1, 16, 64), 64, 64)
+    x = editing.decode_latents(pipe, torch.randn(1, 16, 64), 64, 64)
     assert x.shape == (1, 3, 64, 64)
 
 
@@ -249,19 +250,19 @@ def test_attacker_lora_roundtrip_and_effect(tmp_path):
     pipe = common.load_attacker("tiny")
     params = common.add_attacker_lora(pipe, rank=4, alpha=8)
     assert params and all(p.requires_grad for p in params)
-    ctx = common.encode_edit(pipe, [img], ["add a cup"], resolution=64)
+    ctx = editing.encode_edit(pipe, [img], ["add a cup"], resolution=64)
     x, s = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
-    base = common.predict_velocity(pipe.transformer, x, s, ctx, 1.0)  # B = 0: LoRA is a no-op
+    base = editing.predict_velocity(pipe.transformer, x, s, ctx, 1.0)  # B = 0: LoRA is a no-op
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
-    trained = common.predict_velocity(pipe.transformer, x, s, ctx, 1.0)
+    trained = editing.predict_velocity(pipe.transformer, x, s, ctx, 1.0)
     assert (trained - base).abs().max() > 1e-3
     common.save_attacker_lora(pipe, tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     pipe2 = common.load_attacker("tiny", lora=str(tmp_path))
     with torch.no_grad():
-        assert torch.equal(common.predict_velocity(pipe2.transformer, x, s, ctx, 1.0), trained)
+        assert torch.equal(editing.predict_velocity(pipe2.transformer, x, s, ctx, 1.0), trained)
     # scale alpha / r survives the round trip (r=4, alpha=8 -> 2.0)
     assert pipe2.transformer.peft_config["default"].lora_alpha == 8
 

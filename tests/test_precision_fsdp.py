@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
+import editing
 
 s02 = load_script("02_sft_attacker.py")
 s04 = load_script("04_train_defender.py")
@@ -46,7 +47,7 @@ def test_lora_is_fp32_on_a_bf16_base_and_its_update_survives(tmp_path):
         for p in params:
             p.normal_(0, 0.05)
     img = Image.new("RGB", (64, 64), (90, 120, 30))
-    ctx = common.encode_edit(pipe, [img], ["add a cup"], 64, negative_prompt=None)
+    ctx = editing.encode_edit(pipe, [img], ["add a cup"], 64, negative_prompt=None)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 16, 64, generator=g)
     loss = s02.sft_loss(pipe.transformer, ctx, x0, torch.tensor([0.5]), torch.randn(1, 16, 64, generator=g))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import editing
 import rundir
 import tiny_world
 from tiny_world import WORLD_SIZE
@@ -152,7 +153,7 @@ def test_thumbnail_init_makes_the_vae_an_8x_mean_pool_and_a_smooth_upsampler():
     vae = tiny_world.thumbnail_init(AutoencoderKLQwenImage(
         base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]))
     scenes = [tiny_world.world_scene(i, seed=3)["image"] for i in range(4)]
-    x = common.images_to_tensor(scenes, WORLD_SIZE, WORLD_SIZE)
+    x = editing.images_to_tensor(scenes, WORLD_SIZE, WORLD_SIZE)
     with torch.no_grad():
         z = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]
         rec = vae.decode(z.unsqueeze(2)).sample[:, :, 0]
@@ -191,7 +192,7 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     assert all(torch.equal(p, te[n]) for n, p in model.named_parameters())   # the defender is the text encoder
     assert len(pipe.vae.config.latents_mean) == 16 and min(pipe.vae.config.latents_std) > 0
     assert pipe.vae.config.latents_std != [1.0] * 16
-    ctx = common.encode_edit(pipe, [img], [tiny_world.KEEP], WORLD_SIZE)
+    ctx = editing.encode_edit(pipe, [img], [tiny_world.KEEP], WORLD_SIZE)
     assert ctx.cond_latents.shape == (1, 49, 64)
     # cached: a second build returns at once and leaves the directory as it was
     stamp = (out / "world.json").stat().st_mtime

@@ -1,0 +1,173 @@
+"""The attacker's model interface, Qwen-Image-Edit (used by stages 01, 02, 03 and tiny_world.py): the
+prompt and condition encoding of QwenImageEditPipeline as one EditContext, one velocity prediction with
+true CFG, the flow's sigma schedule, and images <-> VAE latents <-> packed tokens. Every stage that edits
+calls these, so they live here once; common.py loads the models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class EditContext:
+    """Everything the transformer needs besides the noisy latents, for a batch of edits."""
+    prompt_embeds: torch.Tensor        # (B, Lt, D)
+    prompt_mask: torch.Tensor | None   # (B, Lt) or None when nothing is padded
+    neg_embeds: torch.Tensor | None    # true-CFG negative prompt, same layout
+    neg_mask: torch.Tensor | None
+    cond_latents: torch.Tensor         # (B, Lc, 64) packed VAE latents of the scene
+    img_shapes: list                   # per sample: [(1, h/16, w/16) target, (1, hc/16, wc/16) condition]
+    height: int                        # of the output (target)
+    width: int
+
+    @property
+    def target_len(self) -> int:
+        """Tokens of the noisy target latents (the condition may have another size)."""
+        return (self.height // 16) * (self.width // 16)
+
+    def repeat(self, n: int) -> EditContext:
+        """Each sample repeated n times in a row (a group of n edits of the same scene)."""
+        def r(t):
+            return None if t is None else t.repeat_interleave(n, dim=0)
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds),
+                           r(self.neg_mask), r(self.cond_latents),
+                           [s for s in self.img_shapes for _ in range(n)], self.height, self.width)
+
+    def to(self, device) -> EditContext:
+        def r(t):
+            return None if t is None else t.to(device)
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
+                           r(self.cond_latents), self.img_shapes, self.height, self.width)
+
+    def select(self, idx: slice) -> EditContext:
+        """A slice of the batch (training micro-batches)."""
+        def r(t):
+            return None if t is None else t[idx]
+        return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
+                           r(self.cond_latents), self.img_shapes[idx], self.height, self.width)
+
+
+def snap_size(image: Image.Image, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) with the image's aspect ratio, area ~ resolution^2, multiples of 16: the output size."""
+    w, h = image.size
+    scale = resolution / math.sqrt(w * h)
+    return (max(multiple, round(w * scale / multiple) * multiple),
+            max(multiple, round(h * scale / multiple) * multiple))
+
+
+def images_to_tensor(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """PIL list -> (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL list."""
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _latent_stats(pipe, device, dtype):
+    c = pipe.vae.config.z_dim
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, c, 1, 1, 1).to(device, dtype)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, c, 1, 1, 1).to(device, dtype)
+    return mean, std
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, h, w) normalised VAE latents -> (B, h/2*w/2, C*4) transformer tokens."""
+    b, c, _, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, L, C*4) -> (B, C, 1, H/8, W/8)."""
+    b, _, c4 = x.shape
+    h, w = height // 8, width // 8
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, 1, h, w)
+
+
+VAE_CHUNK = 4   # images per VAE call: its working set is ~1.9 KB (encode) / 3.5 KB (decode) per pixel in bf16
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> packed, normalised latents (B, L, 64) (VAE mode, no sampling),
+    VAE_CHUNK images at a time (bench/paper_scale.py: 8 conditions at 1 MP at once take 16 GB)."""
+    vae = pipe.vae
+    x = images.to(vae.device, vae.dtype).unsqueeze(2)  # (B, 3, 1, H, W)
+    z = torch.cat([vae.encode(c).latent_dist.mode() for c in x.split(VAE_CHUNK)])
+    mean, std = _latent_stats(pipe, z.device, z.dtype)
+    return pack_latents((z - mean) / std)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents -> (B, 3, H, W) images in [-1, 1], VAE_CHUNK images at a time."""
+    vae = pipe.vae
+    z = unpack_latents(latents.to(vae.dtype), height, width)
+    mean, std = _latent_stats(pipe, z.device, z.dtype)
+    return torch.cat([vae.decode(c * std + mean, return_dict=False)[0][:, :, 0] for c in z.split(VAE_CHUNK)])
+
+
+@torch.no_grad()
+def encode_edit(pipe, images: list[Image.Image], instructions: list[str], resolution: int,
+                negative_prompt: str | None = " ", cond_resolution: int = 0) -> EditContext:
+    """Prompt embeddings of (scene + instruction) and the scene's condition latents.
+
+    The output is edited at ~resolution^2 pixels. The condition (VAE latents and the image the text
+    encoder sees) is encoded at ~cond_resolution^2 pixels as QwenImageEditPipeline does
+    (calculate_dimensions(1024 * 1024, ratio): the model's native setting), or at the output size
+    when cond_resolution is 0. All images of one call share the first one's sizes (callers group)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+    width, height = snap_size(images[0], resolution)
+    cw, ch = calculate_dimensions(cond_resolution ** 2, images[0].width / images[0].height)[:2] \
+        if cond_resolution else (width, height)
+    cond_images = [im.convert("RGB").resize((cw, ch), Image.BICUBIC) for im in images]
+    dev = pipe.transformer.device
+    emb, mask = pipe.encode_prompt(prompt=instructions, image=cond_images, device=dev)
+    neg_emb = neg_mask = None
+    if negative_prompt is not None:
+        neg_emb, neg_mask = pipe.encode_prompt(prompt=[negative_prompt] * len(images), image=cond_images, device=dev)
+    shapes = [(1, height // 16, width // 16), (1, ch // 16, cw // 16)]
+    return EditContext(emb.to(pipe.transformer.dtype), mask, None if neg_emb is None else
+                       neg_emb.to(pipe.transformer.dtype), neg_mask,
+                       encode_images(pipe, images_to_tensor(cond_images, cw, ch)),
+                       [shapes for _ in images], height, width)
+
+
+def predict_velocity(transformer, latents: torch.Tensor, sigma: torch.Tensor, ctx: EditContext,
+                     cfg_scale: float) -> torch.Tensor:
+    """v = eps - x0 for the noisy latents (B, L, 64) at noise level sigma (B,), true CFG with
+    Qwen-Image's norm rescale. The condition latents ride along the sequence; the output is sliced
+    back to the noisy part."""
+    x = torch.cat([latents, ctx.cond_latents], dim=1).to(transformer.dtype)  # (B, L + Lc, 64)
+    t = sigma.to(transformer.dtype).expand(latents.shape[0])
+    n = latents.shape[1]
+    v = transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx.prompt_embeds,
+                    encoder_hidden_states_mask=ctx.prompt_mask, img_shapes=ctx.img_shapes,
+                    return_dict=False)[0][:, :n]
+    if cfg_scale > 1 and ctx.neg_embeds is not None:
+        v_neg = transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx.neg_embeds,
+                            encoder_hidden_states_mask=ctx.neg_mask, img_shapes=ctx.img_shapes,
+                            return_dict=False)[0][:, :n]
+        comb = v_neg + cfg_scale * (v - v_neg)
+        v = comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+    return v.float()
+
+
+def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
+    """The pipeline's sigma schedule (dynamic shift by sequence length), with the final 0."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+    c = scheduler.config
+    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.float().cpu().clone()  # (num_steps + 1,)
