@@ -401,8 +401,20 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
         tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
         out[f"attacker_{d.name}"] = dict(acc=acc(p["correct"] for p in preds), attack_success=acc(flipped),
                                          n=len(preds), ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
-                                         ssim_pass=acc(s >= tau for s in test["ssim_local"]), tau=tau)
+                                         ssim_pass=acc(s >= tau for s in test["ssim_local"]), tau=tau,
+                                         by_answer=acc_by_answer(preds))
+    out["clean_by_answer"] = acc_by_answer(clean)
     return out
+
+
+def acc_by_answer(preds) -> dict:
+    """Accuracy per right answer ("A", "B", "Yes", ...). A defender that answers one letter whatever it
+    sees scores that letter's share: an attack that only tips it towards one answer shows as a drop on
+    the others, and a defender that only learns the opposite tip wins back there and loses elsewhere."""
+    by = {}
+    for p in preds:
+        by.setdefault(p["answer"], []).append(p["correct"])
+    return {a: acc(v) for a, v in sorted(by.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,6 +474,13 @@ def write_summary(eval_dir: Path, paper_table: bool):
                      f"({100 * c['recovered']:.0f}%: {c['attacked_after']:.1f} attacked) at "
                      f"{c['clean_after']:.1f} clean ({c['clean_after'] - c['clean_before']:+.1f})")
         lines.append(line + ".")
+        if "by_answer_after" in c:   # is it seeing, or a tip towards other answers? (acc_by_answer)
+            def arrows(before, after):
+                return ", ".join(f"{a} {v:.1f} -> {after.get(a, float('nan')):.1f}" for a, v in before.items())
+            line = f"\nBy right answer, defender {k - 1} -> {k}: attacked {arrows(c['by_answer_before'], c['by_answer_after'])}"
+            if "clean_by_answer_after" in c:
+                line += f"; clean {arrows(c['clean_by_answer_before'], c['clean_by_answer_after'])}"
+            lines.append(line + ".")
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)
@@ -471,8 +490,9 @@ def coevolution(rounds) -> list[dict]:
     """What each co-evolution round did, on the held-out test scenes: attacker k against defender k-1, the model
     it was trained to fool (clean_before, attacked_before, drop = their difference; gate_pass: % of its attacks
     passing its local-SSIM gate), then defender k, trained on its curriculum, on the same attacks (attacked_after,
-    clean_after, recovered = the share of the drop won back). One dict per attacker round scored on defender
-    k-1; the "after" keys only once defender k is scored."""
+    clean_after, recovered = the share of the drop won back; by_answer_before / _after: the attacked accuracy per
+    right answer, clean_by_answer_before / _after the same clean, where scored). One dict per attacker round
+    scored on defender k-1; the "after" keys only once defender k is scored."""
     by = {r["round"]: r["robustness"] for r in rounds}
     out = []
     for k in sorted({int(a.rsplit("_", 1)[1]) for r in by.values() for a in r if a.startswith("attacker_")}):
@@ -484,6 +504,10 @@ def coevolution(rounds) -> list[dict]:
         if a in after and "clean_acc" in after:
             c.update(attacked_after=after[a]["acc"], clean_after=after["clean_acc"],
                      recovered=(after[a]["acc"] - c["attacked_before"]) / c["drop"] if c["drop"] > 0 else float("nan"))
+            if "by_answer" in before[a] and "by_answer" in after[a]:
+                c.update(by_answer_before=before[a]["by_answer"], by_answer_after=after[a]["by_answer"])
+            if "clean_by_answer" in before and "clean_by_answer" in after:
+                c.update(clean_by_answer_before=before["clean_by_answer"], clean_by_answer_after=after["clean_by_answer"])
         out.append(c)
     return out
 

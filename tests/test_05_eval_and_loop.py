@@ -88,6 +88,16 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     res(0, 96.0, a1=50.0)                # attacker 1 takes 46 points from defender 0
     res(1, 94.0, a1=73.0, a2=60.0)       # defender 1 wins back 23 of them (50%); attacker 2 not yet scored on 1 -> 2
     rounds = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert "By right answer" not in s05.write_summary(tmp_path, False)   # older results: no per-answer scores
+    # the per-answer scores of the same rounds, from the predictions 05 saves (acc_by_answer): attacker 1 tips
+    # defender 0 to "A" (A: 4 of 4 right, B: 1 of 6), defender 1 answers B where it should (B: 5 of 6)
+    preds0 = [dict(answer="A", correct=True)] * 4 + [dict(answer="B", correct=i == 0) for i in range(6)]
+    preds1 = [dict(answer="A", correct=i < 3) for i in range(4)] + [dict(answer="B", correct=i < 5) for i in range(6)]
+    assert s05.acc_by_answer(preds0) == {"A": 100.0, "B": pytest.approx(100 / 6)}
+    for r, preds, clean in ((rounds[1], preds0, {"A": 90.0, "B": 100.0}), (rounds[2], preds1, {"A": 80.0, "B": 100.0})):
+        r["robustness"]["attacker_round_1"]["by_answer"] = s05.acc_by_answer(preds)
+        r["robustness"]["clean_by_answer"] = clean
+        (tmp_path / f"round_{r['round']}.json").write_text(json.dumps(r))
     c = s05.coevolution(rounds)
     assert [x["attacker"] for x in c] == [1, 2]
     assert c[0]["drop"] == 46.0 and c[0]["recovered"] == pytest.approx(0.5) and c[0]["clean_after"] == 94.0
@@ -97,6 +107,9 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     assert ("Round 1: attacker 1 takes 46.0 points from defender 0, the model it was trained to fool (96.0 clean, "
             "50.0 attacked); defender 1 wins back 23.0 of them (50%: 73.0 attacked) at 94.0 clean (-2.0).") in summary
     assert "Round 2: attacker 2 takes 34.0 points from defender 1" in summary
+    assert ("By right answer, defender 0 -> 1: attacked A 100.0 -> 75.0, B 16.7 -> 83.3; clean A 90.0 -> 80.0, "
+            "B 100.0 -> 100.0.") in summary
+    assert c[0]["by_answer_after"] == {"A": 75.0, "B": pytest.approx(500 / 6)} and "by_answer_before" not in c[1]
 
 
 def _b64(color):
