@@ -111,7 +111,9 @@ def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
     image = s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
     targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}
                for t in s["targets"]]
-    split = "test" if random.Random(seed * 7_654_321 + index).random() < test_fraction else "train"
+    # the split's own stream: an integer seed equal to the scene's (seed 0: both are `index`) made the split
+    # decide the question kind too (the first draw of the same generator): every test scene was left/right
+    split = "test" if random.Random(f"split {seed} {index}").random() < test_fraction else "train"
     return dict(id=f"world{index:06d}", image=image, question=s["question"], options=s["options"],
                 answer=s["answer"], targets=targets, split=split)
 
