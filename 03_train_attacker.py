@@ -255,8 +255,8 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
 
 def encode_scenes(pipe, scenes, args):
     return editing.encode_edit(pipe, [s["image"] for s in scenes],
-                              [common.attack_instruction(s["question"]) for s in scenes], args.resolution,
-                              negative_prompt=" " if args.cfg > 1 else None, cond_resolution=args.cond_resolution)
+                               [common.attack_instruction(s["question"]) for s in scenes], args.resolution,
+                               negative_prompt=" " if args.cfg > 1 else None, cond_resolution=args.cond_resolution)
 
 
 # ---------------------------------------------------------------------------------------------

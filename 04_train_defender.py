@@ -64,8 +64,9 @@ PRESETS = {
     # right or all wrong and dynamic sampling kept 3-18% of them, too few to learn from attacks (attacked
     # accuracy 52.6 -> 54.0 in round 1); at 16 answers per prompt it keeps 15-44%. Updates of 8 prompts
     # (~3 per rollout step) won back more than one update per step, on the same round-0 defender and
-    # attacks (issue 12, 137 held-out attacks): 48.9 -> 68.6 (clean 97.8 -> 94.2) against 60.6 (96.4) at
-    # 32 and 64.2 (97.1) at 4; round 0 at 8 keeps clean accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it
+    # attacks (issue 12, 137 held-out attacks, left/right only: the seed split before its fix): 48.9 -> 68.6
+    # (clean 97.8 -> 94.2) against 60.6 (96.4) at 32 and 64.2 (97.1) at 4; round 0 at 8 keeps clean
+    # accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=32,
                        max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=12, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
