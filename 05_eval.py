@@ -475,15 +475,17 @@ def write_summary(eval_dir: Path, paper_table: bool):
                      f"{c['clean_after']:.1f} clean ({c['clean_after'] - c['clean_before']:+.1f})")
         lines.append(line + ".")
         if "by_answer_after" in c:   # is it seeing, or a tip towards other answers? (acc_by_answer)
-            def arrows(before, after):
-                return ", ".join(f"{a} {v:.1f} -> {after.get(a, float('nan')):.1f}" for a, v in before.items())
-            line = f"\nBy right answer, defender {k - 1} -> {k}: attacked {arrows(c['by_answer_before'], c['by_answer_after'])}"
+            line = f"\nBy right answer, defender {k - 1} -> {k}: attacked {_arrows(c['by_answer_before'], c['by_answer_after'])}"
             if "clean_by_answer_after" in c:
-                line += f"; clean {arrows(c['clean_by_answer_before'], c['clean_by_answer_after'])}"
+                line += f"; clean {_arrows(c['clean_by_answer_before'], c['clean_by_answer_after'])}"
             lines.append(line + ".")
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)
+
+
+def _arrows(before: dict, after: dict) -> str:
+    return ", ".join(f"{a} {v:.1f} -> {after.get(a, float('nan')):.1f}" for a, v in before.items())
 
 
 def coevolution(rounds) -> list[dict]:
