@@ -223,19 +223,20 @@ def prompt_length(processor, image, text: str) -> tuple[int, int]:
 
 def memory_batches(model, processor, images, prompts, max_new_tokens: int, memory_gb: float,
                    max_batch: int = 0, repeat: int = 1) -> list[slice]:
-    """Consecutive slices of the prompts for generate calls (each prompt sampled ``repeat`` times)
-    whose memory stays within memory_gb: per sequence, the KV cache of prompt + max_new_tokens
-    (from the config) and the prefill's working set of one layer, ~6 x intermediate x 2 bytes per
-    token (text) or patch (vision), as measured on real-size layers by bench/paper_scale.py;
-    every sequence padded to the call's longest. max_batch caps the prompts per call (0 = none)."""
+    """Consecutive slices of the prompts for generate calls (each prompt sampled ``repeat`` times
+    from its one prefill, as 04's sample_groups) whose memory stays within memory_gb: per prompt,
+    ``repeat`` KV caches of prompt + max_new_tokens (from the config) and the prefill's working set
+    of one layer, ~6 x intermediate x 2 bytes per token (text) or patch (vision), as measured on
+    real-size layers by bench/paper_scale.py; every prompt padded to the call's longest.
+    max_batch caps the prompts per call (0 = none)."""
     tc, vc = model.config.text_config, model.config.vision_config
     kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
     budget, out, start, worst = memory_gb * 1e9, [], 0, 0.0
     for i, (im, p) in enumerate(zip(images, prompts)):
         n, patches = prompt_length(processor, im, p)
-        one = kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
+        one = repeat * kv * (n + max_new_tokens) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
         need = max(worst, one)
-        full = (i - start + 1) * repeat * need > budget or (max_batch and i - start >= max_batch)
+        full = (i - start + 1) * need > budget or (max_batch and i - start >= max_batch)
         if full and i > start:
             out.append(slice(start, i))
             start, need = i, one

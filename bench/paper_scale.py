@@ -508,21 +508,25 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     n = s04.group_size
     states = dict(fp32_weights_grads_adamw=16 * P["vl"] / W, gathered_layers=2 * 2 * P["vl_layer"])
     worst = s04.max_new_tokens
-    per_seq = kv * (Pp + worst) + prefill_work(Pp, n_patch)
-    calls_seq = max(n, int(s04.gen_memory_gb * 1e9 // (n * per_seq)) * n)
+    # sample_groups: one prefill per prompt, n KV caches (memory_batches' rule)
+    per_prompt = n * kv * (Pp + worst) + prefill_work(Pp, n_patch)
+    call_prompts = max(1, int(s04.gen_memory_gb * 1e9 // per_prompt))
     m_seqs = max(1, min(s04.micro_batch, s04.micro_tokens // (Pp + worst))) if s04.micro_tokens else s04.micro_batch
     m_tok, m_comp = m_seqs * (Pp + worst), m_seqs * worst
     act = m_tok * (L_V * lay.saved_ckpt + lay.saved + lay.live) / lay.tokens + m_comp * (head_saved + head_live) \
         + m_seqs * n_patch * (D_V * vis.saved_ckpt + vis.saved + vis.live) / n_patch
-    phases = {"rollout": dict(states, weights_gathered_bf16=VL_bf16, kv_and_prefill=calls_seq * per_seq),
+    # generation per sequence: the prompt (its tokens and the vision tower) is prefilled once per group of n
+    text_fwd = L_V * lay.flops_fwd + lay.other_flops_train / 3
+    gen_seq = text_fwd * (Pp / n + R) / lay.tokens + D_V * vis.flops_fwd / n
+    phases = {"rollout": dict(states, weights_gathered_bf16=VL_bf16, kv_and_prefill=call_prompts * per_prompt),
               "update": dict(states, activations=act)}
     rows = []
     for rnd, (rb, epochs) in m04.ROUND_SCHEDULE.items():
         seqs = rb * n / W
-        typ_call = max(n, int(s04.gen_memory_gb * 1e9 // (n * (kv * (Pp + 2 * R) + prefill_work(Pp, n_patch)))) * n)
+        typ_call = max(1, int(s04.gen_memory_gb * 1e9 // (n * kv * (Pp + 2 * R) + prefill_work(Pp, n_patch)))) * n
         calls = math.ceil(seqs / typ_call)
         dec = calls * 2 * R * (VL_bf16 + typ_call * kv * (Pp + R)) / bw   # each call decodes to its longest (~2R)
-        fl = seqs * (vl_fwd_seq + vl_fwd_seq + vl_train_seq)               # generation, old log-probs, update
+        fl = seqs * (gen_seq + vl_fwd_seq + vl_train_seq)                  # generation, old log-probs, update
         pool = s04.warmup_samples if rnd == 0 else ASSUMED["pool_round"]
         rows.append((rnd, rb, seqs, fl, fl / peak + dec, fl / (peak * args.mfu) + 2 * dec, (pool // rb) * epochs))
     rnd, rb, seqs, fl, bound, est, _ = rows[0]

@@ -162,6 +162,39 @@ def test_first_update_ratio_is_one_with_left_padding():
             assert torch.allclose(logp[b, :n], s["rollout_logp"], atol=1e-4), (logp[b, :n], s["rollout_logp"])
 
 
+def test_top_p_filter_keeps_the_nucleus():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3], [0.7, 0.1, 0.1, 0.1]])
+    out = s04.top_p_filter(probs, 0.7)
+    # row 0: 0.5, then 0.3 (0.5 before it < 0.7), not 0.15 (0.8 before it); row 1: 0.7 reaches 0.7 alone
+    assert torch.equal(out, torch.tensor([[0.0, 0.5, 0.0, 0.3], [0.7, 0.0, 0.0, 0.0]]))
+    assert torch.equal(s04.top_p_filter(probs, 1.0), probs)
+
+
+def test_group_answers_share_a_prefill_but_are_independent_draws():
+    """sample_groups: n copies of one prompt's cache give n different answers, and the first token's
+    frequencies over 4,000 draws follow the prefill's softmax (chi-square on the 8 likeliest tokens
+    + the rest, 8 dof: p = 0.001 at 26.1)."""
+    torch.manual_seed(0)
+    model, proc = common.load_defender("tiny")
+    p = _prompts(1)[0]
+    inputs = common.defender_inputs(proc, [p["image"]], [common.defender_prompt(p["question"], p["options"])], "cpu")
+    args = _tiny_args(max_new_tokens=1, temperature=1.0, top_p=1.0)
+    eos = torch.tensor([proc.tokenizer.eos_token_id])
+    ids, logp = s04.sample_groups(model, inputs, 4000, args, eos, proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1].float()
+    logits[s04.media_token_ids(model)] = -float("inf")
+    probs = logits.softmax(-1)
+    assert torch.allclose(logp[:, 0], probs[ids[:, 0]].log(), atol=1e-5)
+    top = probs.topk(8).indices
+    seen = torch.stack([(ids[:, 0] == t).sum() for t in top]).float()
+    expect = probs[top] * 4000
+    seen, expect = torch.cat([seen, 4000 - seen.sum(0, keepdim=True)]), torch.cat([expect, 4000 - expect.sum(0, keepdim=True)])
+    chi2 = ((seen - expect) ** 2 / expect).sum().item()
+    assert chi2 < 26.1, (chi2, seen, expect)
+    assert len(set(ids[:, 0].tolist())) > 100
+
+
 def test_dapo_learns_a_token_reward():
     """Reward 1 when the first answer token is in the upper half of the vocabulary."""
     torch.manual_seed(0)

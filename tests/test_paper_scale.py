@@ -86,8 +86,8 @@ def test_memory_batches_hold_the_budget():
     assert abs(n - real) <= 8 and patches == 16
     tc, vc = model.config.text_config, model.config.vision_config
     kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
-    one = kv * (n + 10) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
-    budget = 3 * 2 * one / 1e9                          # three prompts x 2 samples of the small image
+    one = 2 * kv * (n + 10) + 12 * tc.intermediate_size * n + 12 * vc.intermediate_size * patches
+    budget = 3 * one / 1e9       # three prompts of the small image: one prefill and 2 KV caches each
     calls = common.memory_batches(model, proc, ims, prompts, 10, budget, repeat=2)
     assert [c.stop - c.start for c in calls][:2] == [3, 3]
     assert calls[-1].stop == 9 and all(c.stop > c.start for c in calls)
