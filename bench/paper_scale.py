@@ -525,7 +525,8 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
         seqs = rb * n / W
         typ_call = max(1, int(s04.gen_memory_gb * 1e9 // (n * kv * (Pp + 2 * R) + prefill_work(Pp, n_patch)))) * n
         calls = math.ceil(seqs / typ_call)
-        dec = calls * 2 * R * (VL_bf16 + typ_call * kv * (Pp + R)) / bw   # each call decodes to its longest (~2R)
+        # each call decodes to its longest answer (~2R), reading the weights and its sequences' KV every token
+        dec = 2 * R * (calls * VL_bf16 + seqs * kv * (Pp + R)) / bw
         fl = seqs * (gen_seq + vl_fwd_seq + vl_train_seq)                  # generation, old log-probs, update
         pool = s04.warmup_samples if rnd == 0 else ASSUMED["pool_round"]
         rows.append((rnd, rb, seqs, fl, fl / peak + dec, fl / (peak * args.mfu) + 2 * dec, (pool // rb) * epochs))
