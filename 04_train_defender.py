@@ -149,9 +149,18 @@ def load_prompt_pool(args, run: Path) -> list[dict]:
     attacks = load_from_disk(str(path))["train"]
     adv = [dict(image=r["attacked_image"], question=r["question"], options=r["options"], answer=r["answer"],
                 source="attack") for r in attacks]
-    n_clean = int(round(len(adv) * args.clean_ratio / max(1e-9, 1 - args.clean_ratio)))
-    rng = random.Random(args.seed)
-    return adv + rng.sample(clean, min(n_clean, len(clean)))
+    return adv + clean_share(clean, len(adv), args.clean_ratio, random.Random(args.seed))
+
+
+def clean_share(clean: list, n_attacks: int, ratio: float, rng: random.Random) -> list:
+    """The clean prompts that make them --clean_ratio of the pool: drawn without repetition while the
+    clean scenes last, then whole shuffled passes over them (a small clean set is repeated, not
+    silently left short of the ratio)."""
+    want = int(round(n_attacks * ratio / max(1e-9, 1 - ratio)))
+    out = []
+    while len(out) < want and clean:
+        out += rng.sample(clean, min(want - len(out), len(clean)))
+    return out
 
 
 def step_count(args, n_prompts: int) -> int:

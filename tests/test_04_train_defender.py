@@ -83,6 +83,18 @@ def test_round_schedule_step_count_and_warmup_pool(tiny_run):
     assert len(s04.load_prompt_pool(SimpleNamespace(round=0, warmup_samples=0, seed=0), tiny_run)) > 5
 
 
+def test_clean_share_meets_the_ratio_by_repeating_a_small_clean_set():
+    clean = list(range(10))
+    few = s04.clean_share(clean, 6, 0.5, random.Random(0))                  # 6 of the 10, no repeat
+    assert len(few) == 6 and len(set(few)) == 6
+    assert few == random.Random(0).sample(clean, 6)                         # as the plain draw it replaces
+    many = s04.clean_share(clean, 25, 0.5, random.Random(0))                # 25 wanted from 10 scenes
+    assert len(many) == 25 and sorted(many[:20]) == sorted(clean * 2)       # two whole passes, then 5 more
+    assert len(set(many[20:])) == 5
+    assert len(s04.clean_share(clean, 30, 0.25, random.Random(0))) == 10    # 30 x 0.25 / 0.75
+    assert s04.clean_share([], 30, 0.5, random.Random(0)) == [] and s04.clean_share(clean, 30, 0.0, random.Random(0)) == []
+
+
 class FakeStream:
     def __init__(self):
         self.taken = 0
