@@ -67,9 +67,13 @@ PRESETS = {
     # (~3 per rollout step) won back more than one update per step, on the same round-0 defender and
     # attacks (issue 12, 137 held-out attacks, left/right only: the seed split before its fix): 48.9 -> 68.6
     # (clean 97.8 -> 94.2) against 60.6 (96.4) at 32 and 64.2 (97.1) at 4; round 0 at 8 keeps clean
-    # accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it
+    # accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it. One pass over the pool (EasyR1's epochs): round 0
+    # the 473 clean train scenes -> 14 steps; round k: 03's four attacks per train scene + as many clean
+    # prompts (--clean_ratio 0.5) -> ~98 steps. On one attacker 1 (41.7-point drop; issue 12, fixed split)
+    # this won back 42% at clean -0.8 (--seed 1: 38%, -1.6); 21% clean over 64 steps 57% at -7.1, a third
+    # over 73 steps 19% at -7.1, 50% over 58 steps (--epochs 0.6) 30% at -2.4
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=32,
-                       max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=12, lr=1e-4, save_every=4,
+                       max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
 }
 
