@@ -71,7 +71,7 @@ PRESETS = {
     # the 473 clean train scenes -> 14 steps; round k: 03's four attacks per train scene + as many clean
     # prompts (--clean_ratio 0.5) -> ~98 steps. On one attacker 1 (41.7-point drop; issue 12, fixed split)
     # this won back 42% at clean -0.8 (--seed 1: 38%, -1.6); 21% clean over 64 steps 57% at -7.1, a third
-    # over 73 steps 19% at -7.1, 50% over 58 steps (--epochs 0.6) 30% at -2.4
+    # over 73 steps 19% at -7.1, 50% over 58 steps (--epochs 0.6) 30% at -2.4, over 147 (1.5) 40% at +0.0
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=32,
                        max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
