@@ -38,6 +38,11 @@ Our choices where the paper is silent:
      every weight in its own dtype, LoRA gradients reduce-scattered in fp32); the defender is
      gathered once per reward call to generate. Gradient checkpointing is on by default. Ranks
      run the same number of forwards (zero-weight filler micro-batches and curriculum batches).
+  6. scenes whose question has no target box (an absent object: "Is there a dog?" -> No) are not attacked:
+     the gate protects the targets' pixels, and with none nothing stops the edit from adding the asked
+     object, which changes the true answer (the tiny world's attacker learnt exactly that: red blobs on
+     "Is there a red circle?" scenes; its defender could not be taught "No" without losing "Yes").
+     --attack_targetless attacks them too, gated by the whole image's SSIM.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class Args:
                                                                    "at --resolution"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
+    attack_targetless: bool = field(default=False, metadata={"help": "also attack scenes without target boxes "
+                                                                     "(choice 6)"})
     curriculum_samples: int = field(default=1, metadata={"help": "attacks per train scene in the curriculum (each "
                                                                  "from its own noise; held-out: 1 per scene)"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
@@ -346,9 +353,15 @@ def main(args: Args):
         return
     from datasets import load_from_disk
     scenes_ds = load_from_disk(str(run / "data" / "scenes"))
+    n_all = len(scenes_ds)
+    if not args.attack_targetless:   # choice 6: a question about an absent object has no box to protect
+        scenes_ds = scenes_ds.filter(lambda t: len(t) > 0, input_columns="targets")
+        if n_all > len(scenes_ds):
+            common.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
+                          f"an absent object): not attacked (--attack_targetless attacks them)")
     train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
     if not train_scenes:
-        raise SystemExit(f"[03] no train scenes in {run / 'data' / 'scenes'}")
+        raise SystemExit(f"[03] no train scenes with target boxes in {run / 'data' / 'scenes'} ({n_all} scenes)")
     init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
     dtype = common.resolve_dtype(args.dtype, ddp.device)
     pipe = common.load_attacker(args.model, device=ddp.device, dtype=dtype)
@@ -421,19 +434,20 @@ def main(args: Args):
         t_train = time.time() - t1
         sums = common.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
                                                float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
-                                               st["clip_frac"], st["approx_kl"], st["ratio"]], dtype=torch.float64))
+                                               st["clip_frac"], st["approx_kl"], st["ratio"], st["kl"]], dtype=torch.float64))
         n = sums[2].item()
         mean = sums[0].item() / n
         row = dict(iter=it + 1, reward_mean=mean, reward_std=math.sqrt(max(sums[1].item() / n - mean**2, 0)),
                    attack_success=sums[3].item() / n, ssim_local=sums[4].item() / n, wrong_fraction=sums[5].item() / n,
                    zero_var_groups=int(sums[6].item()), clip_frac=sums[7].item() / ddp.world,
                    approx_kl=sums[8].item() / ddp.world, ratio_mean=sums[9].item() / ddp.world,
+                   kl_ref=sums[10].item() / ddp.world,
                    grad_norm=st["grad_norm"], rollout_s=t_roll, train_s=t_train,
                    edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=common.peak_memory_gb(ddp.device))
         logger.log(row)
         common.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
                       f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
-                      f"kl {row['approx_kl']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
+                      f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
                       f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,

@@ -397,10 +397,13 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
                     answer=r["answer"], meta={}) for r in test]
         preds = answer_items(model, processor, att, args, pdir / f"attacks_{d.name}.jsonl", ddp)
         flipped = [not p["correct"] for p in preds if clean_ok.get(p["index"])]
+        # clean accuracy on the attacked scenes only (03 skips questions without target boxes)
+        clean_same = [clean_ok[p["index"]] for p in preds if p["index"] in clean_ok]
         saved = run / "attacker" / d.name / "args.json"   # the gate the attacker was trained with
         tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
         out[f"attacker_{d.name}"] = dict(acc=acc(p["correct"] for p in preds), attack_success=acc(flipped),
-                                         n=len(preds), ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
+                                         clean_acc=acc(clean_same), n=len(preds),
+                                         ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
                                          ssim_pass=acc(s >= tau for s in test["ssim_local"]), tau=tau,
                                          by_answer=acc_by_answer(preds))
     out["clean_by_answer"] = acc_by_answer(clean)
@@ -468,11 +471,12 @@ def write_summary(eval_dir: Path, paper_table: bool):
     for c in coevolution(rounds):
         k = c["attacker"]
         line = (f"\nRound {k}: attacker {k} takes {c['drop']:.1f} points from defender {k - 1}, the model it was trained "
-                f"to fool ({c['clean_before']:.1f} clean, {c['attacked_before']:.1f} attacked)")
+                f"to fool ({c['clean_items_before']:.1f} clean, {c['attacked_before']:.1f} attacked, on the "
+                f"{c['n']} attacked test scenes)")
         if "recovered" in c:
             line += (f"; defender {k} wins back {c['attacked_after'] - c['attacked_before']:.1f} of them "
                      f"({100 * c['recovered']:.0f}%: {c['attacked_after']:.1f} attacked) at "
-                     f"{c['clean_after']:.1f} clean ({c['clean_after'] - c['clean_before']:+.1f})")
+                     f"{c['clean_after']:.1f} clean on every test scene ({c['clean_after'] - c['clean_before']:+.1f})")
         lines.append(line + ".")
         if "by_answer_after" in c:   # is it seeing, or a tip towards other answers? (acc_by_answer)
             line = f"\nBy right answer, defender {k - 1} -> {k}: attacked {_arrows(c['by_answer_before'], c['by_answer_after'])}"
@@ -490,7 +494,8 @@ def _arrows(before: dict, after: dict) -> str:
 
 def coevolution(rounds) -> list[dict]:
     """What each co-evolution round did, on the held-out test scenes: attacker k against defender k-1, the model
-    it was trained to fool (clean_before, attacked_before, drop = their difference; gate_pass: % of its attacks
+    it was trained to fool (clean_before on every test scene; clean_items_before on the attacked ones,
+    attacked_before, drop = the difference of these two; gate_pass: % of its attacks
     passing its local-SSIM gate), then defender k, trained on its curriculum, on the same attacks (attacked_after,
     clean_after, recovered = the share of the drop won back; by_answer_before / _after: the attacked accuracy per
     right answer, clean_by_answer_before / _after the same clean, where scored). One dict per attacker round
@@ -501,8 +506,10 @@ def coevolution(rounds) -> list[dict]:
         a, before, after = f"attacker_round_{k}", by.get(k - 1, {}), by.get(k, {})
         if a not in before or "clean_acc" not in before:
             continue
-        c = dict(attacker=k, clean_before=before["clean_acc"], attacked_before=before[a]["acc"],
-                 drop=before["clean_acc"] - before[a]["acc"], gate_pass=before[a].get("ssim_pass", float("nan")))
+        same = before[a].get("clean_acc", before["clean_acc"])   # older eval/*.json: every scene was attacked
+        c = dict(attacker=k, clean_before=before["clean_acc"], clean_items_before=same, n=before[a].get("n"),
+                 attacked_before=before[a]["acc"], drop=same - before[a]["acc"],
+                 gate_pass=before[a].get("ssim_pass", float("nan")))
         if a in after and "clean_acc" in after:
             c.update(attacked_after=after[a]["acc"], clean_after=after["clean_acc"],
                      recovered=(after[a]["acc"] - c["attacked_before"]) / c["drop"] if c["drop"] > 0 else float("nan"))

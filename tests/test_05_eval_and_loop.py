@@ -79,14 +79,17 @@ def test_curves_from_the_logs(tmp_path):
 
 def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     def res(rnd, clean, **attacks):
-        rob = dict(clean_acc=clean, **{f"attacker_round_{k[1:]}": dict(acc=v, attack_success=0.0, n=10, ssim_local=0.7,
-                                                                         ssim_pass=90.0, tau=0.55)
+        rob = dict(clean_acc=clean, **{f"attacker_round_{k[1:]}": dict(acc=v[0], attack_success=0.0, n=10, ssim_local=0.7,
+                                                                         ssim_pass=90.0, tau=0.55, **v[1])
                                        for k, v in attacks.items()})
         (tmp_path / f"{'base' if rnd < 0 else f'round_{rnd}'}.json").write_text(
             json.dumps(dict(round=rnd, benchmarks={}, robustness=rob)))
     res(-1, 98.0)
-    res(0, 96.0, a1=50.0)                # attacker 1 takes 46 points from defender 0
-    res(1, 94.0, a1=73.0, a2=60.0)       # defender 1 wins back 23 of them (50%); attacker 2 not yet scored on 1 -> 2
+    res(0, 96.0, a1=(50.0, {}))          # attacker 1 takes 46 points from defender 0 (an older file: no clean_acc
+    #                                      of its own, every test scene was attacked)
+    # defender 1 wins back 23 of them (50%); attacker 2 attacked the scenes with target boxes only, 90.0 right
+    # clean there (94.0 on every scene): it takes 30 points; not yet scored on defender 2
+    res(1, 94.0, a1=(73.0, {}), a2=(60.0, dict(clean_acc=90.0)))
     rounds = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
     assert "By right answer" not in s05.write_summary(tmp_path, False)   # older results: no per-answer scores
     # the per-answer scores of the same rounds, from the predictions 05 saves (acc_by_answer): attacker 1 tips
@@ -102,11 +105,14 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     assert [x["attacker"] for x in c] == [1, 2]
     assert c[0]["drop"] == 46.0 and c[0]["recovered"] == pytest.approx(0.5) and c[0]["clean_after"] == 94.0
     assert c[0]["gate_pass"] == 90.0
-    assert c[1] == dict(attacker=2, clean_before=94.0, attacked_before=60.0, drop=34.0, gate_pass=90.0)   # no defender 2 yet
+    assert c[1] == dict(attacker=2, clean_before=94.0, clean_items_before=90.0, n=10, attacked_before=60.0, drop=30.0,
+                        gate_pass=90.0)   # no defender 2 yet
     summary = s05.write_summary(tmp_path, False)
     assert ("Round 1: attacker 1 takes 46.0 points from defender 0, the model it was trained to fool (96.0 clean, "
-            "50.0 attacked); defender 1 wins back 23.0 of them (50%: 73.0 attacked) at 94.0 clean (-2.0).") in summary
-    assert "Round 2: attacker 2 takes 34.0 points from defender 1" in summary
+            "50.0 attacked, on the 10 attacked test scenes); defender 1 wins back 23.0 of them (50%: 73.0 attacked) at "
+            "94.0 clean on every test scene (-2.0).") in summary
+    assert ("Round 2: attacker 2 takes 30.0 points from defender 1, the model it was trained to fool (90.0 clean, 60.0 "
+            "attacked, on the 10 attacked test scenes).") in summary
     assert ("By right answer, defender 0 -> 1: attacked A 100.0 -> 75.0, B 16.7 -> 83.3; clean A 90.0 -> 80.0, "
             "B 100.0 -> 100.0.") in summary
     assert c[0]["by_answer_after"] == {"A": 75.0, "B": pytest.approx(500 / 6)} and "by_answer_before" not in c[1]
