@@ -64,11 +64,15 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
                         defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3),
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
-                              group_size=8, scenes_per_step=4, train_iters=16, lr=1e-3, defender_k=2,
+                              group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # 16 iterations: attacker 1 took 41.7 points from defender 0 (82.7% of its attacks
-                              # within the gate); 12 took 23.6 (92.1%). Four attacks per train scene: on one
-                              # (439 kept) 36 DAPO steps won back 17% of a drop, on four (1,763) 27% (issue 12)
+                              # 48 iterations of 8 scenes at 3e-4 (issue 12): attacker 1 took 23.6 points from
+                              # defender 0 on the 106 test scenes it attacks, 90.6% within the gate, with one or a
+                              # few blobs away from the targets; 24 iterations took 21.7. At 1e-3 with 4 scenes
+                              # its success swung from iteration to iteration, and 16 iterations took 41.7 by
+                              # covering the scene with blobs and adding red blobs to "Is there a red circle?"
+                              # scenes without one (not attacked since: choice 6). Four attacks per train scene:
+                              # on one (439 kept) 36 DAPO steps won back 17% of a drop, on four (1,763) 27%
                               curriculum_samples=4,
                               # the world's 8x VAE reconstructs untouched targets at local SSIM 0.64-0.66 on
                               # average (world.json "vae_target_ssim"): the ceiling of any edit's SSIM here,

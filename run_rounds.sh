@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (~42 min the first time on 2 EPYC cores: its measured stages summed)
+#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (~50 min the first time on 2 EPYC cores: the stages 30, the models 18-21, measured apart)
 #   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
 #   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
