@@ -37,7 +37,8 @@ Rows VLMEvalKit stores as a back-reference to another row's image are resolved, 
 JSON list of base64 images) keep every image; any row that cannot be scored is named with its reason
 in eval/<name>.json.
 Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far, and the
-attack success rate (share of clean-correct items the attack turns wrong).
+attack success rate (share of clean-correct items the attack turns wrong). An attacker edits only the test
+scenes with target boxes (03's choice 6): its drop is measured against the clean accuracy on those scenes.
 """
 
 from __future__ import annotations
