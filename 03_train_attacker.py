@@ -68,7 +68,8 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
                               # 48 iterations of 8 scenes at 3e-4 (issue 12): attacker 1 took 23.6 points from
                               # defender 0 on the 106 test scenes it attacks, 90.6% within the gate, with one or a
-                              # few blobs away from the targets; 24 iterations took 21.7. At 1e-3 with 4 scenes
+                              # few blobs away from the targets; 24 iterations took 21.7, 72 took 20.8 (another run),
+                              # and 24 more from this run's adapter 29.2: run-to-run spread. At 1e-3 with 4 scenes
                               # its success swung from iteration to iteration, and 16 iterations took 41.7 by
                               # covering the scene with blobs and adding red blobs to "Is there a red circle?"
                               # scenes without one (not attacked since: choice 6). Four attacks per train scene:
