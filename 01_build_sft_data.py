@@ -38,7 +38,8 @@ Our choices where the paper is silent:
   2. the extended scene is stored at the edit resolution (--resolution), boxes rescaled, so every
      later edit and SSIM compares images of one size;
   3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker;
-  4. one distractor per scene: the first valid proposal (up to --num_proposals are checked).
+  4. one distractor per scene in AOT-SFT: of the first --implants_per_scene valid proposals (default 1;
+     up to --num_proposals are checked), each implanted on its own, the first that fools the target.
 Memory (bench/paper_scale.py): the editor (20.4B transformer + 8.3B text encoder) and the judge
 (8.3B) do not fit one 80 GB GPU together with their activations. With --offload (default) the
 models that take turns, the editor's text encoder and the judge / target, wait in CPU memory and
@@ -76,6 +77,9 @@ PRESETS = {
                        num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
                        chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.18, max_box_frac=0.26,
                        distractors="red triangle,blue triangle,orange triangle,purple triangle",
+                       # one implant per scene kept 58 effective distractors of 437 (10 on "A" questions); up to
+                       # four per scene, 168 (30), and 03's attacker took 23.6 -> 29.2 points (issue 12)
+                       num_proposals=8, implants_per_scene=4,
                        min_composition=0.0, max_duplication=1.0, min_realism=0.0, max_new_tokens=8),
 }
 
@@ -111,6 +115,8 @@ class Args:
     min_realism: float = field(default=0.5, metadata={"help": "P(Yes) >= this passes realism"})
     proposer: str = field(default="mllm", metadata={"help": "'mllm' (JSON proposals) or 'random'"})
     num_proposals: int = field(default=3, metadata={"help": "proposals checked per scene"})
+    implants_per_scene: int = field(default=1, metadata={"help": "valid proposals implanted per scene (each its own "
+                                                                "edit); the first that fools the target is kept"})
     proposal_retries: int = field(default=3, metadata={"help": "MLLM retries on unparseable answers"})
     max_iou: float = field(default=0.0, metadata={"help": "max IoU of a distractor with a target box"})
     max_cover: float = field(default=0.0, metadata={"help": "max share of a target box it may cover"})
@@ -343,7 +349,8 @@ def new_counts() -> dict:
     keys = ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
             "scenes", "proposal_unparseable_answers", "proposal_scenes_skipped_unparseable",
             "proposals_checked", "rejected_outside", "rejected_overlap", "rejected_category",
-            "scenes_with_valid_proposal", "implanted", "correct_before", "wrong_after", "effective"]
+            "scenes_with_valid_proposal", "implanted", "correct_before", "wrong_after", "effective_implants",
+            "effective"]
     return {k: 0 for k in keys}
 
 
@@ -406,15 +413,18 @@ def process_chunk(rows, chunk_idx, models, args):
         if props is None:
             counts["proposal_scenes_skipped_unparseable"] += 1
             continue
+        valid = []
         for p in props[:args.num_proposals]:
             counts["proposals_checked"] += 1
             reason = validate_proposal(p, s["targets"], s["question"], s["image"].size, args)
             if reason:
                 counts[f"rejected_{reason}"] += 1
                 continue
-            chosen.append((s, p))
-            counts["scenes_with_valid_proposal"] += 1
-            break
+            valid.append((s, p))
+            if len(valid) == args.implants_per_scene:
+                break
+        chosen += valid
+        counts["scenes_with_valid_proposal"] += bool(valid)
 
     # 4. implantation: masked edit inside the distractor box
     implanted = []
@@ -448,12 +458,17 @@ def process_chunk(rows, chunk_idx, models, args):
                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         after = common.defender_generate(target, target_proc, [o for _, _, o in implanted], prompts,
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        kept = set()
         for (s, p, o), a0, a1 in zip(implanted, before, after):
             right0 = common.extract_answer(a0, s["options"]) == s["answer"]
             wrong1 = common.extract_answer(a1, s["options"]) != s["answer"]
             counts["correct_before"] += right0
             counts["wrong_after"] += wrong1
             if wrong1 and (right0 or not args.require_correct_before):
+                counts["effective_implants"] += 1
+                if s["id"] in kept:                         # one triple per scene: its first effective implant
+                    continue
+                kept.add(s["id"])
                 counts["effective"] += 1
                 sft.append({**s, "edited_image": o, "instruction": common.attack_instruction(s["question"]),
                             "distractor": {"name": p["object"], "bbox": p["bbox"]},

@@ -88,8 +88,9 @@ def test_stage01_tiny_outputs_schema_and_funnel(tiny_run):
     chain = ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
              "scenes_with_valid_proposal", "implanted", "effective"]
     assert all(f[a] >= f[b] for a, b in zip(chain, chain[1:]))
-    assert f["proposals_checked"] == f["scenes_with_valid_proposal"] + f["rejected_outside"] + \
+    assert f["proposals_checked"] == f["implanted"] + f["rejected_outside"] + \
         f["rejected_overlap"] + f["rejected_category"]
+    assert f["implanted"] == f["scenes_with_valid_proposal"] and f["effective_implants"] == f["effective"]
     row = sft[0]
     assert set(row) >= {"id", "image", "question", "options", "answer", "targets", "split", "edited_image",
                         "instruction", "distractor", "defender_answer_clean", "defender_answer_edited"}
@@ -103,6 +104,18 @@ def test_stage01_tiny_outputs_schema_and_funnel(tiny_run):
     outside[max(0, y1 - 1):y2 + 2, max(0, x1 - 1):x2 + 2] = False
     assert np.array_equal(a[outside], b[outside])
     assert (data / "gallery_01.png").is_file()
+
+
+def test_stage01_several_implants_keep_one_triple_per_scene(tmp_path):
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--num_proposals", "6",
+              "--implants_per_scene", "3")
+    f = _funnel(tmp_path)["counts"]
+    assert f["scenes_with_valid_proposal"] < f["implanted"] <= 3 * f["scenes_with_valid_proposal"]
+    assert f["proposals_checked"] == f["implanted"] + f["rejected_outside"] + f["rejected_overlap"] + \
+        f["rejected_category"]
+    ids = load_from_disk(str(tmp_path / "data" / "aot_sft"))["id"]
+    assert len(ids) == len(set(ids)) == f["effective"] <= f["effective_implants"]
+    assert f["effective_implants"] > f["effective"]          # some scene was fooled by more than one implant
 
 
 @pytest.mark.slow
