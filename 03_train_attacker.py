@@ -66,12 +66,13 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # 48 iterations of 8 scenes at 3e-4 (issue 12): attacker 1 took 23.6 points from
-                              # defender 0 on the 106 test scenes it attacks, 90.6% within the gate, with one or a
-                              # few blobs away from the targets; 24 iterations took 21.7, 72 took 20.8 (another run),
-                              # and 24 more from this run's adapter 29.2: run-to-run spread. At 1e-3 with 4 scenes
-                              # its success swung from iteration to iteration, and 16 iterations took 41.7 by
-                              # covering the scene with blobs and adding red blobs to "Is there a red circle?"
+                              # 48 iterations of 8 scenes at 3e-4 (issue 12): from 01's 168 effective distractors,
+                              # attacker 1 took 29.2 points (seed 1: 26.4) from defender 0 on the 106 test scenes it
+                              # attacks, ~90% within the gate, with one or a few blobs away from the targets. From
+                              # 58 (one implant per scene): 23.6; 24 iterations 21.7, 72 20.8, 48 + 24 more 29.2:
+                              # the spread between runs is larger than what more iterations add. At 1e-3 with 4
+                              # scenes its success swung from iteration to iteration, and 16 iterations took 41.7
+                              # by covering the scene with blobs and adding red blobs to "Is there a red circle?"
                               # scenes without one (not attacked since: choice 6). Four attacks per train scene:
                               # on one (439 kept) 36 DAPO steps won back 17% of a drop, on four (1,763) 27%
                               curriculum_samples=4,
