@@ -502,6 +502,9 @@ def save_rows(rows, kind, path):
 def main(args: Args):
     from datasets import concatenate_datasets, load_from_disk
 
+    if not 1 <= args.implants_per_scene <= args.num_proposals:
+        raise SystemExit(f"[01] --implants_per_scene {args.implants_per_scene}: needs 1 <= it <= --num_proposals "
+                         f"({args.num_proposals})")
     common.quiet()
     ddp = common.setup_distributed()
     run = Path(args.run_dir)

@@ -116,6 +116,9 @@ def test_stage01_several_implants_keep_one_triple_per_scene(tmp_path):
     ids = load_from_disk(str(tmp_path / "data" / "aot_sft"))["id"]
     assert len(ids) == len(set(ids)) == f["effective"] <= f["effective_implants"]
     assert f["effective_implants"] > f["effective"]          # some scene was fooled by more than one implant
+    bad = run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path / "bad", "--num_proposals", "2",
+                    "--implants_per_scene", "3", check=False)
+    assert bad.returncode != 0 and "--implants_per_scene 3: needs 1 <= it <= --num_proposals (2)" in bad.stderr
 
 
 @pytest.mark.slow
