@@ -67,7 +67,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
                               # 48 iterations of 8 scenes at 3e-4 (issue 12): from 01's 168 effective distractors,
-                              # attacker 1 took 29.2 points (seed 1: 26.4) from defender 0 on the 106 test scenes it
+                              # attacker 1 took 29.2 points (seeds 1, 2: 26.4, 33.0) from defender 0 on the 106 test scenes it
                               # attacks, ~90% within the gate, with one or a few blobs away from the targets. From
                               # 58 (one implant per scene): 23.6; 24 iterations 21.7, 72 20.8, 48 + 24 more 29.2:
                               # the spread between runs is larger than what more iterations add. At 1e-3 with 4
