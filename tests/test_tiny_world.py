@@ -206,6 +206,17 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     assert time.time() - t0 < 1 and (out / "world.json").stat().st_mtime == stamp
 
 
+def test_editor_with_no_plain_phase_trains_only_the_weighted_phase(small_world):
+    out, _ = small_world
+    pipe = common.load_attacker(str(out / "editor"))
+    before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
+    logged = []
+    tiny_world.train_world_editor(pipe, steps=0, add_steps=2, batch=8, n_train=16, log=logged.append)
+    assert [d["part"] for d in logged] == ["editor_add"] and logged[-1]["step"] == 2
+    moved = [n for n, p in pipe.transformer.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) > len(before) // 2 and not pipe.transformer.training
+
+
 def test_answer_smoothing_moves_only_the_answer_token_towards_the_wrong_answer():
     processor = tiny_world.tiny_vl_processor(min_pixels=WORLD_SIZE ** 2, max_pixels=WORLD_SIZE ** 2)
     scenes = [tiny_world.world_scene(i, kind=k) for i, k in enumerate(["horizontal", "exists"])]
