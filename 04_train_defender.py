@@ -37,11 +37,16 @@ Departures / our choices:
      torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
   6. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
      token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
+  7. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
+     (``pack``: a 4D mask keeps the answers apart, positions as sampled; exact, tested), so a prompt and
+     its image go through the model once per row, not once per answer; verl / EasyR1 run every
+     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2;
 Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
 --gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
 prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
-micro-batches hold at most --micro_tokens padded tokens (verl's ppo_max_token_len_per_gpu) and
-only the completion positions get logits; gradient checkpointing is on by default.
+micro-batches hold at most --micro_tokens padded tokens (verl's ppo_max_token_len_per_gpu; a row then
+holds fewer of a group's answers, one at the longest) and only the completion positions get logits;
+gradient checkpointing is on by default.
 """
 
 from __future__ import annotations
@@ -61,18 +66,14 @@ PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
                  max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
-    # the world's defender is confident (entropy ~0.08 nats): at group size 4 nearly every group was all
-    # right or all wrong and dynamic sampling kept 3-18% of them, too few to learn from attacks (attacked
-    # accuracy 52.6 -> 54.0 in round 1); at 16 answers per prompt it keeps 15-44%. Updates of 8 prompts
-    # (~3 per rollout step) won back more than one update per step, on the same round-0 defender and
-    # attacks (issue 12, 137 held-out attacks, left/right only: the seed split before its fix): 48.9 -> 68.6
-    # (clean 97.8 -> 94.2) against 60.6 (96.4) at 32 and 64.2 (97.1) at 4; round 0 at 8 keeps clean
-    # accuracy (97.8 -> 97.8); lr 2e-4 at 8 broke it. One pass over the pool (EasyR1's epochs): round 0
-    # the 473 clean train scenes -> 14 steps; round k: 03's four attacks per train scene + as many clean
-    # prompts (--clean_ratio 0.5) -> ~98 steps. On one attacker 1 (41.7-point drop; issue 12, fixed split)
-    # this won back 42% at clean -0.8 (--seed 1: 38%, -1.6); 21% clean over 64 steps 57% at -7.1, a third
-    # over 73 steps 19% at -7.1, 50% over 58 steps (--epochs 0.6) 30% at -2.4, over 147 (1.5) 40% at +0.0
-    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=32,
+    # the world's defender is confident (entropy ~0.08 nats): groups of 4 were nearly all right or all wrong
+    # (dynamic sampling kept 3-18%), groups of 16 keep 15-44%. Updates of 8 prompts (~3 per rollout step) won
+    # back more than 1 or 4 per step (issue 12: attacked 48.9 -> 68.6, against 60.6 and 64.2); lr 2e-4 broke
+    # it. One pass over the pool (EasyR1's epochs): round 0 its 473 clean train scenes -> 14 steps, round k
+    # 03's four attacks per train scene + as many clean prompts -> ~98 steps (other mixes: README). Micro-
+    # batches of a whole update (8 packed rows): bench/dapo_step.py, 512 answers, old log-probs + updates
+    # 1.5 s a step on 2 cores (12.6 before packing)
+    "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
                        max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
 }
@@ -292,25 +293,35 @@ def media_token_ids(model) -> list[int]:
     return [model.config.image_token_id, model.config.video_token_id]
 
 
-def collate(samples, pad_id, device):
-    """Left-pad prompts, right-pad completions: [pad.. prompt | completion ..pad]."""
-    P = max(len(s["prompt_ids"]) for s in samples)
-    T = max(len(s["completion"]) for s in samples)
-    B = len(samples)
-    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, P + T, dtype=torch.long)
-    mm = torch.zeros(B, P + T, dtype=torch.int)
-    comp_mask = torch.zeros(B, T)
-    for b, s in enumerate(samples):
-        n, m = len(s["prompt_ids"]), len(s["completion"])
-        ids[b, P - n:P], ids[b, P:P + m] = s["prompt_ids"], s["completion"]
-        mask[b, P - n:P + m] = 1
-        mm[b, P - n:P] = s["mm_types"]
-        comp_mask[b, :m] = 1
-    batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm,
-                 pixel_values=torch.cat([s["pixel_values"] for s in samples]),
-                 image_grid_thw=torch.cat([s["grid"] for s in samples]))
-    return {k: v.to(device) for k, v in batch.items()}, comp_mask.to(device), P
+def pack(rows: list[list[dict]], pad_id: int, device):
+    """A micro-batch of rows (``micro_batches``), each one copy of a prompt and k of its answers:
+    [pad.. prompt | answer 1 ..pad | ... | answer k ..pad], slots of the longest completion T. An answer
+    sees the prompt and itself only, at the positions it was sampled at, so its log-probs are those of
+    [prompt | answer] alone (tested); the tiny world's 136-token prompts with 16 answers of ~5 tokens cost
+    10x fewer tokens. -> (batch, prompt_mask, P, k, T, slots): sample i is in slot ``slots[i]`` (row k + j)."""
+    P = max(len(r[0]["prompt_ids"]) for r in rows)
+    T = max(len(s["completion"]) for r in rows for s in r)
+    k = max(len(r) for r in rows)
+    R, L = len(rows), P + k * T
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    real = torch.zeros(R, L, dtype=torch.bool)
+    mm = torch.zeros(R, L, dtype=torch.int)
+    slots = []
+    for r, row in enumerate(rows):
+        n = len(row[0]["prompt_ids"])
+        ids[r, P - n:P], mm[r, P - n:P], real[r, P - n:P] = row[0]["prompt_ids"], row[0]["mm_types"], True
+        for j, s in enumerate(row):
+            a, m = P + j * T, len(s["completion"])
+            ids[r, a:a + m], real[r, a:a + m] = s["completion"], True
+            slots.append(r * k + j)
+    seg = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(T)])   # 0 = prompt
+    pos = torch.arange(L)
+    see = (pos[None, :] <= pos[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))    # (L, L)
+    mask = (real[:, None, :] & see[None]) | torch.eye(L, dtype=torch.bool)[None]   # a pad query sees itself: no NaN
+    batch = dict(input_ids=ids, attention_mask=mask[:, None], mm_token_type_ids=mm,
+                 pixel_values=torch.cat([r[0]["pixel_values"] for r in rows]),
+                 image_grid_thw=torch.cat([r[0]["grid"] for r in rows]))
+    return {k_: v.to(device) for k_, v in batch.items()}, real[:, :P].long().to(device), P, k, T, torch.tensor(slots)
 
 
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:
@@ -322,12 +333,30 @@ def overlong_penalty(length: int, max_len: int, cache: int) -> float:
     return -1.0
 
 
-def token_logprobs(model, batch, P, T, temperature, with_entropy=False):
-    """Log-probs (B, T) of the completion tokens under the model (logits / temperature)."""
-    with compute_dtype(model):  # logits of the completion positions only (prompts are left-padded to P)
-        logits = model(**batch, use_cache=False, logits_to_keep=T + 1).logits[:, :T].float() / temperature
+def token_logprobs(model, packed, temperature, with_entropy=False):
+    """Log-probs (N, T) of the N completions of a ``pack``ed micro-batch (logits / temperature), in the
+    micro-batch's order, and optionally their per-token entropies."""
+    batch, prompt_mask, P, k, T, slots = packed
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise SystemExit(f"[04] packed groups need a 4D attention mask: sdpa or eager attention, not {impl}")
+    mask = batch["attention_mask"]
+    if impl == "eager":                     # additive, as eager attention adds it to the scores
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    R = batch["input_ids"].shape[0]
+    pos, _ = model.model.get_rope_index(batch["input_ids"][:, :P], batch["mm_token_type_ids"][:, :P],
+                                        image_grid_thw=batch["image_grid_thw"], attention_mask=prompt_mask)
+    t = torch.arange(T, device=pos.device)  # every slot continues from its prompt's largest position, as sampled
+    after = (pos.amax(dim=(0, 2))[:, None] + 1 + t).repeat(1, k)                   # (R, k T)
+    pos = torch.cat([pos, after[None].expand(3, R, k * T)], 2)
+    # the logits that predict slot j's tokens: the prompt's last position, then the slot's own
+    keep = torch.cat([torch.full((k, 1), P - 1), P + torch.arange(k)[:, None] * T + torch.arange(T - 1)], 1)
+    with compute_dtype(model):
+        logits = model(**dict(batch, attention_mask=mask), position_ids=pos, use_cache=False,
+                       logits_to_keep=keep.flatten().to(pos.device)).logits.float() / temperature
+    logits = logits.view(R * k, T, -1)[slots.to(logits.device)]
     logits[..., media_token_ids(model)] = -float("inf")  # as suppressed at sampling time
-    targets = batch["input_ids"][:, P:P + T]
+    targets = batch["input_ids"][:, P:].reshape(R * k, T)[slots.to(logits.device)]
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     ent = torch.special.entr(logp_all.exp()).sum(-1).detach() if with_entropy else None  # 0 where p = 0
@@ -436,17 +465,24 @@ def _global_max(n: int) -> int:
     return int(common.all_reduce(torch.tensor(float(n)), op="max").item())
 
 
-def micro_batches(samples: list[dict], max_seqs: int, max_tokens: int) -> list[list[dict]]:
-    """Consecutive samples, at most max_seqs per micro-batch and (when max_tokens > 0) at most
-    max_tokens padded tokens (count x longest prompt + longest completion); never empty."""
-    out, cur, P, T = [], [], 0, 0
+def micro_batches(samples: list[dict], max_seqs: int, max_tokens: int) -> list[list[list[dict]]]:
+    """Consecutive samples as micro-batches of rows (``pack``): a row holds answers to one prompt (the
+    samples of a rollout group share its prompt tensors); a micro-batch at most max_seqs answers and, when
+    max_tokens > 0, at most max_tokens padded tokens: rows x (longest prompt + answers per row x longest
+    completion), verl's ppo_max_token_len_per_gpu. Never empty: a sample over the budget goes alone."""
+    def fits(rows):
+        P = max(len(r[0]["prompt_ids"]) for r in rows)
+        T = max(len(s["completion"]) for r in rows for s in r)
+        return sum(map(len, rows)) <= max_seqs and not (max_tokens and len(rows) * (P + max(map(len, rows)) * T) > max_tokens)
+    out, cur = [], []
     for s in samples:
-        p, t = max(P, len(s["prompt_ids"])), max(T, len(s["completion"]))
-        if cur and (len(cur) >= max_seqs or (max_tokens and (len(cur) + 1) * (p + t) > max_tokens)):
-            out.append(cur)
-            cur, p, t = [], len(s["prompt_ids"]), len(s["completion"])
-        cur.append(s)
-        P, T = p, t
+        if cur and cur[-1][0]["prompt_ids"] is s["prompt_ids"] and fits(cur[:-1] + [cur[-1] + [s]]):
+            cur[-1].append(s)
+        elif cur and fits(cur + [[s]]):
+            cur.append([s])
+        else:
+            out += [cur] if cur else []
+            cur = [[s]]
     return out + ([cur] if cur else [])
 
 
@@ -461,22 +497,20 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
         adv = group_advantages(torch.tensor([[s["reward"] for s in g] for g in groups]))
         for s, a in zip(samples, adv.flatten().tolist()):
             s["adv"] = a
-    fill = [dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None)
-            for s in micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
+    fill = [[dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None) for s in row]
+            for row in micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
     per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update
     chunks = [micro_batches(samples[u:u + per_update], args.micro_batch, args.micro_tokens)
               for u in range(0, len(samples), per_update)]
     mbs = [mb for c in chunks for mb in c]
     with torch.no_grad():  # old (and reference) log-probs, same micro-batches as training
         for j in range(_global_max(len(mbs))):
-            mb = mbs[j] if j < len(mbs) else fill
-            batch, cmask, P = collate(mb, pad, device)
-            T = cmask.shape[1]
-            old = token_logprobs(model, batch, P, T, args.temperature)[0] if args.old_logp == "recompute" else None
-            ref = token_logprobs(ref_model, batch, P, T, args.temperature)[0] if ref_model is not None else None
+            packed = pack(mbs[j] if j < len(mbs) else fill, pad, device)
+            old = token_logprobs(model, packed, args.temperature)[0] if args.old_logp == "recompute" else None
+            ref = token_logprobs(ref_model, packed, args.temperature)[0] if ref_model is not None else None
             if j >= len(mbs):
                 continue
-            for b, s in enumerate(mb):
+            for b, s in enumerate(s for row in mbs[j] for s in row):
                 n = len(s["completion"])
                 s["old_logp"] = old[b, :n].cpu() if old is not None else s["rollout_logp"]
                 s["ref_logp"] = ref[b, :n].cpu() if ref is not None else None
@@ -485,26 +519,25 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
     for u in range(_global_max(len(chunks))):
         chunk_mbs = chunks[u] if u < len(chunks) else []
         num_tokens = common.all_reduce(torch.tensor(float(sum(
-            0 if args.mask_truncated and s["truncated"] else len(s["completion"]) for mb in chunk_mbs for s in mb)))).item()
+            0 if args.mask_truncated and s["truncated"] else len(s["completion"])
+            for mb in chunk_mbs for row in mb for s in row)))).item()
         opt.zero_grad(set_to_none=True)
         for i in range(_global_max(len(chunk_mbs))):
             real = i < len(chunk_mbs)
-            mb = chunk_mbs[i] if real else fill
-            batch, cmask, P = collate(mb, pad, device)
-            T = cmask.shape[1]
-            if real:
-                for b, s in enumerate(mb):
-                    cmask[b, :len(s["completion"])] = 0.0 if args.mask_truncated and s["truncated"] else 1.0
-            else:
-                cmask.zero_()  # filler: gradient exactly zero
+            packed = pack(chunk_mbs[i] if real else fill, pad, device)
+            mb = [s for row in (chunk_mbs[i] if real else fill) for s in row]
+            T = packed[4]
+            cmask = torch.zeros(len(mb), T, device=device)
             old = torch.zeros_like(cmask)
             ref = torch.zeros_like(cmask) if args.kl_coef > 0 else None
             for b, s in enumerate(mb):
-                old[b, :len(s["completion"])] = s["old_logp"]
+                n = len(s["completion"])
+                cmask[b, :n] = 0.0 if (args.mask_truncated and s["truncated"]) or not real else 1.0  # filler: zero gradient
+                old[b, :n] = s["old_logp"]
                 if ref is not None and s.get("ref_logp") is not None:
-                    ref[b, :len(s["completion"])] = s["ref_logp"]
+                    ref[b, :n] = s["ref_logp"]
             a = torch.tensor([s["adv"] for s in mb], device=device)
-            logp, ent = token_logprobs(model, batch, P, T, args.temperature, with_entropy=True)
+            logp, ent = token_logprobs(model, packed, args.temperature, with_entropy=True)
             # world * (sum / global tokens): gradients are averaged across ranks afterwards
             loss, st = dapo_loss(logp, old, a, cmask, args.clip_low, args.clip_high,
                                  max(num_tokens, 1.0) / ddp.world, ref, args.kl_coef)

@@ -442,9 +442,6 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     n_patch = (tok["image"][0] // 14) * (tok["image"][1] // 14)
     per = lambda x, n: x / n   # noqa: E731
     head_saved, head_live = per(lay.other_saved, R), per(lay.other_live, R)
-    vl_fwd_seq = L_V * lay.flops_fwd + D_V * vis.flops_fwd + lay.other_flops_train / 3
-    vl_train_seq = L_V * (lay.flops_train + lay.flops_fwd) + D_V * (vis.flops_train + vis.flops_fwd) \
-        + lay.other_flops_train
 
     def prefill_work(n_tokens, n_patches):   # 04/05 memory_batches' rule (12 x intermediate bytes)
         return 12 * I_t * n_tokens + 12 * I_v * n_patches
@@ -518,6 +515,14 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     # generation per sequence: the prompt (its tokens and the vision tower) is prefilled once per group of n
     text_fwd = L_V * lay.flops_fwd + lay.other_flops_train / 3
     gen_seq = text_fwd * (Pp / n + R) / lay.tokens + D_V * vis.flops_fwd / n
+    # old log-probs and update (04's pack): a row holds one copy of a prompt and as many of its group's answers
+    # as --micro_tokens allows at the typical longest answer of a micro-batch (~2R); the decoder layers' work
+    # is taken as linear in tokens (attention's quadratic part left out), the vision tower's per row
+    k = max(1, min(n, (s04.micro_tokens - Pp) // (2 * R))) if s04.micro_tokens else n
+    share = (Pp / k + R) / lay.tokens
+    packed_fwd_seq = L_V * lay.flops_fwd * share + D_V * vis.flops_fwd / k + lay.other_flops_train / 3
+    packed_train_seq = L_V * (lay.flops_train + lay.flops_fwd) * share + D_V * (vis.flops_train + vis.flops_fwd) / k \
+        + lay.other_flops_train
     phases = {"rollout": dict(states, weights_gathered_bf16=VL_bf16, kv_and_prefill=call_prompts * per_prompt),
               "update": dict(states, activations=act)}
     rows = []
@@ -527,7 +532,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
         calls = math.ceil(seqs / typ_call)
         # each call decodes to its longest answer (~2R), reading the weights and its sequences' KV every token
         dec = 2 * R * (calls * VL_bf16 + seqs * kv * (Pp + R)) / bw
-        fl = seqs * (gen_seq + vl_fwd_seq + vl_train_seq)                  # generation, old log-probs, update
+        fl = seqs * (gen_seq + packed_fwd_seq + packed_train_seq)          # generation, old log-probs, update
         pool = s04.warmup_samples if rnd == 0 else ASSUMED["pool_round"]
         rows.append((rnd, rb, seqs, fl, fl / peak + dec, fl / (peak * args.mfu) + 2 * dec, (pool // rb) * epochs))
     rnd, rb, seqs, fl, bound, est, _ = rows[0]
@@ -536,7 +541,8 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     tok_s = seqs * lay.tokens / est
     stages.append(Stage("04 DAPO defender", f"rollout {rb} prompts x {n} / {W} GPUs = {seqs:.0f} sequences, "
                         f"micro-batches <= {s04.micro_tokens} tokens", phases, fl, bound, est, steps04,
-                        f"row: round 0 step; hours: every round's schedule; {tok_s:.0f} tokens/s/GPU at "
+                        f"row: round 0 step; hours: every round's schedule; updates pack {k} answers behind each "
+                        f"prompt copy; {tok_s:.0f} tokens/s/GPU at "
                         f"{lay.tokens} tokens per sequence; memory at max-length answers ({worst} tokens)"))
     stages[-1].hours = hours04
 

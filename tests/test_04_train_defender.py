@@ -159,19 +159,43 @@ def _prompts(n, seed=0):
                  options=[] if i % 2 else ["left", "right"], answer="Yes" if i % 2 else "A") for i in range(n)]
 
 
-def test_first_update_ratio_is_one_with_left_padding():
+def test_packed_groups_give_each_answer_its_own_log_probs():
+    """pack: one copy of a prompt, then k of its answers; each answer's log-probs equal (a) the sampler's
+    (KV-cached decoding) and (b) a plain forward of [prompt | answer] alone, with left-padded prompts of
+    four lengths, answers of different lengths, and rows of 1-3 answers (so nothing leaks between answers
+    or rows); the first on-policy ratio is then 1."""
     torch.manual_seed(0)
     model, proc = common.load_defender("tiny")
     samples = s04.rollout(model, proc, _prompts(4), _tiny_args())
-    assert len({len(s["prompt_ids"]) for s in samples}) > 1       # left padding really happened
-    for mb in (samples[:5], samples[5:]):
-        batch, cmask, P = s04.collate(mb, 0, "cpu")
-        with torch.no_grad():
-            logp, ent = s04.token_logprobs(model, batch, P, cmask.shape[1], 1.0, with_entropy=True)
-        assert torch.isfinite(ent).all() and (ent > 0).all()   # media-token logits at -inf: entr(0) = 0, no nan
-        for b, s in enumerate(mb):
-            n = len(s["completion"])
-            assert torch.allclose(logp[b, :n], s["rollout_logp"], atol=1e-4), (logp[b, :n], s["rollout_logp"])
+    for i, s in enumerate(samples):                   # answers of 2..6 tokens (a prefix keeps its log-probs)
+        m = 2 + i % 5
+        s["completion"], s["rollout_logp"] = s["completion"][:m], s["rollout_logp"][:m]
+    assert len({len(s["prompt_ids"]) for s in samples}) == 4       # left padding really happens
+    for max_seqs, shape in ((32, [[3, 3, 3, 3]]), (4, [[3, 1], [2, 2], [1, 3]]), (1, [[1]] * 12)):
+        mbs = s04.micro_batches(samples, max_seqs, 0)
+        assert [[len(r) for r in mb] for mb in mbs] == shape
+        for mb in mbs:
+            with torch.no_grad():
+                logp, ent = s04.token_logprobs(model, s04.pack(mb, 0, "cpu"), 1.0, with_entropy=True)
+            assert torch.isfinite(ent).all()   # media-token logits at -inf: entr(0) = 0, no nan
+            for b, s in enumerate(s for row in mb for s in row):
+                n = len(s["completion"])
+                assert (ent[b, :n] > 0).all()
+                assert torch.allclose(logp[b, :n], s["rollout_logp"], atol=1e-4), (logp[b, :n], s["rollout_logp"])
+                ids = torch.cat([s["prompt_ids"], s["completion"]])[None]
+                with torch.no_grad():
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=s["pixel_values"],
+                                   mm_token_type_ids=torch.cat([s["mm_types"], torch.zeros(n, dtype=torch.int)])[None],
+                                   image_grid_thw=s["grid"]).logits[0, -n - 1:-1].float()
+                logits[:, s04.media_token_ids(model)] = -float("inf")
+                plain = logits.log_softmax(-1).gather(-1, s["completion"][:, None])[:, 0]
+                assert torch.allclose(logp[b, :n], plain, atol=2e-6), (logp[b, :n] - plain).abs().max()
+    model.set_attn_implementation("eager")         # the additive form of the same mask
+    with torch.no_grad():
+        eager = s04.token_logprobs(model, s04.pack(mbs[0], 0, "cpu"), 1.0)[0]
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.allclose(eager, s04.token_logprobs(model, s04.pack(mbs[0], 0, "cpu"), 1.0)[0], atol=2e-6)
 
 
 def test_top_p_filter_keeps_the_nucleus():

@@ -87,11 +87,10 @@ def _sampler_vs_recomputed(model, proc, args):
     model.eval()
     samples = s04.rollout(model, proc, _prompts(4, seed=1), args)
     worst = 0.0
-    for mb in (samples[:8], samples[8:]):
-        batch, cmask, P = s04.collate(mb, 0, "cpu")
+    for mb in s04.micro_batches(samples, 8, 0):
         with torch.no_grad():
-            logp, _ = s04.token_logprobs(model, batch, P, cmask.shape[1], 1.0)
-        for b, s in enumerate(mb):
+            logp, _ = s04.token_logprobs(model, s04.pack(mb, 0, "cpu"), 1.0)
+        for b, s in enumerate(s for row in mb for s in row):
             worst = max(worst, (logp[b, :len(s["completion"])] - s["rollout_logp"]).abs().max().item())
     return worst
 
