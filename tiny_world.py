@@ -193,9 +193,18 @@ def answer_smoothed_loss(logits, labels, other, smoothing: float):
 
 
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
-                         n_test: int = 192, smoothing: float = 0.0, log=print):
+                         n_test: int = 192, smoothing: float = 0.0, min_val_acc: float = 90.0, max_more: int = 3,
+                         more_steps: int = 200, more_lr: float = 1e-3, log=print):
     """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes); with
-    ``smoothing`` > 0 the answer token is label-smoothed (``answer_smoothed_loss``).
+    ``smoothing`` > 0 the answer token is label-smoothed (``answer_smoothed_loss``). Then, while it
+    answers fewer than ``min_val_acc`` % of 96 validation scenes (seed 8; the reported test scenes are
+    seed 2), up to ``max_more`` more runs of ``more_steps`` (warm-up + cosine at ``more_lr``).
+
+    Why the top-up, measured: the same 400 steps gave a defender that answers 97.9% of held-out scenes on
+    a Sapphire Rapids, 93.8% on one AMD EPYC and 75.0% on another (existence 62 of 62, left/right and
+    above/below 65-70%): its loss was still falling when the schedule ended, and floating point decides
+    where it stands then. From that 75% defender, 200 more steps at 1e-3 gave 93.8% on the validation
+    scenes, 400 97.9%, 600 100% (0.65 s a step on 2 cores).
 
     Hard labels make a confident defender (entropy ~0.06 nats per token): 16 sampled answers to a prompt
     are nearly always all right or all wrong, DAPO's dynamic sampling keeps 15-25% of the groups, and the
@@ -220,22 +229,35 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     train = [world_scene(i, seed=1) for i in range(n_train)]
     test = [world_scene(i, seed=2) for i in range(n_test)]
     batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
+    done = 0                                        # steps trained so far: the next batch follows on
+
     def loss_at(step):
-        x, y, other = batches[step % len(batches)]
+        x, y, other = batches[(done + step) % len(batches)]
         return answer_smoothed_loss(model(**x).logits[:, :-1].float(), y[:, 1:], other[:, 1:], smoothing)
+
+    def accuracy(scenes, images=None):
+        model.eval()
+        answers = common.defender_generate(model, processor, images or [s["image"] for s in scenes],
+                                           [common.defender_prompt(s["question"], s["options"]) for s in scenes],
+                                           max_new_tokens=8, batch_size=64)
+        model.train()
+        return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
+                               for a, s in zip(answers, scenes)) / len(scenes), 1)
     model.train()
     _fit("defender", model.parameters(), loss_at, steps, lr, max(1, steps // 8), (0.9, 0.98), log)
+    done, val = steps, [world_scene(i, seed=8) for i in range(96)]
+    val_acc = [accuracy(val)]
+    while val_acc[-1] < min_val_acc and len(val_acc) <= max_more:
+        log(dict(part="defender", step=done, val_acc=val_acc[-1], more=f"{more_steps} steps: below {min_val_acc}"))
+        _fit("defender_more", model.parameters(), loss_at, more_steps, more_lr, max(1, more_steps // 8), (0.9, 0.98),
+             log)
+        done += more_steps
+        val_acc.append(accuracy(val))
     model.eval()
-    prompts = [common.defender_prompt(s["question"], s["options"]) for s in test]
-
-    def accuracy(images):
-        answers = common.defender_generate(model, processor, images, prompts, max_new_tokens=8, batch_size=64)
-        return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
-                               for a, s in zip(answers, test)) / n_test, 1)
     return model, processor, dict(
-        defender_test_acc=accuracy([s["image"] for s in test]),
-        defender_oracle_acc=accuracy([oracle_distractor(s, i)[0] for i, s in enumerate(test)]),
-        defender_params=sum(p.numel() for p in model.parameters()), defender_steps=steps)
+        defender_test_acc=accuracy(test),
+        defender_oracle_acc=accuracy(test, [oracle_distractor(s, i)[0] for i, s in enumerate(test)]),
+        defender_params=sum(p.numel() for p in model.parameters()), defender_steps=done, defender_val_acc=val_acc)
 
 
 def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
@@ -483,8 +505,8 @@ def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, see
         return editing.tensor_to_images(editing.decode_latents(pipe, x, WORLD_SIZE, WORLD_SIZE))
 
 
-def train_world_editor(pipe, steps: int = 1500, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
-                       add_lr: float = 5e-4, edit_weight: float = 3.0, n_train: int = 2048, log=print):
+def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
+                       add_lr: float = 1e-3, edit_weight: float = 3.0, n_train: int = 2048, log=print):
     """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
     (stage 02's objective, on the whole transformer instead of a LoRA), 10% empty prompts for CFG. Two
     phases, each its own warm-up and cosine: ``steps`` plain, where the editor learns to copy the
@@ -546,13 +568,17 @@ class Args:
     defender_smoothing: float = field(default=0.0, metadata={"help": "label smoothing between the right and the "
                                                                      "wrong answer token (0 = hard labels)"})
     defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
+    defender_min_acc: float = field(default=90.0, metadata={"help": "train the defender on (200 steps at a time, at "
+                                                                    "most --defender_max_more times) while it answers "
+                                                                    "fewer % of 96 validation scenes (0 = never)"})
+    defender_max_more: int = field(default=3, metadata={"help": "at most this many 200-step top-ups"})
     vae_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps after thumbnail_init (batch 16, 32 px crops)"})
     vae_images: int = field(default=512, metadata={"help": "VAE training images"})
-    editor_steps: int = field(default=1500, metadata={"help": "editor (MMDiT) flow-matching steps, plain (batch 16; "
-                                                                "0 = only the weighted phase)"})
+    editor_steps: int = field(default=0, metadata={"help": "editor (MMDiT) flow-matching steps, plain (batch 16; "
+                                                             "0 = only the weighted phase)"})
     editor_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate, plain phase"})
     editor_add_steps: int = field(default=5000, metadata={"help": "editor steps with the edited tokens weighted"})
-    editor_add_lr: float = field(default=5e-4, metadata={"help": "editor peak learning rate, weighted phase"})
+    editor_add_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate, weighted phase"})
     editor_edit_weight: float = field(default=3.0, metadata={"help": "extra loss weight of the edited tokens"})
     editor_pairs: int = field(default=2048, metadata={"help": "editor training pairs"})
     check_items: int = field(default=48, metadata={"help": "held-out scenes / pairs in the checks (world.json)"})
@@ -636,7 +662,8 @@ def build(args: Args) -> Path:
         log_file.write(json.dumps(d) + "\n")
     t0 = time.time()
     defender, processor, info = train_world_defender(steps=args.defender_steps, lr=args.defender_lr,
-                                                     smoothing=args.defender_smoothing,
+                                                     smoothing=args.defender_smoothing, min_val_acc=args.defender_min_acc,
+                                                     max_more=args.defender_max_more,
                                                      n_train=args.defender_scenes, n_test=args.check_items, log=log)
     info["defender_s"] = round(time.time() - t0)
     defender.save_pretrained(tmp / "defender", safe_serialization=True)

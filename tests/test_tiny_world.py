@@ -174,8 +174,8 @@ def test_thumbnail_init_makes_the_vae_an_8x_mean_pool_and_a_smooth_upsampler():
 def small_world(tmp_path_factory):
     """The build with a few steps of each model: the directories, not the learning, are under test."""
     out = tmp_path_factory.mktemp("world") / "models"
-    args = tiny_world.Args(out=str(out), defender_steps=2, defender_scenes=32, vae_steps=2, vae_images=16,
-                           editor_steps=2, editor_add_steps=2, editor_pairs=32, check_items=8)
+    args = tiny_world.Args(out=str(out), defender_steps=2, defender_scenes=32, defender_min_acc=0.0, vae_steps=2,
+                           vae_images=16, editor_steps=2, editor_add_steps=2, editor_pairs=32, check_items=8)
     tiny_world.build(args)
     return out, args
 
@@ -234,3 +234,17 @@ def test_answer_smoothing_moves_only_the_answer_token_towards_the_wrong_answer()
     assert tiny_world.answer_smoothed_loss(logits, y, o, 0.1).item() == pytest.approx(want, rel=1e-5)
     hard = (-np.log(0.5) - np.log(0.7) - np.log(0.8)) / 3                     # smoothing 0: hard labels
     assert tiny_world.answer_smoothed_loss(logits, y, o, 0.0).item() == pytest.approx(hard, rel=1e-5)
+
+
+def test_defender_below_the_validation_bar_trains_on_in_top_ups():
+    """A 2-step defender is far below 101%: it gets exactly max_more top-ups of more_steps, each continuing
+    from the last, and its validation accuracy is recorded after each; at a bar of 0
+    there is none."""
+    logs = []
+    model, _, info = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=101.0, max_more=2,
+                                                     more_steps=3, log=logs.append)
+    assert info["defender_steps"] == 2 + 2 * 3 and len(info["defender_val_acc"]) == 3
+    assert [d["step"] for d in logs if d["part"] == "defender_more"] == [3, 3]
+    assert all(0 <= a <= 100 for a in info["defender_val_acc"])
+    _, _, none = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=0.0, log=logs.append)
+    assert none["defender_steps"] == 2 and len(none["defender_val_acc"]) == 1
