@@ -1,13 +1,18 @@
 """The tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): scenes the generator draws
 exactly, and a defender, VAE and editor of the ``tiny`` architectures (tiny_models.py) trained on them,
-saved as ordinary model directories that the stages load by path. One build with the defaults, measured
-alone on 2 cores of a Sapphire Rapids (world.json): 41 min (defender 5, VAE 1.5, editor 35); the defender
-answers 97.9% of held-out scenes and 66.7% with the oracle distractor (on 2 cores of an AMD EPYC: 18 min,
-93.8% and 70.8%: the same code, other floating point, another world); the VAE starts as an exact 8x mean pool
-(``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where default-initialised training
-stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at ~0.66, so the world's
-attacker gate (03 preset) sits at 0.55, not the paper's 0.85; the editor keeps scenes (28.2 dB) and adds
-the named shape where asked in 83% of held-out adds (``train_world_editor``).
+saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
+but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
+elsewhere. Measured alone on 2 cores (world.json):
+  Sapphire Rapids, former editor default: 41 min; defender 97.9% of held-out scenes, 66.7% with the oracle
+    distractor; editor add hit 0.83;
+  AMD EPYC with AVX-512: 18 min (former editor default); defender 93.8% / 70.8%; add hit 0.80 (one-phase
+    editor, these defaults: 0.90);
+  AMD EPYC Zen 3 (AVX2 only), these defaults: 35 min (defender 409 s, VAE ~70 s, editor 1,619 s at 0.30 s a
+    step); the 400-step defender answered 82.3% of the validation scenes, one top-up brought it to 93.8
+    (95.8% / 52.1% on the held-out ones); add hit 0.40, keep 27.0 dB.
+The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
+default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
+~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
 """
 
 from __future__ import annotations
@@ -508,28 +513,22 @@ def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, see
 def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
                        add_lr: float = 1e-3, edit_weight: float = 3.0, n_train: int = 2048, log=print):
     """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
-    (stage 02's objective, on the whole transformer instead of a LoRA), 10% empty prompts for CFG. Two
-    phases, each its own warm-up and cosine: ``steps`` plain, where the editor learns to copy the
-    condition; then ``add_steps`` with the loss on the tokens the edit changes (|x0 - condition| > 0.05,
-    mean over the token's 64 latent values: the drawn shape, the extended border) weighted 1 + edit_weight.
+    (stage 02's objective, on the whole transformer instead of a LoRA), 10% empty prompts for CFG, with the
+    loss on the tokens the edit changes (|x0 - condition| > 0.05, mean over the token's 64 latent values: the
+    drawn shape, the extended border) weighted 1 + edit_weight for ``add_steps`` steps; ``steps`` > 0 trains
+    that many plain steps first (where the editor learns to copy the condition), each phase its own warm-up
+    and cosine.
 
-    Why two phases, measured (2 cores, 64 held-out adds, world.json "editor_add_hit"): plain flow matching
-    copies the scene but never adds: hit rate 0.00 after 1,200 steps at batch 32, 0.02 after 3,000 at batch
-    16; the shape covers ~2 of 49 tokens, a few % of the loss. Weighting those tokens from the start
-    (x10, 600 steps) broke the copy; after the plain phase a x20 weight painted colour everywhere (0.20).
-    A x3 weight after the plain phase (batch 16, lr 5e-4, in runs of 1,000 / 2,500 / 2,500 steps, 70% adds
-    of 18-26% of the canvas): 0.19, 0.56, 0.80, 0.91 hit rate after 1,000, 2,000, 3,500, 6,000 steps; the
-    named colour and row first, the column last (at 6,000 often drawn on both sides). These defaults as
-    one build from scratch (1,500 + 5,000 steps, 35 min): hit rate 0.83, mean |RGB| change away from the
-    asked place 12.9 on adds against 4.6 on keeps: the colour often lands at several places along
-    the named row (editor_samples.png). Shorter, as one build (1,000 + 3,500 steps: 785 s, the defaults
-    ~1,070 at its 0.16 s per step): hit rate 0.40, keep PSNR 27.3 dB (28.2), change elsewhere 16.8: not kept.
-    One weighted phase from step 0 (``steps=0``, x3, lr 1e-3; same defender and VAE, 48 held-out pairs): 0.10,
-    0.47, 0.60, 0.60 hit after 1,000-4,000 of a 4,000-step run; 0.70 after 2,500 and 0.90 after 5,000 of a
-    5,000-step run (~800 s), keep 28.3 dB, change elsewhere 10.0: as good as these defaults in 23% fewer
-    steps. Through round 1 (ROUNDS=1, same defender and VAE): attacker 1 took 39.6 points (85.8% within the gate),
-    defender 1 won back 67% at -3.9 clean (the defaults: 34.9, 90.6%, 76% at -1.6); not yet run for ROUNDS=2,
-    so not yet the default (issue 12)."""
+    Measured (2 cores, world.json "editor_add_hit" on held-out adds): plain flow matching copies the scene
+    but never adds: hit rate 0.00 after 1,200 steps at batch 32, 0.02 after 3,000 at batch 16; the shape
+    covers ~2 of 49 tokens, a few % of the loss. A x10 weight from the start (600 steps) broke the copy;
+    after a plain phase a x20 weight painted colour everywhere (0.20). The former default, 1,500 plain then
+    5,000 at x3 and lr 5e-4 (35 min on a Sapphire Rapids, ~1,070 s on an EPYC at 0.16 s a step): hit rate
+    0.80-0.83, keep 28.2 dB, mean |RGB| change away from the asked place 11-13 on adds (4.6 on keeps); 1,000
+    + 3,500 steps: 0.40. One x3 phase from step 0 at lr 1e-3 (these defaults; same defender and VAE): 0.70
+    after 2,500 and 0.90 after 5,000 steps (4,000-step run: 0.60), keep 28.3 dB, change elsewhere 10.0, in
+    23% fewer steps; through round 1 attacker 1 took 39.6 points (85.8% within the gate) and defender 1 won
+    back 67% at -3.9 clean (the former default: 34.9, 90.6%, 76% at -1.6)."""
     import torch
 
     tr = pipe.transformer
@@ -640,9 +639,7 @@ def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[
 
 
 def build(args: Args) -> Path:
-    """Train the three models unless ``out`` holds them; -> out. Measured alone on 2 cores with these
-    defaults: 41 min on a Sapphire Rapids (defender 288 s, VAE 84 s, editor 2,076 s: ~0.3 s per step at batch
-    16), 18 min on an AMD EPYC (141 s, 25 s, 903 s: ~0.13 s per step)."""
+    """Train the three models unless ``out`` holds them; -> out. Times: the module docstring."""
     import torch
 
     import rundir
