@@ -40,7 +40,7 @@ Departures / our choices:
   7. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
      (``pack``: a 4D mask keeps the answers apart, positions as sampled; exact, tested), so a prompt and
      its image go through the model once per row, not once per answer; verl / EasyR1 run every
-     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2;
+     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2.
 Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
 --gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
 prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
@@ -72,7 +72,8 @@ PRESETS = {
     # it. One pass over the pool (EasyR1's epochs): round 0 its 473 clean train scenes -> 14 steps, round k
     # 03's four attacks per train scene + as many clean prompts -> ~98 steps (other mixes: README). Micro-
     # batches of a whole update (8 packed rows): bench/dapo_step.py, 512 answers, old log-probs + updates
-    # 1.5 s a step on 2 cores (12.6 before packing)
+    # 1.5 s a step on 2 cores (12.6 before packing); round 1 on a Zen 3's world won back 14% at 128, 25% at 32
+    # answers per micro-batch (the earlier grouping): within the noise of 106 items
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
                        max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
