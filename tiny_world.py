@@ -241,11 +241,12 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
         return answer_smoothed_loss(model(**x).logits[:, :-1].float(), y[:, 1:], other[:, 1:], smoothing)
 
     def accuracy(scenes, images=None):
+        was = model.training
         model.eval()
         answers = common.defender_generate(model, processor, images or [s["image"] for s in scenes],
                                            [common.defender_prompt(s["question"], s["options"]) for s in scenes],
                                            max_new_tokens=8, batch_size=64)
-        model.train()
+        model.train(was)
         return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
                                for a, s in zip(answers, scenes)) / len(scenes), 1)
     model.train()

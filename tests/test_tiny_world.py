@@ -244,6 +244,7 @@ def test_defender_below_the_validation_bar_trains_on_in_top_ups():
     model, _, info = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=101.0, max_more=2,
                                                      more_steps=3, log=logs.append)
     assert info["defender_steps"] == 2 + 2 * 3 and len(info["defender_val_acc"]) == 3
+    assert not model.training                       # returned ready for the editor's text encoder and the checks
     assert [d["step"] for d in logs if d["part"] == "defender_more"] == [3, 3]
     assert all(0 <= a <= 100 for a in info["defender_val_acc"])
     _, _, none = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=0.0, log=logs.append)
