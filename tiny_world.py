@@ -2,14 +2,10 @@
 exactly, and a defender, VAE and editor of the ``tiny`` architectures (tiny_models.py) trained on them,
 saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
-elsewhere. Measured alone on 2 cores (world.json):
-  Sapphire Rapids, former editor default: 41 min; defender 97.9% of held-out scenes, 66.7% with the oracle
-    distractor; editor add hit 0.83;
-  AMD EPYC with AVX-512: 18 min (former editor default); defender 93.8% / 70.8%; add hit 0.80 (one-phase
-    editor, these defaults: 0.90);
-  AMD EPYC Zen 3 (AVX2 only), these defaults: 35 min (defender 409 s, VAE ~70 s, editor 1,619 s at 0.30 s a
-    step); the 400-step defender answered 82.3% of the validation scenes, one top-up brought it to 93.8
-    (95.8% / 52.1% on the held-out ones); add hit 0.40, keep 27.0 dB.
+elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
+Measured alone on 2 cores (world.json): 41 min on a Sapphire Rapids (former editor recipe), 18 on an
+AVX-512 AMD EPYC (defender 93.8% of held-out scenes, editor add hit 0.90), ~48 on a Zen 3 EPYC (AVX2; one
+top-up each: defender 95.8%, add hit 0.53).
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
@@ -146,14 +142,24 @@ def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.
             log(dict(part=part, step=step + 1, loss=round(loss.item(), 5), s=round(time.time() - t0, 1)))
 
 
+def _top_ups(part: str, params, loss_for, check, bar: float, max_more: int, steps: int, lr: float, warm: int, log,
+             **fit) -> list:
+    """While ``check()`` < ``bar`` (0: never checked), at most ``max_more`` times: ``steps`` more steps on
+    ``loss_for(k)``, the k-th top-up's loss (k = 1, 2, ...), each with its own warm-up and cosine. -> the checks."""
+    params, values = list(params), [check()] if bar > 0 else []
+    while values and values[-1] < bar and len(values) <= max_more:
+        log(dict(part=part, check=values[-1], more=f"{steps} steps: below {bar}"))
+        _fit(f"{part}_more", params, loss_for(len(values)), steps, lr, warm, (0.9, 0.98), log, **fit)
+        values.append(check())
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # The world's defender: a 1.7M-parameter Qwen2.5-VL, supervised on the world's questions
 # ---------------------------------------------------------------------------------------------
 def world_defender_inputs(processor, scenes: list[dict]):
     """Teacher-forcing batch in the stages' exact chat format (common.defender_prompt): the prompt,
-    then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens. -> (inputs, labels,
-    other): ``other`` holds, where the wrong answer's completion differs from the right one (the answer
-    token itself: "{A" / "{B", "{Yes" / "{No"), the wrong answer's token, elsewhere -100."""
+    then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens. -> (inputs, labels)."""
     import torch
 
     import common
@@ -163,45 +169,24 @@ def world_defender_inputs(processor, scenes: list[dict]):
     def completion(answer):
         return tok(f"\\boxed{{{answer}}}<|im_end|>")["input_ids"]
     answers = [completion(s["answer"]) for s in scenes]
-    wrong = [completion({"A": "B", "B": "A", "Yes": "No", "No": "Yes"}[s["answer"]]) for s in scenes]
     n, p, t = len(scenes), inputs["input_ids"].shape[1], max(map(len, answers))
     ids = torch.full((n, p + t), tok.pad_token_id)
     labels = torch.full((n, p + t), -100)
-    other = torch.full((n, p + t), -100)
     attn = torch.zeros(n, p + t, dtype=torch.long)
     mm = torch.zeros(n, p + t, dtype=torch.long)
     ids[:, :p], attn[:, :p], mm[:, :p] = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     for i, a in enumerate(answers):
         ids[i, p:p + len(a)] = labels[i, p:p + len(a)] = torch.tensor(a)
         attn[i, p:p + len(a)] = 1
-        if len(wrong[i]) == len(a):
-            w = torch.tensor(wrong[i])
-            other[i, p:p + len(a)] = torch.where(w != labels[i, p:p + len(a)], w, -100)
     return dict(input_ids=ids, attention_mask=attn, mm_token_type_ids=mm, pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"]), labels, other
-
-
-def answer_smoothed_loss(logits, labels, other, smoothing: float):
-    """Token-mean cross-entropy on ``labels`` where, at the answer token (``other`` != -100), the target
-    is (1 - smoothing) on the right answer and ``smoothing`` on the wrong one: label smoothing inside the
-    answer set, none on the format tokens (smoothing over the 151k-token vocabulary would teach the model
-    to break "\\boxed{}")."""
-    import torch
-    flat = logits.reshape(-1, logits.shape[-1])
-    if smoothing == 0:                              # plain token-mean cross-entropy (the default build)
-        return torch.nn.functional.cross_entropy(flat, labels.reshape(-1))
-    ce = torch.nn.functional.cross_entropy(flat, labels.reshape(-1), reduction="none")
-    ce_wrong = torch.nn.functional.cross_entropy(flat, other.reshape(-1), reduction="none")  # 0 where -100
-    at_answer = other.reshape(-1) != -100
-    ce = torch.where(at_answer, (1 - smoothing) * ce + smoothing * ce_wrong, ce)
-    return ce.sum() / (labels != -100).sum()
+                image_grid_thw=inputs["image_grid_thw"]), labels
 
 
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
-                         n_test: int = 192, smoothing: float = 0.0, min_val_acc: float = 90.0, max_more: int = 3,
+                         n_test: int = 192, min_val_acc: float = 90.0, max_more: int = 3,
                          more_steps: int = 200, more_lr: float = 1e-3, log=print):
-    """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes); with
-    ``smoothing`` > 0 the answer token is label-smoothed (``answer_smoothed_loss``). Then, while it
+    """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes), token-mean
+    cross-entropy on the answer "\\boxed{X}<|im_end|>". Then, while it
     answers fewer than ``min_val_acc`` % of 96 validation scenes (seed 8; the reported test scenes are
     seed 2), up to ``max_more`` more runs of ``more_steps`` (warm-up + cosine at ``more_lr``).
 
@@ -211,14 +196,13 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     where it stands then. From that 75% defender, 200 more steps at 1e-3 gave 93.8% on the validation
     scenes, 400 97.9%, 600 100% (0.65 s a step on 2 cores).
 
-    Hard labels make a confident defender (entropy ~0.06 nats per token): 16 sampled answers to a prompt
-    are nearly always all right or all wrong, DAPO's dynamic sampling keeps 15-25% of the groups, and the
-    prompts an attack fools confidently give no signal. Smoothing 0.1 was tried to make groups mix, one
-    ROUNDS=1 run, measured (issue 12): groups of 8 mixed on 73% of clean prompts (was ~20%), but the
-    greedy answers became fragile: test accuracy 91.7 (48 scenes; 97.9 with hard labels), and DAPO's
-    updates swung the A/B bias: round 0 (04's preset) took clean accuracy from 91.2 to 81.8 (137 scenes; the
-    hard-label defender, same preset: 97.8 -> 97.8), and round 1 won back 8 of attacker 1's 27.8 points.
-    Hence the default 0: hard labels."""
+    Hard labels make a confident defender (entropy ~0.06 nats per token): sampled answers to a prompt are
+    nearly always all right or all wrong, and DAPO's dynamic sampling keeps 15-25% of the groups. Label
+    smoothing 0.1 between the right and the wrong answer token was tried (one ROUNDS=1 run, issue 12; since
+    removed): it mixed 73% of the clean groups but made the greedy answers fragile (91.7 held-out; hard
+    labels 97.9), round 0 took clean accuracy 91.2 -> 81.8 (hard labels: 97.8 -> 97.8), and round 1 won
+    back 8 of attacker 1's 27.8 points."""
+    import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     import common
@@ -234,11 +218,13 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     train = [world_scene(i, seed=1) for i in range(n_train)]
     test = [world_scene(i, seed=2) for i in range(n_test)]
     batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
-    done = 0                                        # steps trained so far: the next batch follows on
 
-    def loss_at(step):
-        x, y, other = batches[(done + step) % len(batches)]
-        return answer_smoothed_loss(model(**x).logits[:, :-1].float(), y[:, 1:], other[:, 1:], smoothing)
+    def loss_from(done):                            # after ``done`` steps: the next batch follows on
+        def loss_at(step):
+            x, y = batches[(done + step) % len(batches)]
+            logits = model(**x).logits[:, :-1].float()
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+        return loss_at
 
     def accuracy(scenes, images=None):
         was = model.training
@@ -250,15 +236,11 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
         return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
                                for a, s in zip(answers, scenes)) / len(scenes), 1)
     model.train()
-    _fit("defender", model.parameters(), loss_at, steps, lr, max(1, steps // 8), (0.9, 0.98), log)
-    done, val = steps, [world_scene(i, seed=8) for i in range(96)]
-    val_acc = [accuracy(val)]
-    while val_acc[-1] < min_val_acc and len(val_acc) <= max_more:
-        log(dict(part="defender", step=done, val_acc=val_acc[-1], more=f"{more_steps} steps: below {min_val_acc}"))
-        _fit("defender_more", model.parameters(), loss_at, more_steps, more_lr, max(1, more_steps // 8), (0.9, 0.98),
-             log)
-        done += more_steps
-        val_acc.append(accuracy(val))
+    _fit("defender", model.parameters(), loss_from(0), steps, lr, max(1, steps // 8), (0.9, 0.98), log)
+    val = [world_scene(i, seed=8) for i in range(96)]
+    val_acc = _top_ups("defender", model.parameters(), lambda k: loss_from(steps + (k - 1) * more_steps),
+                       lambda: accuracy(val), min_val_acc, max_more, more_steps, more_lr, max(1, more_steps // 8), log)
+    done = steps + max(0, len(val_acc) - 1) * more_steps
     model.eval()
     return model, processor, dict(
         defender_test_acc=accuracy(test),
@@ -512,7 +494,9 @@ def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, see
 
 
 def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
-                       add_lr: float = 1e-3, edit_weight: float = 3.0, n_train: int = 2048, log=print):
+                       add_lr: float = 1e-3, edit_weight: float = 3.0, n_train: int = 2048, min_add_hit: float = 0.0,
+                       max_more: int = 1, more_steps: int = 2000, more_lr: float = 1e-3, val_pairs: int = 96,
+                       log=print):
     """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
     (stage 02's objective, on the whole transformer instead of a LoRA), 10% empty prompts for CFG, with the
     loss on the tokens the edit changes (|x0 - condition| > 0.05, mean over the token's 64 latent values: the
@@ -520,16 +504,19 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     that many plain steps first (where the editor learns to copy the condition), each phase its own warm-up
     and cosine.
 
+    Then, while it adds the asked shape in fewer than ``min_add_hit`` of ``val_pairs`` pairs (seed 10;
+    editor_report's are seed 6), up to ``max_more`` weighted top-ups of ``more_steps`` at ``more_lr``. A top-up
+    starts the pairs over with its own noise generator, so it continues a saved editor exactly as in the
+    build. -> the validation hit rates, one per check.
+
     Measured (2 cores, world.json "editor_add_hit" on held-out adds): plain flow matching copies the scene
-    but never adds: hit rate 0.00 after 1,200 steps at batch 32, 0.02 after 3,000 at batch 16; the shape
-    covers ~2 of 49 tokens, a few % of the loss. A x10 weight from the start (600 steps) broke the copy;
-    after a plain phase a x20 weight painted colour everywhere (0.20). The former default, 1,500 plain then
-    5,000 at x3 and lr 5e-4 (35 min on a Sapphire Rapids, ~1,070 s on an EPYC at 0.16 s a step): hit rate
-    0.80-0.83, keep 28.2 dB, mean |RGB| change away from the asked place 11-13 on adds (4.6 on keeps); 1,000
-    + 3,500 steps: 0.40. One x3 phase from step 0 at lr 1e-3 (these defaults; same defender and VAE): 0.70
-    after 2,500 and 0.90 after 5,000 steps (4,000-step run: 0.60), keep 28.3 dB, change elsewhere 10.0, in
-    23% fewer steps; through round 1 attacker 1 took 39.6 points (85.8% within the gate) and defender 1 won
-    back 67% at -3.9 clean (the former default: 34.9, 90.6%, 76% at -1.6)."""
+    but never adds (0.00 after 1,200 steps at batch 32, 0.02 after 3,000 at 16: the shape is ~2 of 49 tokens);
+    a x10 weight from the start broke the copy, a x20 one after a plain phase painted everywhere (0.20).
+    1,500 plain then 5,000 at x3 and 5e-4 (the former default): 0.80-0.83, keep 28.2 dB. One x3 phase at 1e-3
+    (these defaults): 0.70 after 2,500 steps, 0.90 after 5,000 on an AVX-512 EPYC (through round 1: attacker 1
+    took 39.6 points, defender 1 won back 67%), but 0.40 on a Zen 3 EPYC (AVX2), where round 1 then won back
+    14%. Hence the top-up: there, 2,000 more steps at 1e-3 took the validation hit 0.49 -> 0.55 (held-out
+    0.53, keep 28.0 dB; 1,000 at 5e-4: 0.47), and round 1 won back 73% (README)."""
     import torch
 
     tr = pipe.transformer
@@ -553,8 +540,21 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     if add_steps:
         _fit("editor_add", tr.parameters(), loss_fn(edit_weight), add_steps, add_lr, max(1, add_steps // 20),
              (0.9, 0.98), log, log_every=100)
+
+    def check():                                    # the share of validation adds that hit, in eval mode
+        tr.eval()
+        hit = editor_report(pipe, n=val_pairs, pair_seed=10)[0].get("editor_add_hit", 0.0)
+        tr.train()
+        return hit
+
+    def more(k):                                    # top-up k: the pairs from the first, its own noise
+        nonlocal gen
+        gen = torch.Generator().manual_seed(13 + k)
+        return loss_fn(edit_weight)
+    hits = _top_ups("editor", tr.parameters(), more, check, min_add_hit, max_more, more_steps, more_lr,
+                    max(1, more_steps // 20), log, log_every=100)
     tr.eval().requires_grad_(False)
-    return pipe
+    return hits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +565,6 @@ class Args:
     out: str = field(default="runs/tiny_world/models", metadata={"help": "writes defender/, editor/, world.json"})
     defender_steps: int = field(default=400, metadata={"help": "defender SFT steps (batch 32)"})
     defender_lr: float = field(default=2e-3, metadata={"help": "defender SFT peak learning rate"})
-    defender_smoothing: float = field(default=0.0, metadata={"help": "label smoothing between the right and the "
-                                                                     "wrong answer token (0 = hard labels)"})
     defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
     defender_min_acc: float = field(default=90.0, metadata={"help": "train the defender on (200 steps at a time, at "
                                                                     "most --defender_max_more times) while it answers "
@@ -581,6 +579,10 @@ class Args:
     editor_add_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate, weighted phase"})
     editor_edit_weight: float = field(default=3.0, metadata={"help": "extra loss weight of the edited tokens"})
     editor_pairs: int = field(default=2048, metadata={"help": "editor training pairs"})
+    editor_min_hit: float = field(default=0.7, metadata={"help": "train the editor on (2,000 weighted steps at 1e-3 at "
+                                                                 "a time, at most --editor_max_more times) while it adds "
+                                                                 "the asked shape in fewer of 96 validation pairs (0 = never)"})
+    editor_max_more: int = field(default=1, metadata={"help": "at most this many editor top-ups"})
     check_items: int = field(default=48, metadata={"help": "held-out scenes / pairs in the checks (world.json)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
 
@@ -609,13 +611,13 @@ def change_elsewhere(condition, target, output, margin: int = 8) -> float:
     return float(np.abs(o - c)[away].mean()) if away.any() else 0.0
 
 
-def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0) -> tuple[dict, list]:
+def editor_report(pipe, n: int = 48, steps: int = 8, cfg: float = 4.0, pair_seed: int = 6) -> tuple[dict, list]:
     """The editor's samples (8 Euler steps, CFG 4) on held-out pairs: PSNR against the exact target per
     instruction kind; for 'add' also against the unedited scene (lower: something was added) and the hit
     rate (add_hit: the named shape appears where the target has it)."""
     import torch
 
-    pairs = [world_edit_pair(i, seed=6) for i in range(n)]
+    pairs = [world_edit_pair(i, seed=pair_seed) for i in range(n)]
     outs = []
     for i in range(0, n, 16):
         part = pairs[i:i + 16]
@@ -660,8 +662,7 @@ def build(args: Args) -> Path:
         log_file.write(json.dumps(d) + "\n")
     t0 = time.time()
     defender, processor, info = train_world_defender(steps=args.defender_steps, lr=args.defender_lr,
-                                                     smoothing=args.defender_smoothing, min_val_acc=args.defender_min_acc,
-                                                     max_more=args.defender_max_more,
+                                                     min_val_acc=args.defender_min_acc, max_more=args.defender_max_more,
                                                      n_train=args.defender_scenes, n_test=args.check_items, log=log)
     info["defender_s"] = round(time.time() - t0)
     defender.save_pretrained(tmp / "defender", safe_serialization=True)
@@ -671,9 +672,11 @@ def build(args: Args) -> Path:
     info.update(vae_info)
     info["vae_s"] = round(time.time() - t1)
     t2 = time.time()
-    pipe = train_world_editor(world_pipeline(defender, processor, vae), steps=args.editor_steps,
-                              add_steps=args.editor_add_steps, lr=args.editor_lr, add_lr=args.editor_add_lr,
-                              edit_weight=args.editor_edit_weight, n_train=args.editor_pairs, log=log)
+    pipe = world_pipeline(defender, processor, vae)
+    info["editor_val_add_hit"] = train_world_editor(
+        pipe, steps=args.editor_steps, add_steps=args.editor_add_steps, lr=args.editor_lr, add_lr=args.editor_add_lr,
+        edit_weight=args.editor_edit_weight, n_train=args.editor_pairs, min_add_hit=args.editor_min_hit,
+        max_more=args.editor_max_more, log=log)
     info["editor_s"] = round(time.time() - t2)
     report, samples = editor_report(pipe, n=args.check_items)
     info.update(report)

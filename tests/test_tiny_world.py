@@ -175,7 +175,8 @@ def small_world(tmp_path_factory):
     """The build with a few steps of each model: the directories, not the learning, are under test."""
     out = tmp_path_factory.mktemp("world") / "models"
     args = tiny_world.Args(out=str(out), defender_steps=2, defender_scenes=32, defender_min_acc=0.0, vae_steps=2,
-                           vae_images=16, editor_steps=2, editor_add_steps=2, editor_pairs=32, check_items=8)
+                           vae_images=16, editor_steps=2, editor_add_steps=2, editor_min_hit=0.0, editor_pairs=32,
+                           check_items=8)
     tiny_world.build(args)
     return out, args
 
@@ -217,29 +218,30 @@ def test_editor_with_no_plain_phase_trains_only_the_weighted_phase(small_world):
     assert len(moved) > len(before) // 2 and not pipe.transformer.training
 
 
-def test_answer_smoothing_moves_only_the_answer_token_towards_the_wrong_answer():
-    processor = tiny_world.tiny_vl_processor(min_pixels=WORLD_SIZE ** 2, max_pixels=WORLD_SIZE ** 2)
-    scenes = [tiny_world.world_scene(i, kind=k) for i, k in enumerate(["horizontal", "exists"])]
-    inputs, labels, other = tiny_world.world_defender_inputs(processor, scenes)
-    tok = processor.tokenizer
-    for i, s in enumerate(scenes):       # exactly one position: the answer token ("{A" / "{B", "{Yes" / "{No")
-        (pos,) = (other[i] != -100).nonzero()[:, 0].tolist()
-        right, wrong = tok.decode(labels[i, pos]), tok.decode(other[i, pos])
-        assert right == "{" + s["answer"] and wrong == "{" + {"A": "B", "B": "A", "Yes": "No", "No": "Yes"}[s["answer"]]
-    # a hand-computed case: 2 sequences, vocab 3; sequence 0 has an answer token at t = 1
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]], [[0.1, 0.1, 0.8], [1 / 3] * 3]]))
-    y = torch.tensor([[0, 0], [2, -100]])
-    o = torch.tensor([[-100, 1], [-100, -100]])
-    want = (-np.log(0.5) + (0.9 * -np.log(0.7) + 0.1 * -np.log(0.2)) - np.log(0.8)) / 3
-    assert tiny_world.answer_smoothed_loss(logits, y, o, 0.1).item() == pytest.approx(want, rel=1e-5)
-    hard = (-np.log(0.5) - np.log(0.7) - np.log(0.8)) / 3                     # smoothing 0: hard labels
-    assert tiny_world.answer_smoothed_loss(logits, y, o, 0.0).item() == pytest.approx(hard, rel=1e-5)
+def test_editor_below_the_hit_bar_trains_on_in_top_ups_that_continue_a_saved_editor_exactly(small_world):
+    """An editor far below an unreachable bar gets exactly max_more top-ups, a hit rate checked after each; a
+    top-up of the editor as saved gives the very weights the same top-up gives inside one call (the claim that
+    lets a built world's editor be topped up later); at a bar of 0 there is no check and no top-up."""
+    out, _ = small_world
+    kw = dict(steps=0, batch=8, n_train=16, more_steps=2, val_pairs=8)
+    one, logged = common.load_attacker(str(out / "editor")), []
+    hits = tiny_world.train_world_editor(one, add_steps=2, min_add_hit=1.01, max_more=2, log=logged.append, **kw)
+    assert len(hits) == 3 and all(0 <= h <= 1 for h in hits)
+    assert [d["part"] for d in logged if "loss" in d] == ["editor_add", "editor_more", "editor_more"]
+    assert not one.transformer.training
+    two = common.load_attacker(str(out / "editor"))
+    assert tiny_world.train_world_editor(two, add_steps=2, min_add_hit=0.0, log=logged.append, **kw) == []
+    before = {n: p.clone() for n, p in two.transformer.named_parameters()}
+    assert tiny_world.train_world_editor(two, add_steps=0, min_add_hit=1.01, max_more=2, log=logged.append, **kw) == hits
+    after = dict(one.transformer.named_parameters())
+    assert all(torch.equal(p, after[n]) for n, p in two.transformer.named_parameters())
+    assert sum(not torch.equal(p, before[n]) for n, p in two.transformer.named_parameters()) > len(before) // 2
 
 
 def test_defender_below_the_validation_bar_trains_on_in_top_ups():
     """A 2-step defender is far below 101%: it gets exactly max_more top-ups of more_steps, each continuing
-    from the last, and its validation accuracy is recorded after each; at a bar of 0
-    there is none."""
+    from the last, and its validation accuracy is recorded before and after each; at a bar of 0 there is no
+    check and no top-up."""
     logs = []
     model, _, info = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=101.0, max_more=2,
                                                      more_steps=3, log=logs.append)
@@ -248,4 +250,4 @@ def test_defender_below_the_validation_bar_trains_on_in_top_ups():
     assert [d["step"] for d in logs if d["part"] == "defender_more"] == [3, 3]
     assert all(0 <= a <= 100 for a in info["defender_val_acc"])
     _, _, none = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=0.0, log=logs.append)
-    assert none["defender_steps"] == 2 and len(none["defender_val_acc"]) == 1
+    assert none["defender_steps"] == 2 and none["defender_val_acc"] == []          # bar 0: never checked
