@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (first time, 2 cores: ~50 min on an AVX-512 EPYC, ~87 on a Zen 3; README)
+#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (first time, 2 cores: ~50 min on an AVX-512 EPYC, ~86 on a Zen 3; README)
 #   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
 #   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args

@@ -4,8 +4,8 @@ saved as ordinary model directories that the stages load by path. The build is d
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
 Measured alone on 2 cores (world.json): 41 min on a Sapphire Rapids (former editor recipe), 18 on an
-AVX-512 AMD EPYC (defender 93.8% of held-out scenes, editor add hit 0.90), ~48 on a Zen 3 EPYC (AVX2; one
-top-up each: defender 95.8%, add hit 0.53).
+AVX-512 AMD EPYC (defender 93.8% of held-out scenes, editor add hit 0.90), ~49 on a Zen 3 EPYC (AVX2; one
+top-up each: defender 95.8%, add hit 0.53; editor 41 min).
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.

@@ -2,7 +2,7 @@
 measured on its held-out test scenes (05_eval.coevolution, the lines at the end of eval/summary.md).
 
 Opt-in: one run from an empty directory takes ~50 min on 2 cores of an AVX-512 AMD EPYC (the stages 30,
-measured in one run; the models 18-21 more, 41 on a Sapphire Rapids) and ~87 min on a Zen 3 EPYC (its
+measured in one run; the models 18-21 more, 41 on a Sapphire Rapids) and ~86 min on a Zen 3 EPYC (its
 editor topped up), over the suite's budget. ``AOT_LEARNING_TEST=1`` runs it in a temporary directory;
 ``AOT_LEARNING_TEST=DIR`` runs it in DIR, where finished stages are skipped (a finished run is re-checked in seconds)."""
 import json
