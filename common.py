@@ -117,6 +117,8 @@ def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, devi
         m.eval()
     if lora:
         load_attacker_lora(pipe, lora, trainable=trainable_lora)
+    from editing import single_frame_vae
+    single_frame_vae(pipe.vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -518,11 +520,10 @@ def accuracy_reward(text: str, answer: str, options: list[str] | None = None) ->
     return 1.0 if strict else 0.8
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-x**2 / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]  # (size, size)
+    return g / g.sum()   # the 2D window is its outer product, applied as rows then columns
 
 
 def _to_gray(image) -> torch.Tensor:
@@ -538,19 +539,15 @@ def _to_gray(image) -> torch.Tensor:
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5,
              data_range: float = 255.0) -> torch.Tensor:
-    """SSIM map (Wang et al. 2004; Gaussian window, K1=0.01, K2=0.03), 'same' size via reflect pad."""
-    w = _gaussian_window(size, sigma).to(a)[None, None]
-    pad = size // 2
+    """SSIM map (Wang et al. 2004; Gaussian window, K1=0.01, K2=0.03), 'same' size via reflect pad. The
+    window is separable, applied as rows then columns: the same map to ~1e-13, ~5x faster than one 11 x 11
+    float64 convolution (112 px on 2 cores: ~2 ms an image against ~9, measured; batching was slower)."""
+    g, pad = _gaussian_1d(size, sigma).to(a), size // 2
     x = torch.stack([a, b])[:, None]  # (2, 1, H, W)
-    if min(a.shape) > pad:
-        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    else:
-        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    mu = F.conv2d(x, w)
-    sq = F.conv2d(x * x, w)
-    xy = F.conv2d(x[:1] * x[1:], w)[0, 0]
-    mu_a, mu_b = mu[0, 0], mu[1, 0]
-    var_a, var_b = sq[0, 0] - mu_a**2, sq[1, 0] - mu_b**2
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect" if min(a.shape) > pad else "replicate")
+    m = F.conv2d(F.conv2d(torch.cat([x, x * x, x[:1] * x[1:]]), g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))[:, 0]
+    mu_a, mu_b, sq_a, sq_b, xy = m
+    var_a, var_b = sq_a - mu_a**2, sq_b - mu_b**2
     cov = xy - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))

@@ -94,7 +94,34 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.reshape(b, c4 // 4, 1, h, w)
 
 
+def single_frame_vae(vae):
+    """Run the Qwen-Image VAE's causal 3D convolutions as 2D ones on a single frame, which is all this
+    project feeds it: a frame with no cache is padded with 2 zero frames in front, so only the kernel's last
+    time slice meets data, and conv3d did 3x the work (the same function; float32 outputs agree to ~1e-5,
+    measured: 2.4x faster decode, 2.1x encode of 112 px images on 2 cores). Video inputs and cached
+    chunks take the original path."""
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    def forward_2d(conv):
+        orig, pad = conv.forward, conv._padding           # (w, w, h, h, 2 * pt, 0): causal in time
+        causal = conv.stride[0] == 1 and pad[4] == conv.kernel_size[0] - 1 and pad[5] == 0 and \
+            conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+
+        def forward(x, cache_x=None):
+            if not (causal and cache_x is None and x.shape[2] == 1):
+                return orig(x, cache_x)
+            y = F.conv2d(F.pad(x[:, :, 0], pad[:4]), conv.weight[:, :, -1], conv.bias, conv.stride[1:])
+            return y.unsqueeze(2)
+        return forward
+    for m in vae.modules():
+        if isinstance(m, QwenImageCausalConv3d):
+            m.forward = forward_2d(m)
+    return vae
+
+
 VAE_CHUNK = 4   # images per VAE call: its working set is ~1.9 KB (encode) / 3.5 KB (decode) per pixel in bf16
+# (and at 112 px on 2 cores 4 is also the fastest: 16 and 64 per call were 4-36% slower, measured)
 
 
 @torch.no_grad()

@@ -360,6 +360,7 @@ def measure_vae(reduced: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     with common.seeded(0):
         vae = AutoencoderKLQwenImage(**(dict(base_dim=8, z_dim=16) if reduced else {})).to(torch.bfloat16).eval()
+    editing.single_frame_vae(vae)   # as common.load_attacker runs it in the stages
     side = 64 if reduced else 512
     img = torch.randn(1, 3, 1, side, side, dtype=torch.bfloat16)
     out = {}

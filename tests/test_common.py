@@ -245,6 +245,32 @@ def test_tiny_edit_pipeline_produces_image():
     assert x.shape == (1, 3, 64, 64)
 
 
+def test_single_frame_vae_is_the_causal_conv3d_on_one_frame(monkeypatch):
+    from diffusers import AutoencoderKLQwenImage
+    calls = []
+    conv3d = torch.nn.Conv3d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", lambda self, *a: calls.append(1) or conv3d(self, *a))
+    with common.seeded(3):
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+        x = torch.rand(2, 3, 1, 32, 48) * 2 - 1
+        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        lat = torch.randn(2, 16, 1, 4, 6)
+    with torch.no_grad():
+        z, rec = vae.encode(x).latent_dist.mode(), vae.decode(lat).sample
+        zv = vae.encode(video).latent_dist.mode()
+        n3d = len(calls)
+        editing.single_frame_vae(vae)
+        z2, rec2 = vae.encode(x).latent_dist.mode(), vae.decode(lat).sample
+        assert n3d > 0 and len(calls) == n3d                  # one frame: no conv3d left
+        zv2 = vae.encode(video).latent_dist.mode()
+        assert len(calls) > n3d
+    assert z.abs().mean() > 0.01 and rec.abs().mean() > 0.01
+    torch.testing.assert_close(z2, z, rtol=0, atol=1e-5)      # the kernel's last time slice, as conv2d
+    torch.testing.assert_close(rec2, rec, rtol=0, atol=1e-5)
+    torch.testing.assert_close(zv2, zv, rtol=0, atol=1e-5)    # 5 frames: the first alone, then cached chunks of 4
+
+
 def test_attacker_lora_roundtrip_and_effect(tmp_path):
     img = Image.new("RGB", (64, 64), (120, 60, 30))
     pipe = common.load_attacker("tiny")
