@@ -76,7 +76,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               # scenes without one (not attacked since: choice 6). Four attacks per train scene:
                               # on one (439 kept) 36 DAPO steps won back 17% of a drop, on four (1,763) 27%
                               curriculum_samples=4,
-                              # 32 scenes a batch: the transformer's work per edit is 26% less than at 8 (2 cores)
+                              # 32 scenes a batch: 263 -> 209 ms an attack against batches of 8 (64 attacks, Zen 3)
                               curriculum_batch=32,
                               # Flow-GRPO-Fast (flow_grpo): SDE + training on a random window of 2 of the 5
                               # stochastic steps, ODE elsewhere. Measured from the same SFT attacker and defender

@@ -115,7 +115,7 @@ def single_frame_vae(vae):
             return y.unsqueeze(2)
         return forward
     for m in vae.modules():
-        if isinstance(m, QwenImageCausalConv3d):
+        if isinstance(m, QwenImageCausalConv3d) and "forward" not in m.__dict__:   # once per module
             m.forward = forward_2d(m)
     return vae
 

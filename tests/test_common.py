@@ -265,6 +265,9 @@ def test_single_frame_vae_is_the_causal_conv3d_on_one_frame(monkeypatch):
         assert n3d > 0 and len(calls) == n3d                  # one frame: no conv3d left
         zv2 = vae.encode(video).latent_dist.mode()
         assert len(calls) > n3d
+        inner = vae.decoder.conv_in.forward
+        editing.single_frame_vae(vae)                          # a second call wraps nothing again
+        assert vae.decoder.conv_in.forward is inner and torch.equal(vae.decode(lat).sample, rec2)
     assert z.abs().mean() > 0.01 and rec.abs().mean() > 0.01
     torch.testing.assert_close(z2, z, rtol=0, atol=1e-5)      # the kernel's last time slice, as conv2d
     torch.testing.assert_close(rec2, rec, rtol=0, atol=1e-5)
