@@ -58,8 +58,25 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer():
-    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus: deterministic, offline."""
+def _stage_wordings() -> list[str]:
+    """The wordings the stages send, from their sources (the chat roles, the defender's templates, the
+    editor's instructions with every colour, shape and place), for the tiny world's tokenizer: a BPE that
+    had not seen "multiple-choice" or "assistant" spelled them in letters, 131 tokens a left/right prompt
+    with its image against 97, so the world's defender spent a quarter of its compute on spelling. (The
+    random ``tiny`` models keep the plain corpus: the unit tests' calibrations rest on their weights.)"""
+    import common
+    from seeds import COLORS, SHAPES
+    places = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+    return [
+        "<|im_start|>system\n <|im_start|>user\n <|im_start|>assistant\n",
+        common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE, "Keep the image unchanged.",
+        " ".join(f"Add a {c} {s} at the {p} of the image." for c in COLORS for s in SHAPES for p in places),
+    ]
+
+
+def build_tiny_tokenizer(stage_wordings: bool = False):
+    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus (+ the stages' wordings):
+    deterministic, offline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -72,7 +89,7 @@ def build_tiny_tokenizer():
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=768, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_TINY_CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator((_TINY_CORPUS + (_stage_wordings() if stage_wordings else [])) * 4, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
@@ -81,9 +98,9 @@ def build_tiny_tokenizer():
     return tok
 
 
-def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16):
+def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, stage_wordings: bool = False):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(stage_wordings)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     image_processor = Qwen2VLImageProcessor(size=size)
     video_processor = Qwen2VLVideoProcessor(size=size)

@@ -193,7 +193,7 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     inputs = common.defender_inputs(processor, [img], ["Is there a red circle in the image?"], "cpu")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16   # 112 px -> 4 x 4 merged patches
     pipe = common.load_attacker(str(out / "editor"))
-    assert type(pipe).__name__ == "QwenImageEditPipeline" and pipe.transformer.config.num_layers == 4
+    assert type(pipe).__name__ == "QwenImageEditPipeline" and pipe.transformer.config.num_layers == 2
     te = dict(pipe.text_encoder.named_parameters())
     assert all(torch.equal(p, te[n]) for n, p in model.named_parameters())   # the defender is the text encoder
     assert len(pipe.vae.config.latents_mean) == 16 and min(pipe.vae.config.latents_std) > 0
