@@ -66,7 +66,7 @@ def _stage_wordings() -> list[str]:
     random ``tiny`` models keep the plain corpus: the unit tests' calibrations rest on their weights.)"""
     import common
     from seeds import COLORS, SHAPES
-    places = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+    places = [common.place_name([c, r, c + 1, r + 1], 3, 3) for r in range(3) for c in range(3)]   # the ninths
     return [
         "<|im_start|>system\n <|im_start|>user\n <|im_start|>assistant\n",
         common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE, "Keep the image unchanged.",
