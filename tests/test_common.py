@@ -192,10 +192,10 @@ def test_tiny_tokenizer_has_qwen_special_tokens():
 
 
 def test_tiny_world_tokenizer_spells_the_stages_prompts_in_words():
-    """The tiny world's tokenizer: the defender's MCQ prompt costs a word a token (113 tokens before the stages' wordings joined the
-    corpus: 34 more, spelled in letters), and the edit pipeline's fixed drop of its template's first 64
-    tokens (prompt_template_encode_start_idx, set for Qwen's tokenizer: the system turn and "<|im_start|>user\n")
-    ends where it is meant to: the kept embeddings start at the image."""
+    """The tiny world's tokenizer: the defender's MCQ prompt costs a word a token (113 tokens before the
+    stages' wordings joined the corpus: 34 more, spelled in letters), and the edit pipeline's fixed drop of
+    its template's first 64 tokens (prompt_template_encode_start_idx, set for Qwen's tokenizer: the system
+    turn and "<|im_start|>user\n") ends where it is meant to: the kept embeddings start at the image."""
     from diffusers import QwenImageEditPipeline
     tok = tiny_models.build_tiny_tokenizer(stage_wordings=True)
     question, options = "Is the red circle above or below the blue square?", ["above", "below"]
@@ -208,6 +208,7 @@ def test_tiny_world_tokenizer_spells_the_stages_prompts_in_words():
     ids = tok(pipe.prompt_template_encode.format("Add a red triangle at the top left of the image."))["input_ids"]
     assert tok.convert_ids_to_tokens(ids[64:67]) == ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
     assert len(ids) - 64 == 3 + 12 + 5    # the image, a word a token, the turn's end
+
 
 def test_tiny_defender_generates_and_is_deterministic():
     m1, proc = common.load_defender("tiny")
