@@ -251,3 +251,30 @@ def test_defender_below_the_validation_bar_trains_on_in_top_ups():
     assert all(0 <= a <= 100 for a in info["defender_val_acc"])
     _, _, none = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=0.0, log=logs.append)
     assert none["defender_steps"] == 2 and none["defender_val_acc"] == []          # bar 0: never checked
+
+
+def test_world_gate_versions_and_table_on_exact_edits():
+    """bench/world_gate.py: the three versions change the first target's pixels only (recoloured: its shape
+    in green; erased: the scene's own background, noise and all), and with an exact edit the untouched
+    scene scores local SSIM 1 and passes every gate while a changed target fails a gate of 0.99."""
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "bench"))
+    import world_gate
+    indices = [i for i in range(12) if tiny_world.world_scene(i, 5)["targets"]]
+    items = [world_gate.versions(i) for i in indices]
+    for i, (s, (untouched, recoloured, erased)) in zip(indices, items):
+        x1, y1, x2, y2 = (int(v) for v in s["targets"][0]["bbox"])
+        a, r, e = (np.asarray(im, dtype=int) for im in (untouched, recoloured, erased))
+        inside = np.zeros(a.shape[:2], bool)
+        inside[y1:y2, x1:x2] = True
+        assert (r[~inside] == a[~inside]).all() and (e[~inside] == a[~inside]).all()
+        assert (r[inside] != a[inside]).any(-1).sum() > 40                      # the target, redrawn in green
+        assert (e[inside] == tiny_world.world_background(WORLD_SIZE, 5 * 1_000_003 + i)[inside]).all()
+        assert (e[inside] != a[inside]).any(-1).sum() > 40                      # ... or gone
+    table = world_gate.gate_table(items, lambda images: images, [0.5, 0.99])
+    assert table["n"] == len(items) >= 8 and table["ssim"]["untouched"] == 1.0
+    assert table["passed"][0.5]["untouched"] == table["passed"][0.99]["untouched"] == 100.0
+    assert table["passed"][0.99]["recoloured"] == table["passed"][0.99]["erased"] == 0.0
+    assert table["ssim"]["recoloured"] < 0.99 and table["ssim"]["erased"] < 0.99
