@@ -74,9 +74,20 @@ def _stage_wordings() -> list[str]:
     ]
 
 
-def build_tiny_tokenizer(stage_wordings: bool = False):
-    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus (+ the stages' wordings):
-    deterministic, offline."""
+def fixed_sentences(questions=()) -> list[str]:
+    """The sentences every defender prompt repeats word for word (the system turn, the two templates' fixed
+    sentences) and ``questions``: the tiny world's tokenizer gives each one token, as a real tokenizer would
+    give a frequent word, so its prompts cost what carries information (a left/right prompt with its 16
+    image tokens: 48 tokens; spelled a word a token, 102)."""
+    import common
+    fixed = [p.replace("{{", "{").replace("}}", "}") for t in (common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE)
+             for p in t.split("\n\n") if "{question}" not in p]
+    return ["You are a helpful assistant.", *fixed, *questions]
+
+
+def build_tiny_tokenizer(stage_wordings: bool = False, sentences=()):
+    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus (+ the stages' wordings), then
+    ``sentences`` as added tokens (one token each, matched before the BPE): deterministic, offline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -94,13 +105,14 @@ def build_tiny_tokenizer(stage_wordings: bool = False):
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
                          additional_special_tokens=QWEN_SPECIAL_TOKENS[1:])
+    tok.add_tokens(list(sentences))
     tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
     return tok
 
 
-def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, stage_wordings: bool = False):
+def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, stage_wordings: bool = False, sentences=()):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    tok = build_tiny_tokenizer(stage_wordings)
+    tok = build_tiny_tokenizer(stage_wordings, sentences)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     image_processor = Qwen2VLImageProcessor(size=size)
     video_processor = Qwen2VLVideoProcessor(size=size)

@@ -3,9 +3,11 @@ exactly, and a defender, VAE and editor of the ``tiny`` architectures (tiny_mode
 saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
-Measured alone on 2 cores (world.json), Zen 3 EPYC (AVX2): 27 min, one top-up each (defender 7 min, 93.8% of
-held-out scenes; VAE 1.3; editor 19, add hit 0.87). With the former 4-layer editor and a tokenizer that spelled
-the prompts: 49 min there (editor 41), 18 on an AVX-512 EPYC, 41 on a Sapphire Rapids (an older editor recipe).
+Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16), the prompts' fixed sentences a token each:
+15.4 min (defender 2.1, no top-up, 89.6% of held-out scenes; VAE 0.9; editor 12.4 with one top-up, add hit
+0.67). Before those tokens, Zen 3 EPYC (AVX2): 27 min, one top-up each (defender 7 min, 93.8%; VAE 1.3; editor
+19, hit 0.87). With the former 4-layer editor and a tokenizer that spelled the prompts: 49 min there (editor
+41), 18 on an AVX-512 EPYC, 41 on a Sapphire Rapids (an older editor recipe).
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import editing
 from common import seeded
-from tiny_models import QWEN_IMAGE_SCHEDULER, tiny_vl_config, tiny_vl_processor
+from tiny_models import QWEN_IMAGE_SCHEDULER, fixed_sentences, tiny_vl_config, tiny_vl_processor
 
 # =============================================================================================
 # The tiny world: scenes the generator draws exactly, and trained tiny models that live in it
@@ -207,7 +209,8 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
 
     import common
     pixels = WORLD_SIZE * WORLD_SIZE
-    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, stage_wordings=True)
+    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, stage_wordings=True,
+                                  sentences=fixed_sentences([q for q, _ in WORLD_QUESTIONS.values()]))
     processor.tokenizer.padding_side = "left"   # as common.load_defender: batched generation
     config = tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
                              rope_theta=1e4)

@@ -210,6 +210,29 @@ def test_tiny_world_tokenizer_spells_the_stages_prompts_in_words():
     assert len(ids) - 64 == 3 + 12 + 5    # the image, a word a token, the turn's end
 
 
+def test_tiny_world_tokenizer_gives_each_fixed_sentence_one_token():
+    """The world's defender prompts: the system turn, the templates' fixed sentences and the world's three
+    questions are one token each (a left/right prompt without its image: 30 tokens, 84 spelled a word a
+    token); the option lines stay words; the edit template's 64-token drop is where it was."""
+    import tiny_world
+    questions = [q for q, _ in tiny_world.WORLD_QUESTIONS.values()]
+    sentences = tiny_models.fixed_sentences(questions)
+    assert len(sentences) == 8 and sentences[1].startswith("Please answer the following multiple-choice")
+    assert "Answer with \\boxed{Yes} or \\boxed{No}." in sentences      # the template's {{ }} unescaped
+    tok = tiny_models.build_tiny_tokenizer(stage_wordings=True, sentences=sentences)
+    for s in sentences:
+        assert tok.tokenize(s) == [s]
+    question, options = tiny_world.WORLD_QUESTIONS["horizontal"]
+    text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
+                                   tokenize=False, add_generation_prompt=True)
+    pieces = tok.tokenize(text)
+    assert len(pieces) == 30 and question in pieces and "Ġleft" in pieces and "Ġright" in pieces
+    assert tok.decode(tok(text)["input_ids"]) == text
+    template = tiny_models.build_tiny_attacker().prompt_template_encode
+    ids = tok(template.format("Add a red triangle at the top left of the image."))["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[64:65]) == ["<|vision_start|>"] and len(ids) - 64 == 3 + 12 + 5
+
+
 def test_tiny_defender_generates_and_is_deterministic():
     m1, proc = common.load_defender("tiny")
     m2, _ = common.load_defender("tiny")

@@ -192,6 +192,9 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     img = tiny_world.world_scene(0)["image"]
     inputs = common.defender_inputs(processor, [img], ["Is there a red circle in the image?"], "cpu")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16   # 112 px -> 4 x 4 merged patches
+    for question, _ in tiny_world.WORLD_QUESTIONS.values():          # the saved tokenizer kept its added sentences
+        assert processor.tokenizer.tokenize(question) == [question]
+    assert inputs["input_ids"].shape[1] == 33      # the chat turns (14), the question (1), the image (16 + 2), a sentence a token
     pipe = common.load_attacker(str(out / "editor"))
     assert type(pipe).__name__ == "QwenImageEditPipeline" and pipe.transformer.config.num_layers == 2
     te = dict(pipe.text_encoder.named_parameters())

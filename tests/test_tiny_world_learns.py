@@ -1,8 +1,8 @@
 """The tiny world learns (issue 12, targets 1-3): PRESET=tiny_world ROUNDS=1 end to end, then the co-evolution
 measured on its held-out test scenes (05_eval.coevolution, the lines at the end of eval/summary.md).
 
-Opt-in: one run from an empty directory takes ~54 min on 2 cores of a Zen 3 EPYC (the models 27, the
-stages 27; measured, README), over the suite's budget. ``AOT_LEARNING_TEST=1`` runs it in a temporary directory;
+Opt-in: one run from an empty directory takes 31 min on 2 cores of a Zen 4 EPYC (the models 16, the stages 15;
+~54 on a Zen 3; measured, README), over the suite's budget. ``AOT_LEARNING_TEST=1`` runs it in a temporary directory;
 ``AOT_LEARNING_TEST=DIR`` runs it in DIR, where finished stages are skipped (a finished run is re-checked in seconds)."""
 import json
 import os
