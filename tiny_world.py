@@ -3,11 +3,8 @@ exactly, and a defender, VAE and editor of the ``tiny`` architectures (tiny_mode
 saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
-Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16), the prompts' fixed sentences a token each:
-15.4 min (defender 2.1, no top-up, 89.6% of held-out scenes; VAE 0.9; editor 12.4 with one top-up, add hit
-0.67). Before those tokens, Zen 3 EPYC (AVX2): 27 min, one top-up each (defender 7 min, 93.8%; VAE 1.3; editor
-19, hit 0.87). With the former 4-layer editor and a tokenizer that spelled the prompts: 49 min there (editor
-41), 18 on an AVX-512 EPYC, 41 on a Sapphire Rapids (an older editor recipe).
+Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16): 15.4 min (defender 2.1, 89.6% of held-out scenes;
+VAE 0.9; editor 12.4 with one top-up, add hit 0.67); earlier worlds and CPUs: the README.
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.

@@ -58,7 +58,7 @@ def versions(index: int, seed: int = 5) -> tuple[dict, list]:
 
 def gate_table(items: list[tuple[dict, list]], edit, taus) -> dict:
     """``edit(images) -> images`` applied to each version of every item; -> {"ssim": {version: mean local SSIM},
-    "pass": {tau: {version: % of items at or above tau}}, "n": items}."""
+    "passed": {tau: {version: % of items at or above tau}}, "n": items}."""
     ssim = {}
     for k, name in enumerate(VERSIONS):
         outs = edit([v[k] for _, v in items])
