@@ -185,22 +185,12 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
                          n_test: int = 192, min_val_acc: float = 90.0, max_more: int = 3,
                          more_steps: int = 200, more_lr: float = 1e-3, log=print):
     """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes), token-mean
-    cross-entropy on the answer "\\boxed{X}<|im_end|>". Then, while it
-    answers fewer than ``min_val_acc`` % of 96 validation scenes (seed 8; the reported test scenes are
-    seed 2), up to ``max_more`` more runs of ``more_steps`` (warm-up + cosine at ``more_lr``).
-
-    Why the top-up, measured: the same 400 steps gave a defender that answers 97.9% of held-out scenes on
-    a Sapphire Rapids, 93.8% on one AMD EPYC and 75.0% on another (existence 62 of 62, left/right and
-    above/below 65-70%): its loss was still falling when the schedule ended, and floating point decides
-    where it stands then. From that 75% defender, 200 more steps at 1e-3 gave 93.8% on the validation
-    scenes, 400 97.9%, 600 100% (0.65 s a step on 2 cores).
-
-    Hard labels make a confident defender (entropy ~0.06 nats per token): sampled answers to a prompt are
-    nearly always all right or all wrong, and DAPO's dynamic sampling keeps 15-25% of the groups. Label
-    smoothing 0.1 between the right and the wrong answer token was tried (one ROUNDS=1 run, issue 12; since
-    removed): it mixed 73% of the clean groups but made the greedy answers fragile (91.7 held-out; hard
-    labels 97.9), round 0 took clean accuracy 91.2 -> 81.8 (hard labels: 97.8 -> 97.8), and round 1 won
-    back 8 of attacker 1's 27.8 points."""
+    cross-entropy on the answer "\\boxed{X}<|im_end|>". Then, while it answers fewer than ``min_val_acc`` %
+    of 96 validation scenes (seed 8; the reported test scenes are seed 2), up to ``max_more`` more runs of
+    ``more_steps`` (warm-up + cosine at ``more_lr``). Why the top-up, measured: the same 400 steps answered
+    97.9% of held-out scenes on one CPU and 75.0% on another (its loss still falling; floating point decides
+    where it stands), and 200 more steps at 1e-3 took that one to 93.8%. Hard labels, not label smoothing
+    (tried: fragile greedy answers, round 1 won back 8 of 27.8 points; README)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -334,16 +324,12 @@ def thumbnail_init(vae, k: float = 20.0, s: float = 0.02):
     pool (encoder: the latent's channels 0-2 are the mean RGB of each 8 x 8 block) and a smooth
     upsampling (decoder: nearest 2x then a [1, 2, 1] / 4 filter per level); everything else starts at zero.
 
-    Why: trained from PyTorch's default initialisation this VAE does not learn in a CPU budget. Measured
-    (32 px crops, batch 16, Adam 3e-4 to 4e-3, 300-600 steps): held-out PSNR stays at 16-18 dB, the level
-    of predicting each image's mean colour (16.3 dB); even its decoder alone, given the 8x thumbnail as
-    latent, stays at the data's variance for 200 steps. Each residual branch reads a per-pixel RMS-normalised
-    input and the mid-block attention averages the whole map, so at initialisation they add O(1)
-    position-blind terms that drown the skip path. Here those branches start at zero (their last conv and the
-    attention projection), the skip path carries (R, G, B, k) on four channels, and the heads' RMS norm is
-    linearised: with a constant channel k >> |RGB| it divides by ~k, the gain ``k / sqrt(C) * s`` puts the
-    colours at ~s, where SiLU(u) ~ u / 2, and the output conv multiplies by 2 / s. Result: 27.0 dB on
-    held-out world scenes with no training (8x pool + bilinear: 27.4 dB)."""
+    Why: from PyTorch's default initialisation this VAE stays at 16-18 dB (each image's mean colour) for
+    300-600 steps: its residual branches and mid-block attention add O(1) position-blind terms that drown
+    the skip path. Here those branches start at zero, the skip path carries (R, G, B, k) on four channels,
+    and the heads' RMS norm is linearised: with a constant channel k >> |RGB| it divides by ~k, the gain
+    ``k / sqrt(C) * s`` puts the colours at ~s, where SiLU(u) ~ u / 2, and the output conv multiplies by
+    2 / s. Result: 27.0 dB on held-out world scenes with no training (8x pool + bilinear: 27.4 dB)."""
     import math
 
     import torch
@@ -481,6 +467,13 @@ def encode_pairs(pipe, pairs, chunk: int = 32, drop_prompt: float = 0.0, seed: i
     return out
 
 
+def noise_levels(n: int, power: float, generator):
+    """n flow-matching noise levels s = 1 - (1 - u)^power, u ~ U(0, 1): P(s <= x) = 1 - (1 - x)^(1 / power),
+    mean power / (power + 1); power 1 is uniform (u itself, bit for bit), power > 1 leans towards pure noise."""
+    import torch
+    u = torch.rand(n, generator=generator)
+    return u if power == 1 else 1 - (1 - u) ** power
+
 
 def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, seed: int = 0):
     """Plain Euler sampling of the flow (the stages' sigma schedule and true CFG): the editor's check."""
@@ -497,29 +490,25 @@ def world_edit(pipe, images, instructions, steps: int = 8, cfg: float = 4.0, see
 
 
 def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int = 16, lr: float = 1e-3,
-                       add_lr: float = 1e-3, edit_weight: float = 3.0, n_train: int = 2048, min_add_hit: float = 0.0,
-                       max_more: int = 1, more_steps: int = 2000, more_lr: float = 1e-3, val_pairs: int = 96,
-                       log=print):
-    """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s ~ U(0, 1), loss |v - (eps - x0)|^2
+                       add_lr: float = 1e-3, edit_weight: float = 3.0, noise_power: float = 1.0, n_train: int = 2048,
+                       min_add_hit: float = 0.0, max_more: int = 1, more_steps: int = 2000, more_lr: float = 1e-3,
+                       val_pairs: int = 96, log=print):
+    """Flow matching on world pairs: x_s = (1 - s) x0 + s eps, s = 1 - (1 - u)^noise_power with u ~ U(0, 1)
+    (1: uniform; 2: mean 2/3, the high noise levels where the layout and so an added shape is decided come
+    more often), loss |v - (eps - x0)|^2
     (stage 02's objective, on the whole transformer instead of a LoRA), 10% empty prompts for CFG, with the
     loss on the tokens the edit changes (|x0 - condition| > 0.05, mean over the token's 64 latent values: the
     drawn shape, the extended border) weighted 1 + edit_weight for ``add_steps`` steps; ``steps`` > 0 trains
-    that many plain steps first (where the editor learns to copy the condition), each phase its own warm-up
-    and cosine.
+    that many plain steps first, each phase its own warm-up and cosine. Then, while it adds the asked shape
+    in fewer than ``min_add_hit`` of ``val_pairs`` pairs (seed 10; editor_report's are seed 6), up to
+    ``max_more`` weighted top-ups of ``more_steps`` at ``more_lr``; a top-up starts the pairs over with its own
+    noise generator, so it continues a saved editor exactly as in the build. -> the validation hit rates.
 
-    Then, while it adds the asked shape in fewer than ``min_add_hit`` of ``val_pairs`` pairs (seed 10;
-    editor_report's are seed 6), up to ``max_more`` weighted top-ups of ``more_steps`` at ``more_lr``. A top-up
-    starts the pairs over with its own noise generator, so it continues a saved editor exactly as in the
-    build. -> the validation hit rates, one per check.
-
-    Measured (2 cores, world.json "editor_add_hit" on held-out adds): plain flow matching copies the scene
-    but never adds (0.00 after 1,200 steps at batch 32, 0.02 after 3,000 at 16: the shape is ~2 of 49 tokens);
-    a x10 weight from the start broke the copy, a x20 one after a plain phase painted everywhere (0.20).
-    1,500 plain then 5,000 at x3 and 5e-4 (the former default): 0.80-0.83, keep 28.2 dB. One x3 phase at 1e-3
-    (these defaults): 0.70 after 2,500 steps, 0.90 after 5,000 on an AVX-512 EPYC (through round 1: attacker 1
-    took 39.6 points, defender 1 won back 67%), but 0.40 on a Zen 3 EPYC (AVX2), where round 1 then won back
-    14%. Hence the top-up: there, 2,000 more steps at 1e-3 took the validation hit 0.49 -> 0.55 (held-out
-    0.53, keep 28.0 dB; 1,000 at 5e-4: 0.47), and round 1 won back 73% (README)."""
+    Why, measured (add hit on 96 validation / 96 held-out pairs; README): plain flow matching copies the scene
+    but never adds (0.02 after 3,000 steps: the shape is ~2 of 49 tokens); x10 from the start broke the copy.
+    The build's 5,000 steps at 1e-3 hit 0.65 (validation) on a Zen 4 and 0.40 on a Zen 3: hence the top-up.
+    noise_power 2 at 2e-3 made a far better editor in the same time (held-out hit 0.90 against 0.67 after
+    the top-up) but round 1 on it missed target 2 by 0.5 points: not the default (bench/tiny_world.md)."""
     import torch
 
     tr = pipe.transformer
@@ -530,7 +519,7 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     def loss_fn(weight):
         def loss_at(step):
             ctx, x0 = data[step % len(data)]
-            s = torch.rand(x0.shape[0], generator=gen)
+            s = noise_levels(x0.shape[0], noise_power, gen)
             eps = torch.randn(x0.shape, generator=gen)
             xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
             err = (editing.predict_velocity(tr, xs, s, ctx, 1.0) - (eps - x0)).pow(2).mean(-1)    # (B, L)
@@ -581,6 +570,8 @@ class Args:
     editor_add_steps: int = field(default=5000, metadata={"help": "editor steps with the edited tokens weighted"})
     editor_add_lr: float = field(default=1e-3, metadata={"help": "editor peak learning rate, weighted phase"})
     editor_edit_weight: float = field(default=3.0, metadata={"help": "extra loss weight of the edited tokens"})
+    editor_noise_power: float = field(default=1.0, metadata={"help": "editor noise levels s = 1 - (1 - u)^p, u ~ U(0, 1) "
+                                                                     "(1 = uniform; 2 draws high noise more often)"})
     editor_pairs: int = field(default=2048, metadata={"help": "editor training pairs"})
     editor_min_hit: float = field(default=0.7, metadata={"help": "train the editor on (2,000 weighted steps at 1e-3 at "
                                                                  "a time, at most --editor_max_more times) while it adds "
@@ -678,8 +669,8 @@ def build(args: Args) -> Path:
     pipe = world_pipeline(defender, processor, vae)
     info["editor_val_add_hit"] = train_world_editor(
         pipe, steps=args.editor_steps, add_steps=args.editor_add_steps, lr=args.editor_lr, add_lr=args.editor_add_lr,
-        edit_weight=args.editor_edit_weight, n_train=args.editor_pairs, min_add_hit=args.editor_min_hit,
-        max_more=args.editor_max_more, log=log)
+        edit_weight=args.editor_edit_weight, noise_power=args.editor_noise_power, n_train=args.editor_pairs,
+        min_add_hit=args.editor_min_hit, max_more=args.editor_max_more, log=log)
     info["editor_s"] = round(time.time() - t2)
     report, samples = editor_report(pipe, n=args.check_items)
     info.update(report)

@@ -93,6 +93,18 @@ def test_edit_pairs_change_only_what_the_instruction_names():
     assert seen == {"keep", "add", "extend"}
 
 
+def test_editor_noise_levels_lean_towards_pure_noise_as_their_power_grows():
+    """s = 1 - (1 - u)^p: the same u at every power, in [0, 1]; p = 1 uniform, u bit for bit (mean 1/2),
+    p = 2 mean 2/3 with P(s > 1/2) = (1/2)^(1/2) = 0.707, p = 3 mean 3/4 with P(s > 1/2) = (1/2)^(1/3) = 0.794."""
+    n = 200_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    for p, mean, above in ((1.0, 0.5, 0.5), (2.0, 2 / 3, 0.5 ** 0.5), (3.0, 0.75, 0.5 ** (1 / 3))):
+        s = tiny_world.noise_levels(n, p, torch.Generator().manual_seed(0))
+        assert torch.allclose(s, 1 - (1 - u) ** p) and 0 <= s.min() and s.max() <= 1
+        assert torch.equal(s, u) == (p == 1.0)       # uniform is the generator's own draw: the default world
+        assert abs(s.mean().item() - mean) < 0.003 and abs((s > 0.5).float().mean().item() - above) < 0.003
+
+
 def test_add_hit_asks_whether_the_drawn_shape_appeared():
     from PIL import Image, ImageDraw
     scene = Image.new("RGB", (32, 32), (100, 100, 100))
