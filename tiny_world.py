@@ -508,7 +508,8 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     but never adds (0.02 after 3,000 steps: the shape is ~2 of 49 tokens); x10 from the start broke the copy.
     The build's 5,000 steps at 1e-3 hit 0.65 (validation) on a Zen 4 and 0.40 on a Zen 3: hence the top-up.
     noise_power 2 at 2e-3 made a far better editor in the same time (held-out hit 0.90 against 0.67 after
-    the top-up) but round 1 on it missed target 2 by 0.5 points: not the default (bench/tiny_world.md)."""
+    the top-up), but round 1 on it missed target 2 (seed 0: 24.5 points) or 3 (seed 1: 44%): not the default
+    (README, bench/tiny_world.md)."""
     import torch
 
     tr = pipe.transformer
