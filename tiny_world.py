@@ -506,7 +506,8 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
 
     Why, measured (add hit on 96 validation / 96 held-out pairs; README): plain flow matching copies the scene
     but never adds (0.02 after 3,000 steps: the shape is ~2 of 49 tokens); x10 from the start broke the copy.
-    The build's 5,000 steps at 1e-3 hit 0.65 (validation) on a Zen 4 and 0.40 on a Zen 3: hence the top-up.
+    The build's 5,000 steps at 1e-3 hit 0.65 of validation adds on a Zen 4, 0.40 of held-out ones on a Zen 3:
+    hence the top-up.
     noise_power 2 at 2e-3 made a far better editor in the same time (held-out hit 0.90 against 0.67 after
     the top-up), but round 1 on it missed target 2 (seed 0: 24.5 points) or 3 (seed 1: 44%): not the default
     (README, bench/tiny_world.md)."""
