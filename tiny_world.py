@@ -4,7 +4,7 @@ saved as ordinary model directories that the stages load by path. The build is d
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
 Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16): 15.4 min (defender 2.1, 89.6% of held-out scenes;
-VAE 0.9; editor 12.4 with one top-up, add hit 0.67); earlier worlds and CPUs: the README.
+VAE 0.9; editor 12.4 with one top-up, add hit 0.67); earlier worlds, CPUs and recipes: bench/tiny_world.md.
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
@@ -190,7 +190,7 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     ``more_steps`` (warm-up + cosine at ``more_lr``). Why the top-up, measured: the same 400 steps answered
     97.9% of held-out scenes on one CPU and 75.0% on another (its loss still falling; floating point decides
     where it stands), and 200 more steps at 1e-3 took that one to 93.8%. Hard labels, not label smoothing
-    (tried: fragile greedy answers, round 1 won back 8 of 27.8 points; README)."""
+    (tried: fragile greedy answers, round 1 won back 8 of 27.8 points; bench/tiny_world.md)."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -504,7 +504,7 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     ``max_more`` weighted top-ups of ``more_steps`` at ``more_lr``; a top-up starts the pairs over with its own
     noise generator, so it continues a saved editor exactly as in the build. -> the validation hit rates.
 
-    Why, measured (add hit on 96 validation / 96 held-out pairs; README): plain flow matching copies the scene
+    Why, measured (add hit on 96 validation / 96 held-out pairs; bench/tiny_world.md): plain flow matching copies the scene
     but never adds (0.02 after 3,000 steps: the shape is ~2 of 49 tokens); x10 from the start broke the copy.
     The build's 5,000 steps at 1e-3 hit 0.65 of validation adds on a Zen 4, 0.40 of held-out ones on a Zen 3:
     hence the top-up.
@@ -562,7 +562,7 @@ class Args:
     defender_scenes: int = field(default=2048, metadata={"help": "defender training scenes"})
     defender_min_acc: float = field(default=90.0, metadata={"help": "train the defender on (200 steps at a time, at "
                                                                     "most --defender_max_more times) while it answers "
-                                                                    "fewer % of 96 validation scenes (0 = never)"})
+                                                                    "fewer %% of 96 validation scenes (0 = never)"})
     defender_max_more: int = field(default=3, metadata={"help": "at most this many 200-step top-ups"})
     vae_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps after thumbnail_init (batch 16, 32 px crops)"})
     vae_images: int = field(default=512, metadata={"help": "VAE training images"})

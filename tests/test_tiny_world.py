@@ -164,6 +164,24 @@ def test_preset_paths_name_the_run_directory():
     assert a.model == "mine"
 
 
+def test_every_script_prints_its_help():
+    """`python SCRIPT --help` formats every field's help (argparse %-formats it: a bare '%' crashed
+    tiny_world.py's); the help shows each field, and a '%%' shows as '%'."""
+    import sys
+
+    from conftest import ROOT, load_script
+    from transformers import HfArgumentParser
+    sys.path.insert(0, str(ROOT / "bench"))
+    import world_gate
+    scripts = [load_script(n) for n in ("01_build_sft_data.py", "02_sft_attacker.py", "03_train_attacker.py",
+                                        "04_train_defender.py", "05_eval.py")] + [tiny_world, world_gate]
+    for mod in scripts:
+        text = HfArgumentParser(mod.Args).format_help()
+        for name in mod.Args.__dataclass_fields__:
+            assert f"--{name}" in text, (mod.__name__, name)
+    assert "fewer % of 96 validation scenes" in " ".join(HfArgumentParser(tiny_world.Args).format_help().split())
+
+
 def test_thumbnail_init_makes_the_vae_an_8x_mean_pool_and_a_smooth_upsampler():
     from diffusers import AutoencoderKLQwenImage
     torch.manual_seed(0)
