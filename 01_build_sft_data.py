@@ -64,7 +64,6 @@ import common
 import editing
 import rundir
 import seeds
-import tiny_world
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
@@ -88,7 +87,7 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (tiny_world.py's scenes), "
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (seeds.world_scene), "
                                                                    "a seed JSONL path, or coco:ANNOTATIONS.json:IMAGE_DIR "
                                                                    "(COCO-format instances)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
@@ -519,7 +518,7 @@ def main(args: Args):
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
     if args.seed_data in ("synthetic", "tiny_world"):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else tiny_world.world_seed_item(i, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
+                else seeds.world_seed_item(i, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
             save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))

@@ -1,6 +1,6 @@
-"""The tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): scenes the generator draws
-exactly, and a defender, VAE and editor of the ``tiny`` architectures (tiny_models.py) trained on them,
-saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
+"""The tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): a defender, VAE and editor of the
+``tiny`` architectures (tiny_models.py) trained on scenes the generator draws exactly (seeds.world_scene,
+also stage 01's seed rows), saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
 Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16): 15.4 min (defender 2.1, 89.6% of held-out scenes;
@@ -20,104 +20,13 @@ from pathlib import Path
 
 import editing
 from common import seeded
+from seeds import WORLD_QUESTIONS, WORLD_SIZE, free_box, world_scene
 from tiny_models import QWEN_IMAGE_SCHEDULER, fixed_sentences, tiny_vl_config, tiny_vl_processor
 
-# =============================================================================================
-# The tiny world: scenes the generator draws exactly, and trained tiny models that live in it
-# =============================================================================================
-# Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to the right, green
-# downwards: Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns
-# "where" far faster when the pixels carry it) and two objects: a red circle and a blue square (the
-# targets, inside the central 2/3 that stage 01 extends outwards). The questions are fixed:
-# left/right and above/below of the red circle and the blue square, and whether there is a red
-# circle. On such scenes "the red thing" is the circle: a defender trained on them never has to tell
-# shapes apart, the weakness AOT's attacker is there to find (a red triangle) and its defender
-# training to repair. Measured (400 defender steps, 192 held-out scenes, a red triangle of 28 px
-# drawn beyond the square or, for existence, anywhere): without other objects 97.9% clean, 58.9%
-# attacked; with 0-2 triangles of other colours in every scene 92.7% clean, 73.4% attacked.
-WORLD_SIZE = 112
-WORLD_QUESTIONS = {
-    "horizontal": ("Is the red circle to the left or to the right of the blue square?", ["left", "right"]),
-    "vertical": ("Is the red circle above or below the blue square?", ["above", "below"]),
-    "exists": ("Is there a red circle in the image?", []),
-}
 
-
-def world_background(size: int, noise_seed: int):
-    import numpy as np
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    bg = np.stack([50 + 150 * xx, 50 + 150 * yy, 110 + 0 * xx], -1)
-    bg = bg + np.random.default_rng(noise_seed).normal(0, 2, (size, size, 3))
-    return np.clip(bg, 0, 255).astype(np.uint8)
-
-
-def _free_box(rng, side, lo, hi, boxes, gap=3):
-    """A side x side box inside [lo, hi) that keeps ``gap`` pixels from every box in ``boxes``."""
-    for _ in range(200):
-        x1, y1 = rng.randrange(lo, hi - side), rng.randrange(lo, hi - side)
-        b = [x1, y1, x1 + side, y1 + side]
-        if all(b[2] + gap <= o[0] or o[2] + gap <= b[0] or b[3] + gap <= o[1] or o[3] + gap <= b[1] for o in boxes):
-            return b
-    return None
-
-
-def world_scene(index: int, seed: int = 0, size: int = WORLD_SIZE, kind: str | None = None) -> dict:
-    """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
-    (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
-    a fifth of the canvas apart along the asked axis, so every answer is unambiguous."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    from seeds import COLORS, draw_shape
-    rng = random.Random(seed * 1_000_003 + index)
-    kind = kind or rng.choice(list(WORLD_QUESTIONS))
-    lo, hi = size // 6, size - size // 6
-    while True:
-        sides = [int(size * rng.uniform(0.15, 0.2)) for _ in range(2)]
-        circle = _free_box(rng, sides[0], lo, hi, [])
-        square = _free_box(rng, sides[1], lo, hi, [circle])
-        if square is None:
-            continue
-        axis = 1 if kind == "vertical" else 0
-        if kind == "exists" or abs((circle[axis] + circle[axis + 2]) - (square[axis] + square[axis + 2])) / 2 >= size / 5:
-            break
-    objects = [("red circle", circle), ("blue square", square)]
-    if kind == "exists" and rng.random() < 0.5:
-        objects = objects[1:]                                   # the answer is No
-    img = Image.fromarray(world_background(size, seed * 1_000_003 + index))
-    draw = ImageDraw.Draw(img)
-    for name, box in objects:
-        color, shape = name.split()
-        draw_shape(draw, shape, box, COLORS[color])
-    question, options = WORLD_QUESTIONS[kind]
-    named = dict(objects)
-    targets = [{"name": n, "bbox": [float(v) for v in named[n]]} for n in ("red circle", "blue square") if n in named]
-    if kind == "exists":
-        answer = "Yes" if "red circle" in named else "No"
-        targets = targets[:1] if answer == "Yes" else []
-    else:
-        answer = "A" if circle[axis] < square[axis] else "B"
-    return dict(image=img, question=question, options=options, answer=answer, targets=targets,
-                objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
-
-
-def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
-    """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
-    extension grows back to a full canvas (pad 0.25 per side)."""
-    import random
-    s = world_scene(index, seed)
-    m = WORLD_SIZE // 6
-    image = s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
-    targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}
-               for t in s["targets"]]
-    # the split's own stream: an integer seed equal to the scene's (seed 0: both are `index`) made the split
-    # decide the question kind too (the first draw of the same generator): every test scene was left/right
-    split = "test" if random.Random(f"split {seed} {index}").random() < test_fraction else "train"
-    return dict(id=f"world{index:06d}", image=image, question=s["question"], options=s["options"],
-                answer=s["answer"], targets=targets, split=split)
-
-
+# ---------------------------------------------------------------------------------------------
+# Training loops shared by the three models (the scenes they learn from: seeds.world_scene)
+# ---------------------------------------------------------------------------------------------
 def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.9, 0.999), log=print,
          log_every: int = 50):
     """The three world models' training loop: AdamW (no weight decay), linear warm-up over ``warm`` steps
@@ -259,7 +168,7 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
         return (b[ax] + b[ax + 2]) / 2
     box = None
     for _ in range(50):
-        box = _free_box(rng, side, 0, WORLD_SIZE, taken)
+        box = free_box(rng, side, 0, WORLD_SIZE, taken)
         if box is None or scene["kind"] == "exists":
             break
         if (mid(box) - mid(named["blue square"])) * (mid(named["red circle"]) - mid(named["blue square"])) < 0:

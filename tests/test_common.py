@@ -214,15 +214,15 @@ def test_tiny_world_tokenizer_gives_each_fixed_sentence_one_token():
     """The world's defender prompts: the system turn, the templates' fixed sentences and the world's three
     questions are one token each (a left/right prompt without its image: 30 tokens, 84 spelled a word a
     token); the option lines stay words; the edit template's 64-token drop is where it was."""
-    import tiny_world
-    questions = [q for q, _ in tiny_world.WORLD_QUESTIONS.values()]
+    import seeds
+    questions = [q for q, _ in seeds.WORLD_QUESTIONS.values()]
     sentences = tiny_models.fixed_sentences(questions)
     assert len(sentences) == 8 and sentences[1].startswith("Please answer the following multiple-choice")
     assert "Answer with \\boxed{Yes} or \\boxed{No}." in sentences      # the template's {{ }} unescaped
     tok = tiny_models.build_tiny_tokenizer(stage_wordings=True, sentences=sentences)
     for s in sentences:
         assert tok.tokenize(s) == [s]
-    question, options = tiny_world.WORLD_QUESTIONS["horizontal"]
+    question, options = seeds.WORLD_QUESTIONS["horizontal"]
     text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
                                    tokenize=False, add_generation_prompt=True)
     pieces = tok.tokenize(text)
