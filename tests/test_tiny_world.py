@@ -1,5 +1,5 @@
-"""tiny_world.py: the world's scenes and edit pairs are what they claim (checked against their own
-geometry), and its trained models are saved as ordinary model directories the stages load by path."""
+"""The tiny world: its scenes (seeds.world_scene) and edit pairs are what they claim (checked against their own
+geometry), and the models tiny_world.py trains are saved as ordinary model directories the stages load by path."""
 import json
 import time
 
