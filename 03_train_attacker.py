@@ -481,6 +481,9 @@ def main(args: Args):
     common.barrier()
     if not out_attacks.exists():
         pipe.transformer.eval()
+        # the defender's sampled answers in the curriculum: the same whether training ran in this process,
+        # resumed from a checkpoint or finished in an earlier one
+        torch.manual_seed(args.seed * 1000 + 7 + ddp.rank)
         if args.reward == "brightness":
             common.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
         write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)

@@ -649,12 +649,11 @@ def main(args: Args):
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
-    resumed = rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, data position, RNG
+    resumed = rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, RNG, data position
     if resumed:
         start, extra = resumed
         stream.epoch, stream.pos = extra["stream"]
         stream._order()
-        torch.set_rng_state(extra["rng"])
         common.print0(f"[04] resumed from {ckpt_dir} at step {start}")
     common.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
                   f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
@@ -682,7 +681,7 @@ def main(args: Args):
                       f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             rundir.save_checkpoint(ckpt_dir, step + 1, model, opt,
-                                   dict(stream=[stream.epoch, stream.pos], rng=torch.get_rng_state()), ddp.rank)
+                                   dict(stream=[stream.epoch, stream.pos]), ddp.rank)
     save_final(model, out, ddp, args, init)
     logger.close()
     if ddp.master:

@@ -22,12 +22,23 @@ from PIL import Image
 from common import barrier
 
 
+def global_rng_state() -> dict:
+    """This process's global torch RNG states: the CPU one, and the current GPU's when CUDA is in use.
+    Sampling that takes no generator draws from them (transformers' generate, dropout), so a
+    checkpoint keeps them beside the stage's own generators."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: dict, rank: int = 0):
     """One step-numbered checkpoint, written by every rank (torch.distributed.checkpoint):
     the trainable weights and the optimizer, each rank its own shard under FSDP2 (replicated LoRA
-    weights are written once), plus this rank's ``extra`` (RNG and data positions: tensors in a
-    safetensors file, the rest as JSON in its metadata). ``latest.json`` names it once complete;
-    the previous checkpoint is then deleted. Resume needs the same world size."""
+    weights are written once), plus this rank's ``extra`` (its generators and data positions) and
+    global RNG states (tensors in a safetensors file, the rest as JSON in its metadata).
+    ``latest.json`` names it once complete; the previous checkpoint is then deleted. Resume needs
+    the same world size."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -36,6 +47,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
     opts = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / name), no_dist=not dist.is_initialized())
+    extra = {**extra, **global_rng_state()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
     rest = {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}
     save_file(tensors, str(ckpt_dir / name / f"rank_{rank}.safetensors"), metadata={"json": json.dumps(rest)})
@@ -51,7 +63,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, extra: di
 
 def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tuple[int, dict] | None:
     """Restore what ``save_checkpoint`` wrote into ``model`` and ``optimizer`` (in place, re-sharded
-    by DCP); returns (step, this rank's extra), or None when there is no checkpoint."""
+    by DCP) and this process's global RNG states; returns (step, this rank's extra), or None when
+    there is no checkpoint."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -82,6 +95,12 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tu
     with safe_open(str(rank_file), "pt") as f:
         extra = json.loads(f.metadata()["json"])
         extra.update({k: f.get_tensor(k) for k in f.keys()})
+    if "torch_rng" not in extra:
+        raise SystemExit(f"{rank_file} holds no RNG state (an older checkpoint): delete {ckpt_dir} to start over")
+    torch.set_rng_state(extra.pop("torch_rng"))
+    cuda_rng = extra.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     return latest["step"], extra
 
 

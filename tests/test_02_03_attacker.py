@@ -191,10 +191,10 @@ def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
+def test_stage03_python_torchrun_resume(tiny_run, boxed_defender, tmp_path):
     run = _copy_run(tiny_run, tmp_path / "a")
-    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run, "--round", "1", "--defender", "tiny",
-                  "--report_to", "tensorboard")
+    p = run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", run, "--round", "1", "--defender",
+                  boxed_defender, "--report_to", "tensorboard")
     assert "starting a fresh LoRA" in p.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ev = EventAccumulator(str(run / "logs" / "tb" / "03_round_1")).Reload()
@@ -213,19 +213,23 @@ def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
     assert all(a >= 0.3 for a in att["train"]["ssim_local"])
     assert (run / "attacks" / "round_1" / "gallery.png").is_file()
     # the curriculum alone, from the finished adapter, two attacks per train scene: the held-out attacks
-    # and the first draws are the single-sample run's, the second draws other edits of the same scenes
+    # and the first draws are the single-sample run's (the defender's sampled verdicts too: the curriculum
+    # reseeds them), the second draws other edits of the same scenes
     shutil.copytree(run / "attacker", tmp_path / "m" / "attacker")
     _copy_run(tiny_run, tmp_path / "m")
     run_stage("03_train_attacker.py", "--preset", "tiny", "--run_dir", tmp_path / "m", "--round", "1",
-              "--defender", "tiny", "--curriculum_samples", "2")
+              "--defender", boxed_defender, "--curriculum_samples", "2")
     many = load_from_disk(str(tmp_path / "m" / "attacks" / "round_1"))
 
     def pixels(rows):
         return [im.tobytes() for im in rows["attacked_image"]]
     assert pixels(many["test"]) == pixels(att["test"]) and many["test"]["ssim_local"] == att["test"]["ssim_local"]
+    verdicts = att["test"]["defender_wrong_fraction"]
+    assert len(set(verdicts)) > 1 and many["test"]["defender_wrong_fraction"] == verdicts
     n = len(att["train"])
     first, second = many["train"].select(range(n)), many["train"].select(range(n, len(many["train"])))
     assert pixels(first) == pixels(att["train"]) and len(second) > 0
+    assert first["defender_wrong_fraction"] == att["train"]["defender_wrong_fraction"]
     assert set(second["id"]) <= {i for i, s in zip(scenes["id"], scenes["split"]) if s == "train"}
     again = {i: b for i, b in zip(first["id"], pixels(first))}
     assert all(b != again[i] for i, b in zip(second["id"], pixels(second)) if i in again)
@@ -247,11 +251,12 @@ def test_stage03_python_torchrun_resume(tiny_run, tmp_path):
     assert "resumed at iteration" in p.stdout and (run3 / "attacks" / "round_1").exists()
 
 
-def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, tmp_path):
+def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxed_defender, tmp_path):
     """torchrun --nproc_per_node 2, bf16: the sharded transformer + LoRA, text encoder and defender;
-    a DCP checkpoint (LoRA and AdamW shards), SIGKILL of the process tree, resume: same final LoRA."""
-    flags = ["--preset", "tiny", "--round", "1", "--defender", "tiny", "--dtype", "bf16", "--train_iters", "6",
-             "--save_every", "2", "--reward", "brightness", "--lr", "3e-2"]
+    a DCP checkpoint (LoRA and AdamW shards, each rank's RNG: the defender samples its answers from the
+    global one), SIGKILL of the process tree, resume: same final LoRA, same curriculum."""
+    flags = ["--preset", "tiny", "--round", "1", "--defender", boxed_defender, "--dtype", "bf16", "--train_iters",
+             "6", "--save_every", "2", "--lr", "3e-2"]
     whole, killed = _copy_run(tiny_run, tmp_path / "whole"), _copy_run(tiny_run, tmp_path / "killed")
     run_stage("03_train_attacker.py", *flags, "--run_dir", whole, nproc=2)
     proc = start_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
@@ -265,3 +270,9 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, tmp_
     assert same_safetensors(a, b) == []
     first = load_file(str(b))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())   # it trained
+    rewards = [json.loads(x)["reward_mean"] for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert len(set(rewards)) > 1                                  # the defender's verdicts moved the rewards
+    x, y = (load_from_disk(str(r / "attacks" / "round_1")) for r in (killed, whole))
+    for split in ("train", "test"):
+        assert x[split]["defender_wrong_fraction"] == y[split]["defender_wrong_fraction"]
+        assert [im.tobytes() for im in x[split]["attacked_image"]] == [im.tobytes() for im in y[split]["attacked_image"]]

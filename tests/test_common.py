@@ -160,12 +160,14 @@ def test_checkpoint_roundtrip_trainable_only_and_previous_removed(tmp_path):
     gen = torch.Generator().manual_seed(3)
     rundir.save_checkpoint(tmp_path, 2, m, opt, {"gen": gen.get_state(), "pos": [1, 2]})
     rundir.save_checkpoint(tmp_path, 3, m, opt, {"gen": gen.get_state(), "pos": [5, 6]})
+    after_save = torch.rand(4)          # the global RNG (sampling without a generator) goes on from here
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_000003"]
     torch.manual_seed(1)
     m2, opt2 = build()
     frozen = m2[0].weight.detach().clone()
     step, extra = rundir.load_checkpoint(tmp_path, m2, opt2)
     assert step == 3 and extra["pos"] == [5, 6] and torch.equal(extra["gen"], gen.get_state())
+    assert torch.equal(torch.rand(4), after_save) and extra.keys() == {"gen", "pos"}
     assert torch.equal(m2[1].weight, m[1].weight) and torch.equal(m2[1].bias, m[1].bias)
     assert torch.equal(m2[0].weight, frozen)                     # not in the checkpoint: left as built
     assert m2[2].weight not in opt2.state                        # no state saved, none restored
