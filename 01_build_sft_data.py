@@ -359,6 +359,7 @@ def process_chunk(rows, chunk_idx, models, args):
     counts["seed_rows"] = len(rows)
     gen = torch.Generator().manual_seed(args.seed * 7919 + chunk_idx)
     rng = random.Random(args.seed * 7919 + chunk_idx)
+    torch.manual_seed(args.seed * 7919 + chunk_idx)   # the proposer's sampled retries: a chunk's own, as on resume
 
     # 1. scene extension (grouped by edit size so a batch shares one latent shape)
     canvases = [extend_canvas(r["image"], r["targets"], args.pad_ratio, args.resolution) for r in rows]

@@ -270,3 +270,25 @@ def test_stage01_tiny_from_coco(tmp_path):
     assert funnel["num_skipped_seed_rows"] == 3 and funnel["seed_candidates_rejected"]["crowd box"] == 1
     scenes = load_from_disk(str(tmp_path / "run" / "data" / "scenes"))
     assert funnel["counts"]["seed_rows"] > 0 and all(i.startswith("coco") for i in scenes["id"])
+
+
+def test_a_chunk_samples_the_same_whatever_ran_before_it(monkeypatch):
+    """A chunk's sampled proposer retries draw from the global RNG, which process_chunk seeds from the
+    chunk's index: the same draws in an uninterrupted run, after a resume and on any rank."""
+    import torch
+
+    import common
+    draws = []
+
+    def proposals(model, processor, scenes, args, counts):       # the MLLM proposer's sampling, stood in for
+        draws.append(torch.rand(3))
+        return [None] * len(scenes)
+    monkeypatch.setattr(s01, "mllm_proposals", proposals)
+    args = s01.Args(**{**s01.PRESETS["tiny"], "proposer": "mllm"})
+    judge, proc = common.load_defender("tiny")
+    models = (judge, proc, judge, proc, common.load_attacker("tiny"), s01.OneOnDevice(torch.device("cpu"), False))
+    rows = [seeds.synthetic_item(i, args.synthetic_size, 0.0, 0) for i in range(4)]
+    for chunk, before in ((1, 0), (1, 5), (2, 0)):
+        torch.manual_seed(before)          # what ran before this chunk (other chunks, a killed process)
+        s01.process_chunk(rows, chunk, models, args)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
