@@ -513,7 +513,6 @@ def main(args: Args):
     if (data / "scenes").exists() and (data / "aot_sft").exists():
         common.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
         return
-    torch.manual_seed(args.seed + ddp.rank)
     t0 = time.time()
 
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
