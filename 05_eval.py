@@ -49,6 +49,7 @@ import json
 import math
 import re
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +337,7 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
     """Answer every item not yet in pred_path (sharded over ranks); return all predictions.
     Strict multi-trial (the official eval): up to --trials answers, the next one only while all so far
     are right; correct = every trial right. `pred` is the last trial's answer."""
+    import torch
     import torch.distributed as dist
     done = {}
     if pred_path.exists():
@@ -348,6 +350,9 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
     alive = list(todo)
     for t in range(args.trials):
         temp = args.trial_temperature if t > 0 else 0.0
+        if temp > 0:   # sampled trials draw from the global RNG: seed it per file, trial and rank, so that the
+            # answers do not depend on what this process ran before (other benchmarks, the attacks' files)
+            torch.manual_seed(zlib.crc32(f"{pred_path.name}/{t}/{ddp.rank}".encode()))
         outs = common.defender_generate(model, processor, [it["image"] for it in alive],
                                         [item_prompt(it, style) for it in alive], args.max_new_tokens,
                                         temperature=temp, batch_size=args.batch_size, memory_gb=args.gen_memory_gb,

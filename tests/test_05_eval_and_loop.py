@@ -169,6 +169,33 @@ def test_tiny_tsv_end_to_end_back_references_trials_and_rescoring(tmp_path):
     assert len((run / "eval" / "preds" / "round_0" / "vstar.jsonl").read_text().splitlines()) == 6
 
 
+def test_sampled_trials_do_not_depend_on_what_ran_before(tmp_path, monkeypatch):
+    """--trial_temperature > 0 samples trials 2..N from the global RNG: seeded per file, trial and rank,
+    so a file's answers are the same whatever the process drew before it (another benchmark, a resume)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import common
+    model, proc = common.load_defender("tiny")
+    monkeypatch.setattr(s05, "judge", lambda text, it, style: (text, True))   # every trial right: all 3 run
+    items = [dict(index=str(i), image=Image.new("RGB", (56, 56), (i * 60, 0, 0)), question="Which side?",
+                  options=["left", "right"], answer="A", meta={}) for i in range(4)]
+    args = SimpleNamespace(trials=3, trial_temperature=1.0, max_new_tokens=6, batch_size=4, gen_memory_gb=1.0)
+    ddp = SimpleNamespace(rank=0, world=1, master=True)
+
+    def outputs(path):
+        return [[t["output"] for t in p["trials"]] for p in s05.answer_items(model, proc, items, args, path, ddp)]
+    torch.manual_seed(1)
+    first = outputs(tmp_path / "a" / "vstar.jsonl")
+    torch.rand(1000)                                    # the process drew other numbers before this file
+    again = outputs(tmp_path / "b" / "vstar.jsonl")
+    other = outputs(tmp_path / "c" / "pope.jsonl")      # another file samples on its own stream
+    assert first == again
+    assert [o[0] for o in first] == [o[0] for o in other] and [o[1:] for o in first] != [o[1:] for o in other]
+    assert all(len(o) == 3 for o in first) and len({o[1] for o in first}) > 1
+
+
 @pytest.mark.slow
 def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     e = dict(env(), PRESET="tiny", ROUNDS="1", RUN_DIR=str(tmp_path / "loop"), PYTHON=os.sys.executable)
