@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (first time, 2 cores: 31 min on a Zen 4 EPYC; README)
+#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (first time, 2 cores: 18 min on a Zen 5 EPYC, 31 on a Zen 4; README)
 #   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
 #   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
@@ -46,7 +46,7 @@ stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (out
 
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 
-# 0. the tiny world's trained defender and editor (first run 16 min on 2 cores of a Zen 4, 27 on a Zen 3, measured; then reused)
+# 0. the tiny world's trained defender and editor (first run 10 min on 2 cores of a Zen 5, 16 on a Zen 4, 27 on a Zen 3, measured; then reused)
 if [ "$PRESET" = "tiny_world" ]; then
   EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
 fi

@@ -4,7 +4,8 @@ also stage 01's seed rows), saved as ordinary model directories that the stages 
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
 Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16): 15.4 min (defender 2.1, 89.6% of held-out scenes;
-VAE 0.9; editor 12.4 with one top-up, add hit 0.67); earlier worlds, CPUs and recipes: bench/tiny_world.md.
+VAE 0.9; editor 12.4 with one top-up, add hit 0.67); a Zen 5 built the same models (every printed number alike)
+in 10.1 min; earlier worlds, CPUs and recipes: bench/tiny_world.md.
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
