@@ -480,8 +480,9 @@ def write_summary(eval_dir: Path, paper_table: bool):
                 f"to fool ({c['clean_items_before']:.1f} clean, {c['attacked_before']:.1f} attacked, on the "
                 f"{c['n']} attacked test scenes)")
         if "recovered" in c:
+            share = "no drop to win back" if math.isnan(c["recovered"]) else f"{100 * c['recovered']:.0f}%"
             line += (f"; defender {k} wins back {c['attacked_after'] - c['attacked_before']:.1f} of them "
-                     f"({100 * c['recovered']:.0f}%: {c['attacked_after']:.1f} attacked) at "
+                     f"({share}: {c['attacked_after']:.1f} attacked) at "
                      f"{c['clean_after']:.1f} clean on every test scene ({c['clean_after'] - c['clean_before']:+.1f})")
         lines.append(line + ".")
         if "by_answer_after" in c:   # is it seeing, or a tip towards other answers? (acc_by_answer)

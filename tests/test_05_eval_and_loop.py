@@ -118,6 +118,16 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     assert c[0]["by_answer_after"] == {"A": 75.0, "B": pytest.approx(500 / 6)} and "by_answer_before" not in c[1]
 
 
+
+def test_coevolution_line_when_the_attacker_took_nothing(tmp_path):
+    """No drop (the random tiny preset): the share won back is undefined, and the summary says so."""
+    for rnd, acc in ((0, 80.0), (1, 85.0)):
+        rob = dict(clean_acc=80.0, attacker_round_1=dict(acc=acc, attack_success=0.0, n=3, clean_acc=80.0))
+        (tmp_path / f"round_{rnd}.json").write_text(json.dumps(dict(round=rnd, benchmarks={}, robustness=rob)))
+    assert ("attacker 1 takes 0.0 points from defender 0, the model it was trained to fool (80.0 clean, 80.0 attacked, "
+            "on the 3 attacked test scenes); defender 1 wins back 5.0 of them (no drop to win back: 85.0 attacked)"
+            ) in s05.write_summary(tmp_path, False)
+
 def _b64(color):
     buf = io.BytesIO()
     Image.new("RGB", (56, 56), color).save(buf, format="PNG")
