@@ -118,7 +118,6 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     assert c[0]["by_answer_after"] == {"A": 75.0, "B": pytest.approx(500 / 6)} and "by_answer_before" not in c[1]
 
 
-
 def test_coevolution_line_when_the_attacker_took_nothing(tmp_path):
     """No drop (the random tiny preset): the share won back is undefined, and the summary says so."""
     for rnd, acc in ((0, 80.0), (1, 85.0)):
@@ -127,6 +126,7 @@ def test_coevolution_line_when_the_attacker_took_nothing(tmp_path):
     assert ("attacker 1 takes 0.0 points from defender 0, the model it was trained to fool (80.0 clean, 80.0 attacked, "
             "on the 3 attacked test scenes); defender 1 wins back 5.0 of them (no drop to win back: 85.0 attacked)"
             ) in s05.write_summary(tmp_path, False)
+
 
 def _b64(color):
     buf = io.BytesIO()
