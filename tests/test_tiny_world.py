@@ -312,3 +312,23 @@ def test_world_gate_versions_and_table_on_exact_edits():
     assert table["passed"][0.5]["untouched"] == table["passed"][0.99]["untouched"] == 100.0
     assert table["passed"][0.99]["recoloured"] == table["passed"][0.99]["erased"] == 0.0
     assert table["ssim"]["recoloured"] < 0.99 and table["ssim"]["erased"] < 0.99
+
+
+def test_sft_bound_counts_dapo_groups_by_right_answer(monkeypatch):
+    """bench/world_sft_bound.py --groups: each item's 16 sampled answers make a group that is all right, mixed
+    (the only kind with an advantage) or all wrong, counted per right answer."""
+    import sys
+
+    from conftest import ROOT
+
+    import common
+    sys.path.insert(0, str(ROOT / "bench"))
+    import world_sft_bound
+    items = [dict(image=None, question="q", options=["left", "right"], answer=a) for a in ("A", "A", "B", "B")] + \
+        [dict(image=None, question="q", options=[], answer="Yes")]
+    right = [16, 3, 0, 15, 16]                     # the right answers each item's group of 16 will hold
+    texts = {"A": "\\boxed{A}", "B": "\\boxed{B}", "Yes": "\\boxed{Yes}", "No": "\\boxed{No}"}
+    wrong = {"A": "B", "B": "A", "Yes": "No"}
+    answers = [texts[it["answer"] if j < n else wrong[it["answer"]]] for it, n in zip(items, right) for j in range(16)]
+    monkeypatch.setattr(common, "defender_generate", lambda *a, **k: answers)
+    assert world_sft_bound.group_counts(None, None, items) == {"A": [1, 1, 0], "B": [0, 1, 1], "Yes": [1, 0, 0]}
