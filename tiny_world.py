@@ -91,6 +91,20 @@ def world_defender_inputs(processor, scenes: list[dict]):
                 image_grid_thw=inputs["image_grid_thw"]), labels
 
 
+def world_accuracy(model, processor, scenes: list[dict], images=None) -> float:
+    """% of ``scenes`` (image, question, options, answer; ``images`` in place of theirs if given) the defender
+    answers right, greedy as 05 scores it; the model's train / eval mode is restored."""
+    import common
+    was = model.training
+    model.eval()
+    answers = common.defender_generate(model, processor, images or [s["image"] for s in scenes],
+                                       [common.defender_prompt(s["question"], s["options"]) for s in scenes],
+                                       max_new_tokens=8, batch_size=64)
+    model.train(was)
+    return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
+                           for a, s in zip(answers, scenes)) / len(scenes), 1)
+
+
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
                          n_test: int = 192, min_val_acc: float = 90.0, max_more: int = 3,
                          more_steps: int = 200, more_lr: float = 1e-3, log=print):
@@ -104,7 +118,6 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    import common
     pixels = WORLD_SIZE * WORLD_SIZE
     processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, stage_wordings=True,
                                   sentences=fixed_sentences([q for q, _ in WORLD_QUESTIONS.values()]))
@@ -127,14 +140,7 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
         return loss_at
 
     def accuracy(scenes, images=None):
-        was = model.training
-        model.eval()
-        answers = common.defender_generate(model, processor, images or [s["image"] for s in scenes],
-                                           [common.defender_prompt(s["question"], s["options"]) for s in scenes],
-                                           max_new_tokens=8, batch_size=64)
-        model.train(was)
-        return round(100 * sum(common.extract_answer(a, s["options"]) == s["answer"]
-                               for a, s in zip(answers, scenes)) / len(scenes), 1)
+        return world_accuracy(model, processor, scenes, images)
     model.train()
     _fit("defender", model.parameters(), loss_from(0), steps, lr, max(1, steps // 8), (0.9, 0.98), log)
     val = [world_scene(i, seed=8) for i in range(96)]

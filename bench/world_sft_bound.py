@@ -42,17 +42,6 @@ def rows(ds, image_key):
     return [dict(image=r[image_key], question=r["question"], options=r["options"], answer=r["answer"]) for r in ds]
 
 
-def accuracy(model, processor, items) -> float:
-    was = model.training
-    model.eval()
-    outs = common.defender_generate(model, processor, [s["image"] for s in items],
-                                    [common.defender_prompt(s["question"], s["options"]) for s in items],
-                                    max_new_tokens=8, batch_size=64)
-    model.train(was)
-    return round(100 * sum(common.extract_answer(o, s["options"]) == s["answer"] for o, s in zip(outs, items))
-                 / len(items), 1)
-
-
 def group_counts(model, processor, items, size: int = 16) -> dict:
     """Per right answer: [all right, mixed, all wrong] of ``size`` answers sampled at temperature 1 (04's rollout)."""
     outs = common.defender_generate(model, processor, [s["image"] for s in items for _ in range(size)],
@@ -89,8 +78,8 @@ def main(a: Args):
     clean_test = rows([r for r in scenes if r["split"] == "test"], "image")
 
     def report(when):
-        print(f"[sft bound] {when}: attacker {k}'s held-out attacks {accuracy(model, processor, held_out)}, "
-              f"clean test scenes {accuracy(model, processor, clean_test)}", flush=True)
+        print(f"[sft bound] {when}: attacker {k}'s held-out attacks {tiny_world.world_accuracy(model, processor, held_out)}, "
+              f"clean test scenes {tiny_world.world_accuracy(model, processor, clean_test)}", flush=True)
     report(start)
     if not a.steps:
         return
