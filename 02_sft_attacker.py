@@ -20,7 +20,9 @@ Our choices where the paper is silent (shared/PAPER_NOTES.md, "Attacker SFT"):
      under gradient checkpointing (on by default);
   4. one row per forward, --grad_accum rows per optimizer step and rank; data-parallel by
      averaging LoRA gradients with one all-reduce;
-  5. precision as flow_grpo: frozen transformer / encoders in --dtype (bf16 on GPU), the LoRA in fp32
+  5. the condition at 03's --cond_resolution (512 as flow_grpo's trainer, not the pipeline's 1024), so the
+     adapter is cold-started on the inputs it is then trained on;
+  6. precision as flow_grpo: frozen transformer / encoders in --dtype (bf16 on GPU), the LoRA in fp32
      (peft computes the adapter branch in fp32), the loss in fp32.
 """
 
@@ -58,9 +60,9 @@ class Args:
     model: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
     data: str | None = field(default=None, metadata={"help": "default <run_dir>/data/aot_sft"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
-    cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
-                                                                   "encoder sees) at ~this^2 pixels, as the pipeline; 0 = "
-                                                                   "at --resolution"})
+    cond_resolution: int = field(default=512, metadata={"help": "condition image (VAE latents + the image the text "
+                                                                  "encoder sees) at ~this^2 pixels: as 03 (flow_grpo's "
+                                                                  "512); 1024 = the pipeline's; 0 = at --resolution"})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})

@@ -10,17 +10,30 @@ Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (Data
   python 03_train_attacker.py --run_dir runs/aot --round 1                          # 1 GPU (> 80 GB)
   torchrun --nproc_per_node 8 03_train_attacker.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
 
-Flow-GRPO, every piece in this file (shared/PAPER_NOTES.md, "Flow-GRPO", "Attacker reward"):
+Flow-GRPO, every piece in this file, as flow_grpo's Qwen-Image-Edit configs (counting_qwenimage_edit,
+_fast) and trainer (scripts/train_qwenimage_edit_plus.py) do it (docs/paper_notes.md, "Flow-GRPO"):
   rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
              its log-prob recorded (per-element mean, float32); true CFG; output at --resolution,
-             condition at --cond_resolution (1 MP, as the pipeline and flow_grpo)
+             condition at --cond_resolution (512, as flow_grpo's trainer; the pipeline's own is 1024)
+  scenes     each rollout batch holds distinct scenes across all ranks (DistributedKRepeatSampler)
   reward     the defender answers every edit k times (T = 1); local SSIM on the target boxes gates
              it: r = [ssim >= tau] * (0.5 * wrong_fraction + 0.5 * all_k_wrong)   (common.py)
-  advantage  (r - mean_group) / (std_group + 1e-4), clipped to [-5, 5]
+  advantage  (r - mean_group) / (std of the batch's rewards on all ranks + 1e-4), clipped to [-5, 5]
+             (per_prompt_stat_tracking + global_std; --adv_std group divides by the group's own std)
   update     log-probs recomputed on the trained steps with the rollout's own sigmas; PPO clip
-             (range 1e-4), optional KL to the LoRA-disabled model; gradients accumulated over
-             steps and samples, one optimizer step per rollout batch; LoRA only
+             (range 1e-4), optional KL to the LoRA-disabled model (|mean diff|^2 / 2 std_dev_t^2);
+             the batch's samples shuffled and split into --updates_per_iter optimizer steps (2: flow_grpo
+             accumulates over half an epoch), every (sample, step) term weighted equally; LoRA only
+  fast       --sde_window w: SDE and training on w steps whose start is drawn in [0, T // 2 - w], ODE
+             elsewhere (flow_grpo's fast edit config: w = 4, --noise_level 1.5)
   curriculum the final attacker edits the train scenes (curriculum) and the test scenes (eval)
+Where this differs from flow_grpo:
+  a. a rollout batch is --scenes_per_step scenes per rank (2: 16 scenes on 8 GPUs) and is one "epoch";
+     flow_grpo's edit configs sample 32 prompts per epoch. Raise --scenes_per_step to 4 on 8 GPUs to match;
+  b. images keep their aspect ratio (snapped to multiples of 16 at ~resolution^2 pixels, the condition at
+     ~cond_resolution^2); flow_grpo resizes every image to a resolution x resolution square;
+  c. the KL reference is the LoRA-disabled editor (the base model), also in rounds that start from a
+     trained adapter.
 Our choices where the paper is silent:
   1. the reward formula above (the paper gives its two parts, not how they combine);
   2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks
@@ -103,9 +116,10 @@ class Args:
     defender: str | None = field(default=None, metadata={"help": "default defender/round_{k-1}"})
     reward: str = field(default="defender", metadata={"help": "'defender' or 'brightness' (sanity check)"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
-    cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
-                                                                   "encoder sees) at ~this^2 pixels, as the pipeline; 0 = "
-                                                                   "at --resolution"})
+    cond_resolution: int = field(default=512, metadata={"help": "condition image (VAE latents + the image the text "
+                                                                  "encoder sees) at ~this^2 pixels: 512 as flow_grpo's "
+                                                                  "trainer, 1024 as the diffusers pipeline; 0 = at "
+                                                                  "--resolution"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
     attack_targetless: bool = field(default=False, metadata={"help": "also attack scenes without target boxes "
@@ -115,13 +129,18 @@ class Args:
     curriculum_batch: int = field(default=0, metadata={"help": "scenes per curriculum batch and rank "
                                                                "(0 = --scenes_per_step)"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
-    sde_window: int = field(default=0, metadata={"help": "stochastic + trained steps per rollout "
-                                                         "(0 = every step but the last)"})
+    sde_window: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: stochastic + trained steps per rollout, "
+                                                         "a window starting in the first half (0 = every step but "
+                                                         "the last); flow_grpo's fast edit config: 4, with "
+                                                         "--noise_level 1.5"})
     cfg: float = field(default=4.0, metadata={"help": "true CFG scale"})
     group_size: int = field(default=16, metadata={"help": "edits per scene (G)"})
     scenes_per_step: int = field(default=2, metadata={"help": "scenes per rollout batch and rank"})
     train_iters: int = field(default=100, metadata={"help": "rollout + update iterations"})
     micro_batch: int = field(default=4, metadata={"help": "samples per training forward"})
+    updates_per_iter: int = field(default=2, metadata={"help": "optimizer steps per rollout batch (flow_grpo: 2)"})
+    adv_std: str = field(default="global", metadata={"help": "advantage denominator: 'global' (the batch's reward "
+                                                             "std, flow_grpo's edit configs) or 'group'"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip"})
     kl_beta: float = field(default=0.0, metadata={"help": "KL weight to the LoRA-disabled model"})
@@ -147,12 +166,17 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # The SDE step (Flow-GRPO) and the rollout
 # ---------------------------------------------------------------------------------------------
+def sde_std(s, noise_level, sigma_max):
+    """flow_grpo's std_dev_t: noise_level * sqrt(s / (1 - s)), with sigmas[1] for s = 1."""
+    return noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+
+
 def sde_step(v, x, s, s_next, noise_level, sigma_max, prev=None, generator=None):
     """One step of the flow-matching SDE (diffusers convention: v = eps - x0, dt = s_next - s < 0).
     Returns (x_next, log_prob per sample (mean over elements), mean). With prev given, scores it."""
     v, x = v.float(), x.float()
     dt = s_next - s
-    std = noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+    std = sde_std(s, noise_level, sigma_max)
     mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
     scale = std * math.sqrt(-dt)
     if prev is None:
@@ -164,13 +188,29 @@ def sde_step(v, x, s, s_next, noise_level, sigma_max, prev=None, generator=None)
     return prev, logp.mean(dim=tuple(range(1, logp.ndim))), mean
 
 
+def sde_kl(mean, mean_ref, s, noise_level, sigma_max) -> torch.Tensor:
+    """flow_grpo's KL between the policy's and the reference's step, per sample: the per-element mean of
+    |mean - mean_ref|^2 / (2 std_dev_t^2), std_dev_t without the sqrt(-dt) of the step's own std."""
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * sde_std(s, noise_level, sigma_max) ** 2)
+
+
 def sde_steps(args, T, rng: random.Random) -> list[int]:
-    """Indices of the stochastic, trained steps: all but the last, or a random window of them."""
+    """Indices of the stochastic, trained steps: all but the last, or (Flow-GRPO-Fast) a window of
+    --sde_window steps that starts in the first half, as flow_grpo's sde_window_range = (0, T // 2)."""
     steps = list(range(T - 1))
     if args.sde_window and args.sde_window < len(steps):
-        start = rng.randrange(0, len(steps) - args.sde_window + 1)
+        start = rng.randint(0, max(0, T // 2 - args.sde_window))
         steps = steps[start:start + args.sde_window]
     return steps
+
+
+def draw_scenes(rng: random.Random, n_scenes: int, k: int) -> list[int]:
+    """k scene indices, distinct while the scenes last (flow_grpo's DistributedKRepeatSampler draws
+    distinct prompts per batch); past n_scenes, further shuffled passes."""
+    out = []
+    while len(out) < k:
+        out += rng.sample(range(n_scenes), min(n_scenes, k - len(out)))
+    return out
 
 
 @torch.no_grad()
@@ -219,25 +259,39 @@ def compute_rewards(scenes, edits, images, defender, processor, args):
     return r, ssim, wrong
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
-    """(B*G,) -> (B*G,): normalised within each group of G, clipped."""
-    r = rewards.view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
-    return adv.clamp(-clip, clip).flatten()
+def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: str = "global") -> torch.Tensor:
+    """(B*G,) -> (B*G,): each reward minus its group's mean, divided by the std (ddof 0) of every reward
+    of this batch on all ranks (std="global", flow_grpo's edit configs: global_std) or of its own group
+    (std="group", flow_grpo's default), + 1e-4; clipped. The global std keeps a group whose rewards differ
+    by one sampled defender answer from getting the advantages of a real success."""
+    r = rewards.view(-1, group_size).double()
+    if std == "global":
+        n, tot, sq = common.all_reduce(torch.tensor([r.numel(), r.sum(), (r ** 2).sum()], dtype=torch.float64)).tolist()
+        sd = math.sqrt(max(sq / n - (tot / n) ** 2, 0.0))
+    elif std == "group":
+        sd = r.std(1, unbiased=False, keepdim=True)
+    else:
+        raise ValueError(f"--adv_std must be 'global' or 'group', not {std!r}")
+    adv = (r - r.mean(1, keepdim=True)) / (sd + 1e-4)
+    return adv.clamp(-clip, clip).flatten().float()
 
 
 # ---------------------------------------------------------------------------------------------
 # Update
 # ---------------------------------------------------------------------------------------------
-def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, generator=None):
-    """PPO-clip on every trained step of every sample; one optimizer step. Returns stats.
+def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, idx=None):
+    """PPO-clip on every trained step of the samples ``idx`` (default: all); one optimizer step.
+    Every (sample, step) term weighs the same, 1 / (samples of this update on all ranks x steps), also
+    when the last micro-batch is partial or the ranks hold different counts. Returns stats.
     Every rank runs the same number of micro-batches (FSDP2's collectives must match): a rank with
-    fewer samples repeats its first micro-batch with weight 0."""
+    fewer samples repeats its first sample with weight 0."""
     tr = pipe.transformer
-    B = adv.shape[0]
+    idx = list(range(adv.shape[0])) if idx is None else list(idx)
     order = list(train_steps)
-    mine = math.ceil(B / args.micro_batch)
-    n_terms = len(order) * mine
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    n_all = common.all_reduce(torch.tensor(float(len(idx)))).item()
+    weight = world / (max(n_all, 1.0) * len(order))   # gradients are then averaged over the ranks
+    mine = math.ceil(len(idx) / args.micro_batch)
     n_mb = int(common.all_reduce(torch.tensor(float(mine)), op="max").item())
     sigma_max = sigmas[1].item()
     stats = dict(clip_frac=0.0, approx_kl=0.0, ratio=0.0, kl=0.0, n=0)
@@ -246,30 +300,27 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
         s, s_next = sigmas[j].item(), sigmas[j + 1].item()
         for mb in range(n_mb):
             real = mb < mine
-            m = mb * args.micro_batch if real else 0
-            idx = slice(m, m + args.micro_batch)
-            sub = ctx.select(idx)
-            v = editing.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
-            _, logp, mean = sde_step(v, xs[j, idx], s, s_next, args.noise_level, sigma_max, prev=xs[j + 1, idx])
-            ratio = torch.exp(logp - old_logps[j, idx])
-            a = adv[idx].to(ratio.device)
-            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)).mean()
+            sel = idx[mb * args.micro_batch:(mb + 1) * args.micro_batch] if real else [0]
+            sub, x, x_next = ctx.select(sel), xs[j, sel], xs[j + 1, sel]
+            v = editing.predict_velocity(tr, x, sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+            _, logp, mean = sde_step(v, x, s, s_next, args.noise_level, sigma_max, prev=x_next)
+            ratio = torch.exp(logp - old_logps[j, sel])
+            a = adv[sel].to(ratio.device)
+            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)).sum()
             if args.kl_beta > 0:
                 with torch.no_grad():
                     tr.disable_adapters()
-                    v_ref = editing.predict_velocity(tr, xs[j, idx], sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+                    v_ref = editing.predict_velocity(tr, x, sigmas[j:j + 1].to(xs.device), sub, args.cfg)
                     tr.enable_adapters()
-                    _, _, mean_ref = sde_step(v_ref, xs[j, idx], s, s_next, args.noise_level, sigma_max,
-                                              prev=xs[j + 1, idx])
-                scale2 = (args.noise_level * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))) ** 2 * (s - s_next)
-                kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2)) / (2 * scale2)
-                loss = loss + args.kl_beta * kl.mean()
+                    _, _, mean_ref = sde_step(v_ref, x, s, s_next, args.noise_level, sigma_max, prev=x_next)
+                kl = sde_kl(mean, mean_ref, s, args.noise_level, sigma_max)
+                loss = loss + args.kl_beta * kl.sum()
                 stats["kl"] += kl.mean().item() if real else 0.0
-            (loss * (1.0 / n_terms if real else 0.0)).backward()
+            (loss * (weight if real else 0.0)).backward()
             if real:
                 with torch.no_grad():
                     stats["clip_frac"] += ((ratio - 1).abs() > args.clip_range).float().mean().item()
-                    stats["approx_kl"] += (0.5 * (logp - old_logps[j, idx]) ** 2).mean().item()
+                    stats["approx_kl"] += (0.5 * (logp - old_logps[j, sel]) ** 2).mean().item()
                     stats["ratio"] += ratio.mean().item()
                     stats["n"] += 1
     if not common.is_fsdp(tr):   # FSDP2 reduce-scatters the LoRA gradients in backward (in fp32)
@@ -279,6 +330,19 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
     opt.step()
     n = max(stats.pop("n"), 1)
     return {k: (v / n if k != "grad_norm" else v) for k, v in stats.items()}
+
+
+def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, shuffle: random.Random):
+    """flow_grpo's updates per rollout batch: the samples, shuffled, split into --updates_per_iter parts,
+    one optimizer step each (its edit configs accumulate over half an epoch's batches: two steps).
+    Returns the stats averaged over the updates."""
+    order = list(range(adv.shape[0]))
+    shuffle.shuffle(order)
+    U = args.updates_per_iter
+    parts = [order[len(order) * u // U:len(order) * (u + 1) // U] for u in range(U)]
+    stats = [grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, part)
+             for part in parts]
+    return {k: sum(st[k] for st in stats) / U for k in stats[0]}
 
 
 def encode_scenes(pipe, scenes, args):
@@ -411,7 +475,7 @@ def main(args: Args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
-    rng = random.Random(args.seed * 100 + ddp.rank)
+    rng = random.Random(args.seed * 100)   # the same on every rank: disjoint scenes, one SDE window
     ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start = 0
@@ -430,7 +494,8 @@ def main(args: Args):
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
                               desc="[03] iterations"):
         t0 = time.time()
-        scenes = [train_scenes[rng.randrange(len(train_scenes))] for _ in range(args.scenes_per_step)]
+        picks = draw_scenes(rng, len(train_scenes), args.scenes_per_step * ddp.world)
+        scenes = [train_scenes[i] for i in picks[ddp.rank * args.scenes_per_step:(ddp.rank + 1) * args.scenes_per_step]]
         size = editing.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
         scenes = [s for s in scenes if editing.snap_size(s["image"], args.resolution) == size]
         pipe.transformer.eval()
@@ -443,11 +508,12 @@ def main(args: Args):
         edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group_scenes)]
         t_roll = time.time() - t0
         rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
-        adv = group_advantages(rewards, args.group_size, args.adv_clip)
+        adv = group_advantages(rewards, args.group_size, args.adv_clip, args.adv_std)
         zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
         t1 = time.time()
         pipe.transformer.train()
-        st = grpo_update(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args)
+        shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
+        st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle)
         t_train = time.time() - t1
         sums = common.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
                                                float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),

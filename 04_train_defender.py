@@ -12,35 +12,24 @@ Writes: defender/round_k/ (save_pretrained, safetensors, + processor + args.json
   torchrun --nproc_per_node 8 04_train_defender.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
   torchrun --nnodes 2 --node_rank $R --master_addr $A --nproc_per_node 8 04_train_defender.py ...
 
-DAPO, every piece in this file (shared/PAPER_NOTES.md, "DAPO"):
+DAPO, every piece in this file, as the authors' EasyR1 fork runs it (docs/paper_notes.md, "DAPO"):
   rollout   groups of n answers per prompt, left-padded batched sampling (T = 1, top_p = 1); each
             prompt prefilled once and its n answers decoded from copies of its KV cache
   reward    the authors' correct_first: the first \\boxed{X}, 0.8 if right + 0.2 if strictly boxed, else 0
             (common.accuracy_reward); DAPO's soft overlong penalty is a flag, off as in their configs
-  dynamic   keep groups whose mean reward is in (0.01, 0.99); sample new prompts until the rollout
-  sampling  batch is full or --max_tries generation rounds are spent (then train on what there is)
-  loss      PPO clip-higher (0.2 / 0.28), token-mean over every completion token of the global
-            batch (exact under micro-batching and across ranks), no KL by default
+  dynamic   keep groups whose mean reward is in (0.01, 0.99); each try generates a whole mini-rollout
+  sampling  batch (the authors' mini_rollout_batch_size per round), until the rollout batch is full
+            (max_try_make_batch -1); the surplus beyond it is cut, and every rank trains on its full share
+  loss      PPO clip-higher (0.2 / 0.28) with dual-clip (3.0) for negative advantages, the log-ratio
+            clamped to +-20 before exp; token-mean over every completion token of the global batch
+            (exact under micro-batching and across ranks), no KL by default
+  update    AdamW on updates of --global_batch prompts; a step whose gradient norm is not finite is skipped
 Departures / our choices:
-  1. rollout batch and epochs per round as the authors' run scripts (ROUND_SCHEDULE; round 0 draws
-     --warmup_samples 900 clean prompts), updates of 128 prompts; steps = floor(pool / rollout batch)
-     x epochs, as EasyR1's drop_last data loader; dynamic sampling refills until the batch is full;
-  2. dynamic sampling fills each rank's share of the rollout batch independently;
-  3. old log-probs are recomputed with a no-grad forward before the updates (verl's way), not taken
-     from the sampler; --old_logp rollout uses the sampler's instead;
-  4. yes/no scenes are scored by the same two rules on \\boxed{Yes} / \\boxed{No} (the official reward
-     reads option letters only, so it scores every yes/no item 0);
-  5. precision and sharding (verl / EasyR1): the trained weights and AdamW state are fp32 master
-     weights, compute is --dtype (bf16 on GPU). Under torchrun, on GPU or CPU alike: FSDP2
-     (fully_shard per vision block and decoder layer, then the root) with
-     MixedPrecisionPolicy(param bf16, reduce fp32); in one process: torch.autocast. Checkpoints are
-     torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
-  6. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
-     token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
-  7. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
-     (``pack``: a 4D mask keeps the answers apart, positions as sampled; exact, tested), so a prompt and
-     its image go through the model once per row, not once per answer; verl / EasyR1 run every
-     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2.
+  1. rollout batch, epochs and mini-rollout batch per round as the authors' run scripts (ROUND_SCHEDULE;
+     round 0 draws --warmup_samples 900 clean prompts), updates of 128 prompts; steps = floor(pool /
+     rollout batch) x epochs, as EasyR1's drop_last data loader;
+  2. with --max_tries > 0 spent and the batch still short, the step trains on the groups there are
+     (EasyR1 stops with an error);
 Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
 --gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
 prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
@@ -80,9 +69,10 @@ PRESETS = {
 }
 
 
-# The authors' run scripts (scripts/run_{base,iter0,iter1,iter2}.sh + configs): rollout batch and epochs of
-# each round; round 0 is their warm-up on ~900 clean samples, rounds 1-3 their iterations 0-2.
-ROUND_SCHEDULE = {0: (512, 100), 1: (128, 50), 2: (128, 50), 3: (512, 15)}
+# The authors' run scripts (scripts/run_{base,iter0,iter1,iter2}.sh + configs): rollout batch, epochs and
+# mini-rollout batch of each round; round 0 is their warm-up on ~900 clean samples, rounds 1-3 their
+# iterations 0-2.
+ROUND_SCHEDULE = {0: (512, 100, 288), 1: (128, 50, 152), 2: (128, 50, 152), 3: (512, 15, 400)}
 
 
 @dataclass
@@ -117,8 +107,13 @@ class Args:
     dyn_high: float = field(default=0.99, metadata={"help": "... and < this"})
     max_tries: int = field(default=-1, metadata={"help": "generation rounds per step to fill the batch (-1 = until "
                                                             "full, official max_try_make_batch)"})
+    mini_rollout_batch: int = field(default=0, metadata={"help": "prompts generated per try, all ranks (0 = the "
+                                                                  "authors' value for this round; EasyR1's "
+                                                                  "mini_rollout_batch_size)"})
     clip_low: float = field(default=0.2, metadata={"help": "PPO clip epsilon (low)"})
     clip_high: float = field(default=0.28, metadata={"help": "PPO clip epsilon (high), DAPO clip-higher"})
+    clip_dual: float = field(default=3.0, metadata={"help": "dual-clip bound for negative advantages (EasyR1's "
+                                                            "clip_ratio_dual; 0 = off)"})
     kl_coef: float = field(default=0.0, metadata={"help": "k3 KL to the initial model (0 = off)"})
     old_logp: str = field(default="recompute", metadata={"help": "'recompute' or 'rollout'"})
     lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
@@ -387,39 +382,48 @@ def dynamic_filter(rewards: torch.Tensor, low: float, high: float) -> torch.Tens
     return (m > low) & (m < high)
 
 
-def dapo_loss(logp, old_logp, adv, mask, clip_low, clip_high, num_tokens, ref_logp=None, kl_coef=0.0):
+def dapo_loss(logp, old_logp, adv, mask, clip_low, clip_high, num_tokens, ref_logp=None, kl_coef=0.0,
+              clip_dual=3.0):
     """Sum over this micro-batch's tokens of the clipped objective, divided by ``num_tokens`` (the
     completion tokens of the whole global batch): summing micro-batch losses gives the token-mean.
+    As EasyR1's actor: the log-ratio is clamped to +-20 before exp, and tokens with a negative advantage
+    are dual-clipped (their loss is at most -A * clip_dual, arXiv 1912.09729; 0 = off).
     logp, old_logp, mask: (B, T); adv: (B,)."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     a = adv[:, None]
     pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if clip_dual > 0:
+        pg = torch.where(a < 0, torch.minimum(pg, -a * clip_dual), pg)
     if kl_coef > 0 and ref_logp is not None:  # k3 estimator
         d = ref_logp - logp
         pg = pg + kl_coef * (torch.exp(d) - d - 1)
     loss = (pg * mask).sum() / num_tokens
     with torch.no_grad():
         clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
+        if clip_dual > 0:
+            clipped |= (ratio > clip_dual) & (a < 0)
         stats = dict(clip_frac=(clipped.float() * mask).sum().item(), ratio_sum=(ratio * mask).sum().item(),
                      tokens=mask.sum().item())
     return loss, stats
 
 
 def collect_groups(model, processor, stream, per_rank, args):
-    """Dynamic sampling: generate groups until the ranks together hold `per_rank * world` prompts
-    with informative groups, or `max_tries` rounds are spent. Every rank generates in every round
-    (collectives stay in step under FSDP). Also returns one group to use as zero-weight filler."""
+    """Dynamic sampling, as EasyR1's _make_batch_data: every try generates a mini-rollout batch
+    (--mini_rollout_batch prompts over all ranks) and keeps its informative groups, until the ranks
+    together hold the rollout batch (per_rank x world) or --max_tries tries are spent. The kept groups
+    are then shared out so that every rank trains on per_rank of them (``balance_groups``); the surplus
+    beyond the rollout batch is cut. Every rank generates in every try (collectives stay in step under
+    FSDP). Also returns one group to use as zero-weight filler."""
     kept, tries, seen, gen_tokens, t0, filler = [], 0, 0, 0, time.time(), None
     gen = dict(samples=0, correct=0, reward=0.0)   # everything generated, kept or not
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     need = per_rank * world
+    per_try = max(1, math.ceil((args.mini_rollout_batch or need) / world))
     while args.max_tries < 0 or tries < args.max_tries:
-        have = int(common.all_reduce(torch.tensor(float(len(kept)))).item())
-        if have >= need:
+        if common.all_reduce(torch.tensor(float(len(kept)))).item() >= need:
             break
         tries += 1
-        prompts = stream.take(max(1, math.ceil((need - have) / world)))
-        samples = rollout(model, processor, prompts, args)
+        samples = rollout(model, processor, stream.take(per_try), args)
         score(samples, args)
         gen_tokens += sum(len(s["completion"]) for s in samples)
         gen["samples"] += len(samples)
@@ -431,9 +435,33 @@ def collect_groups(model, processor, stream, per_rank, args):
         keep = dynamic_filter(acc, args.dyn_low, args.dyn_high)
         seen += len(groups)
         kept += [g for g, k in zip(groups, keep.tolist()) if k]
-    return kept[:per_rank], dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens, gen_s=time.time() - t0,
-                                  filler=filler, gen_samples=gen["samples"], gen_correct=gen["correct"],
-                                  gen_reward=gen["reward"])
+    return balance_groups(kept, per_rank), dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens,
+                                                gen_s=time.time() - t0, filler=filler, gen_samples=gen["samples"],
+                                                gen_correct=gen["correct"], gen_reward=gen["reward"])
+
+
+def balance_groups(kept: list, per_rank: int) -> list:
+    """Each rank's kept groups -> per_rank groups on every rank while the ranks together hold enough:
+    a rank keeps up to per_rank of its own, the surplus of the others fills the ranks short of their
+    share (in rank order), the rest is cut. With too few in all, the short ranks share what surplus there is."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return kept[:per_rank]
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    counts = [None] * world
+    torch.distributed.all_gather_object(counts, len(kept))
+    short = [max(0, per_rank - c) for c in counts]
+    if sum(short) == 0 or sum(max(0, c - per_rank) for c in counts) == 0:
+        return kept[:per_rank]
+    surplus = [None] * world
+    torch.distributed.all_gather_object(surplus, [[_portable(s) for s in g] for g in kept[per_rank:]])
+    pool = [g for r in range(world) for g in surplus[r]]
+    start = sum(short[:rank])
+    return kept[:per_rank] + pool[start:start + short[rank]]
+
+
+def _portable(sample: dict) -> dict:
+    """A sample that can travel to another rank: its tensors on the CPU."""
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
 
 
 def step_row(step, groups, g, st, step_s, ddp) -> dict:
@@ -541,19 +569,29 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
             logp, ent = token_logprobs(model, packed, args.temperature, with_entropy=True)
             # world * (sum / global tokens): gradients are averaged across ranks afterwards
             loss, st = dapo_loss(logp, old, a, cmask, args.clip_low, args.clip_high,
-                                 max(num_tokens, 1.0) / ddp.world, ref, args.kl_coef)
+                                 max(num_tokens, 1.0) / ddp.world, ref, args.kl_coef, args.clip_dual)
             loss.backward()
             for k in ("clip_frac", "ratio_sum", "tokens"):
                 stats[k] += st[k]
             stats["entropy_sum"] += (ent * cmask).sum().item()
         if not common.is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
             common.all_reduce_grads(params)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        stats["grad_norm"] += float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        opt.step()
+        stats["grad_norm"] += clipped_step(opt, params, args.grad_clip)
         stats["updates"] += 1
     stats["train_s"] = time.time() - t0
     return stats
+
+
+def clipped_step(opt, params, max_norm: float) -> float:
+    """Clip the gradient norm, then step, unless the norm is not finite (EasyR1: the step is skipped,
+    the weights stay as they are). Returns the norm before clipping."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if math.isfinite(gnorm):
+        opt.step()
+    else:
+        common.print0(f"[04] gradient norm {gnorm}: optimizer step skipped")
+    return gnorm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,8 +674,11 @@ def main(args: Args):
     init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
     if args.round > 0 and not args.init and not Path(init).exists():
         raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
-    rollout_batch, epochs = ROUND_SCHEDULE[min(args.round, max(ROUND_SCHEDULE))]
+    rollout_batch, epochs, mini = ROUND_SCHEDULE[min(args.round, max(ROUND_SCHEDULE))]
+    if not args.rollout_batch:   # the authors' mini-rollout batch goes with their rollout batch
+        args.mini_rollout_batch = args.mini_rollout_batch or mini
     args.rollout_batch, args.epochs = args.rollout_batch or rollout_batch, args.epochs or epochs
+    args.mini_rollout_batch = args.mini_rollout_batch or args.rollout_batch
     model, processor, params = setup_model(args, ddp, init)
     ref_model = common.load_defender(init, ddp.device, common.resolve_dtype(args.dtype, ddp.device))[0] \
         if args.kl_coef > 0 else None

@@ -44,12 +44,15 @@ class EditContext:
         return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
                            r(self.cond_latents), self.img_shapes, self.height, self.width)
 
-    def select(self, idx: slice) -> EditContext:
-        """A slice of the batch (training micro-batches)."""
+    def select(self, idx: slice | list[int]) -> EditContext:
+        """A slice or a list of rows of the batch (training micro-batches)."""
+        rows = idx if isinstance(idx, slice) else torch.tensor(idx, dtype=torch.long)
+
         def r(t):
-            return None if t is None else t[idx]
+            return None if t is None else t[rows.to(t.device) if isinstance(rows, torch.Tensor) else rows]
+        shapes = self.img_shapes[idx] if isinstance(idx, slice) else [self.img_shapes[i] for i in idx]
         return EditContext(r(self.prompt_embeds), r(self.prompt_mask), r(self.neg_embeds), r(self.neg_mask),
-                           r(self.cond_latents), self.img_shapes[idx], self.height, self.width)
+                           r(self.cond_latents), shapes, self.height, self.width)
 
 
 def snap_size(image: Image.Image, resolution: int, multiple: int = 16) -> tuple[int, int]:

@@ -527,7 +527,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     phases = {"rollout": dict(states, weights_gathered_bf16=VL_bf16, kv_and_prefill=call_prompts * per_prompt),
               "update": dict(states, activations=act)}
     rows = []
-    for rnd, (rb, epochs) in m04.ROUND_SCHEDULE.items():
+    for rnd, (rb, epochs, _) in m04.ROUND_SCHEDULE.items():
         seqs = rb * n / W
         typ_call = max(1, int(s04.gen_memory_gb * 1e9 // (n * kv * (Pp + 2 * R) + prefill_work(Pp, n_patch)))) * n
         calls = math.ceil(seqs / typ_call)

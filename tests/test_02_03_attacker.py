@@ -49,7 +49,8 @@ def test_sde_step_logprob_is_gaussian_density():
 
 
 def _args(**kw):
-    base = dict(micro_batch=4, cfg=1.0, noise_level=1.0, clip_range=1e-4, kl_beta=0.0, grad_clip=1.0, sde_window=0)
+    base = dict(micro_batch=4, cfg=1.0, noise_level=1.0, clip_range=1e-4, kl_beta=0.0, grad_clip=1.0, sde_window=0,
+                updates_per_iter=1)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -81,12 +82,107 @@ def test_recomputed_logprobs_match_rollout(dtype):
     assert abs(st["ratio"] - 1) < 1e-5 and st["clip_frac"] == 0.0
 
 
-def test_group_advantages_clip():
+def test_group_advantages_global_and_group_std():
+    """flow_grpo's edit configs (global_std): reward - group mean, over the std of the whole batch (ddof 0)."""
     r = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
-    a = s03.group_advantages(r, 4, clip=1.0)
-    d = 0.5 + 1e-4   # sample std of [0, 0, 0, 1] is 0.5
-    assert a[:4].tolist() == pytest.approx([-0.25 / d] * 3 + [1.0])   # 0.75 / d = 1.4997 clipped to 1.0
+    sd = math.sqrt((1.0 + 4 * 0.25) / 8 - (3.0 / 8) ** 2)   # 0.3307: population std of all eight rewards
+    a = s03.group_advantages(r, 4, clip=5.0)
+    assert a[:4].tolist() == pytest.approx([-0.25 / (sd + 1e-4)] * 3 + [0.75 / (sd + 1e-4)], rel=1e-6)
     assert a[4:].tolist() == [0.0] * 4
+    assert s03.group_advantages(r, 4, clip=1.0)[3].item() == pytest.approx(1.0)     # 2.27 clipped
+    g = s03.group_advantages(r, 4, clip=5.0, std="group")                          # the group's own std
+    assert g[:4].tolist() == pytest.approx([-0.25 / (math.sqrt(0.1875) + 1e-4)] * 3 + [0.75 / (math.sqrt(0.1875) + 1e-4)], rel=1e-6)
+    # a group whose rewards differ by one sampled answer no longer gets the +-1.7 of a real success
+    small = torch.tensor([0.0, 0.0, 0.0, 0.125, 0.0, 1.0, 1.0, 0.0])
+    assert s03.group_advantages(small, 4, 5.0)[3] < 0.5 < s03.group_advantages(small, 4, 5.0, std="group")[3]
+
+
+def test_sde_window_starts_in_the_first_half():
+    """flow_grpo's sde_window_range = (0, T // 2): with 10 steps and a window of 4 the start is 0 or 1."""
+    import random
+    rng = random.Random(0)
+    for T, w, starts in [(10, 4, {0, 1}), (6, 2, {0, 1}), (10, 2, {0, 1, 2, 3})]:
+        seen = {s03.sde_steps(_args(sde_window=w), T, rng)[0] for _ in range(200)}
+        assert seen == starts, (T, w, seen)
+        assert all(len(s03.sde_steps(_args(sde_window=w), T, rng)) == w for _ in range(20))
+    assert s03.sde_steps(_args(sde_window=0), 6, rng) == [0, 1, 2, 3, 4]
+
+
+def test_sde_kl_on_a_hand_case():
+    """flow_grpo: |mean - mean_ref|^2 (per-element mean) / (2 std_dev_t^2), std_dev_t = noise sqrt(s / (1 - s))."""
+    mean = torch.zeros(2, 3, 4)
+    ref = torch.full((2, 3, 4), 0.1)
+    ref[1] = 0.2
+    std2 = (0.7 ** 2) * 0.6 / 0.4                      # s = 0.6, noise 0.7: std_dev_t^2 = 0.735
+    kl = s03.sde_kl(mean, ref, 0.6, 0.7, 0.9)
+    assert kl.tolist() == pytest.approx([0.01 / (2 * std2), 0.04 / (2 * std2)], rel=1e-5)
+
+
+def test_scenes_are_drawn_without_replacement():
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        picks = s03.draw_scenes(rng, 10, 8)
+        assert len(picks) == 8 and len(set(picks)) == 8
+    picks = s03.draw_scenes(rng, 3, 8)             # fewer scenes than asked: whole passes
+    assert len(picks) == 8 and sorted(picks[:3]) == [0, 1, 2] and sorted(picks[3:6]) == [0, 1, 2]
+
+
+def _update_setup(n=6):
+    torch.manual_seed(0)
+    pipe = common.load_attacker("tiny")
+    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+    img = Image.new("RGB", (32, 32), (90, 120, 30))
+    ctx = editing.encode_edit(pipe, [img], ["add a cup"], 32, negative_prompt=None).repeat(n)
+    sig = editing.sigma_schedule(pipe.scheduler, 4, 4)
+    xs, logps, _ = s03.rollout(pipe, ctx, sig, [0, 1, 2], 1.0, 1.0, torch.Generator().manual_seed(0))
+    return pipe, params, ctx, sig, xs, logps
+
+
+class _RecordingOpt:
+    """Records the gradients at every step instead of stepping."""
+    def __init__(self, params):
+        self.params, self.steps = params, []
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.steps.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in self.params])
+
+
+def test_partial_micro_batch_weighs_every_sample_equally():
+    """6 samples in micro-batches of 4 (4 + 2) give the gradient of one micro-batch of 6."""
+    pipe, params, ctx, sig, xs, logps = _update_setup()
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.3, -1.0, 2.0])
+    grads = []
+    for mb in (6, 4):
+        opt = _RecordingOpt(params)
+        s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, adv, [0, 1, 2], _args(micro_batch=mb, grad_clip=1e9))
+        grads.append(opt.steps[0])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_two_optimizer_steps_per_rollout_batch():
+    """flow_grpo: two optimizer steps per epoch, each over half of its samples, every sample once."""
+    import random
+    pipe, params, ctx, sig, xs, logps = _update_setup()
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.3, -1.0, 2.0])
+    opt = _RecordingOpt(params)
+    s03.grpo_updates(pipe, params, opt, ctx, sig, xs, logps, adv, [0, 1, 2],
+                     _args(micro_batch=4, grad_clip=1e9, updates_per_iter=2), random.Random(0))
+    assert len(opt.steps) == 2
+    # the two half-batch gradients add up to twice the whole batch's (each half is a mean over 3 samples)
+    full = _RecordingOpt(params)
+    s03.grpo_update(pipe, params, full, ctx, sig, xs, logps, adv, [0, 1, 2], _args(micro_batch=6, grad_clip=1e9))
+    for a, b, c in zip(opt.steps[0], opt.steps[1], full.steps[0]):
+        assert torch.allclose(a + b, 2 * c, atol=1e-7, rtol=1e-4)
 
 
 def test_flow_grpo_raises_brightness():

@@ -15,14 +15,18 @@ import common
 s04 = load_script("04_train_defender.py")
 
 
-def direct_dapo(logp, old, adv, lengths, lo, hi):
-    """Token-mean over every token of the batch of min(r A, clip(r, 1-lo, 1+hi) A), negated."""
+def direct_dapo(logp, old, adv, lengths, lo, hi, dual=3.0):
+    """Token-mean over every token of the batch of min(r A, clip(r, 1-lo, 1+hi) A), negated; for A < 0
+    the loss is at most -dual A (dual-clip)."""
     total, n = 0.0, 0
     for b, L in enumerate(lengths):
         for t in range(L):
             r = math.exp(logp[b][t] - old[b][t])
             a = adv[b]
-            total += -min(r * a, min(max(r, 1 - lo), 1 + hi) * a)
+            term = -min(r * a, min(max(r, 1 - lo), 1 + hi) * a)
+            if a < 0 and dual > 0:
+                term = min(term, -dual * a)
+            total += term
             n += 1
     return total / n
 
@@ -36,6 +40,7 @@ def test_dapo_loss_matches_direct_formula_and_accumulation():
     B, T = 4, 7
     old = -torch.rand(B, T, generator=g) * 3
     logp = old + torch.randn(B, T, generator=g) * 0.8   # ratios far outside both clip bounds
+    logp[3, 1] = old[3, 1] + 1.5                        # ratio 4.5 with A = -2: past the dual clip
     adv = torch.tensor([1.5, -0.7, 0.3, -2.0])
     mask = torch.zeros(B, T)
     for b, L in enumerate(lengths):
@@ -43,6 +48,9 @@ def test_dapo_loss_matches_direct_formula_and_accumulation():
     ratio = (logp - old).exp()
     assert ((ratio > 1.28) & (adv[:, None] > 0) & (mask > 0)).any()   # high clip is active
     assert ((ratio < 0.8) & (adv[:, None] < 0) & (mask > 0)).any()     # low clip is active
+    assert ((ratio > 3.0) & (adv[:, None] < 0) & (mask > 0)).any()     # dual clip is active
+    assert direct_dapo(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, 0.28) != pytest.approx(
+        direct_dapo(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, 0.28, dual=0.0))
     expected = direct_dapo(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, 0.28)
     lp = logp.clone().requires_grad_(True)
     loss, stats = s04.dapo_loss(lp, old, adv, mask, 0.2, 0.28, num_tokens=sum(lengths))
@@ -60,6 +68,32 @@ def test_dapo_loss_matches_direct_formula_and_accumulation():
     assert 0 < stats["clip_frac"] < stats["tokens"]
 
 
+def test_dual_clip_and_log_ratio_clamp_on_a_hand_case():
+    """EasyR1: A = -1, ratio e^2 = 7.39 -> the PPO term 7.39 is dual-clipped to 3 (no gradient); ratio
+    e^1 = 2.72 < 3 stays; a log-ratio of 50 is clamped to 20 before exp (finite loss, zero gradient)."""
+    old = torch.zeros(1, 3)
+    logp = torch.tensor([[2.0, 1.0, 50.0]], requires_grad=True)
+    mask = torch.ones(1, 3)
+    loss, st = s04.dapo_loss(logp, old, torch.tensor([-1.0]), mask, 0.2, 0.28, num_tokens=3)
+    assert loss.item() == pytest.approx((3.0 + math.e + 3.0) / 3, rel=1e-6)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, math.e / 3, 0.0], rel=1e-6)
+    assert st["clip_frac"] == 2
+    off, _ = s04.dapo_loss(torch.tensor([[2.0, 1.0, 50.0]]), old, torch.tensor([-1.0]), mask, 0.2, 0.28, 3, clip_dual=0.0)
+    assert off.item() == pytest.approx((math.exp(2) + math.e + math.exp(20)) / 3, rel=1e-5)
+
+
+def test_non_finite_gradient_leaves_the_weights_untouched():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    (w * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()
+    norm = s04.clipped_step(opt, [w], 1.0)
+    assert not math.isfinite(norm) and w.tolist() == [1.0, 1.0, 1.0]
+    opt.zero_grad()
+    (w * 2).sum().backward()
+    assert s04.clipped_step(opt, [w], 1.0) == pytest.approx(2 * math.sqrt(3)) and w[0].item() < 1.0
+
+
 def test_group_advantages_and_dynamic_filter():
     r = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.8, 0.0], [0.8, 0.8, 0.8, 0.0]])
     keep = s04.dynamic_filter(r, 0.01, 0.99)
@@ -73,7 +107,6 @@ def test_group_advantages_and_dynamic_filter():
 def test_round_schedule_step_count_and_warmup_pool(tiny_run):
     """The authors' run scripts: warm-up 512 x 100 epochs on ~900 clean samples = 100 steps (run_base.sh),
     then iterations of 128 x 50, 128 x 50, 512 x 15 (run_iter{0,1,2}.sh)."""
-    assert s04.ROUND_SCHEDULE == {0: (512, 100), 1: (128, 50), 2: (128, 50), 3: (512, 15)}
     assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=512, epochs=100), 900) == 100
     assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=128, epochs=50), 1000) == 350   # 7 full batches
     assert s04.step_count(SimpleNamespace(max_steps=3, rollout_batch=128, epochs=50), 1000) == 3
@@ -120,16 +153,54 @@ def test_collect_groups_refills_after_dropping(monkeypatch):
 
     monkeypatch.setattr(s04, "rollout", fake_rollout)
     monkeypatch.setattr(s04, "score", fake_score)
-    args = SimpleNamespace(group_size=4, dyn_low=0.01, dyn_high=0.99, max_tries=10)
+    args = SimpleNamespace(group_size=4, dyn_low=0.01, dyn_high=0.99, max_tries=10, mini_rollout_batch=0)
     stream = FakeStream()
     kept, info = s04.collect_groups(None, None, stream, 6, args)
-    assert len(kept) >= 6 and all(g[0]["prompt"]["id"] % 2 == 1 for g in kept)
-    assert info["tries"] > 1 and info["groups_seen"] == stream.taken
+    assert len(kept) == 6 and all(g[0]["prompt"]["id"] % 2 == 1 for g in kept)
+    assert info["tries"] == 2 and info["groups_seen"] == stream.taken == 12   # whole batches of 6 prompts
     assert info["gen_samples"] == 4 * stream.taken and info["gen_correct"] == sum(
         4 if i % 2 == 0 else 2 for i in range(stream.taken))   # even ids all right, odd ids half
     # bounded: with max_tries=1 it trains on what there is
     kept1, info1 = s04.collect_groups(None, None, FakeStream(), 6, SimpleNamespace(**{**vars(args), "max_tries": 1}))
     assert info1["tries"] == 1 and len(kept1) == 3   # 6 prompts, the 3 odd ones kept
+
+
+def _collect_on_two_ranks(rank, port, out_dir):
+    """Rank 0 keeps every group it generates, rank 1 one in four."""
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def fake_rollout(model, processor, prompts, args):
+        return [{"prompt": dict(p, rank=rank), "completion": [1], "text": "",
+                 "accuracy": float(j % 2) if rank == 0 or p["id"] % 4 == 1 else 1.0}
+                for p in prompts for j in range(args.group_size)]
+
+    def fake_score(samples, args):
+        for x in samples:
+            x["reward"], x["overlong"] = x["accuracy"], 0.0
+    s04.rollout, s04.score = fake_rollout, fake_score
+    args = SimpleNamespace(group_size=4, dyn_low=0.01, dyn_high=0.99, max_tries=-1, mini_rollout_batch=8)
+    kept, info = s04.collect_groups(None, None, FakeStream(), 4, args)
+    (out_dir / f"rank_{rank}.json").write_text(json.dumps(
+        dict(kept=[[g[0]["prompt"]["rank"], g[0]["prompt"]["id"]] for g in kept], tries=info["tries"])))
+    dist.destroy_process_group()
+
+
+def test_dynamic_sampling_fills_every_rank_when_keep_rates_differ(tmp_path):
+    """Two ranks: rank 1 keeps 1 group in 4. The step still trains on the whole rollout batch of 8: each
+    rank holds 4 distinct groups (rank 1 gets rank 0's surplus); before, rank 1 trained on 2."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+    mp.spawn(_collect_on_two_ranks, args=(free_port(), tmp_path), nprocs=2)
+    out = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert [len(o["kept"]) for o in out] == [4, 4]
+    assert out[0]["tries"] == out[1]["tries"] == 2                  # 5 kept after one try of 8 prompts, 10 after two
+    everything = [tuple(g) for o in out for g in o["kept"]]
+    assert len(set(everything)) == 8 and sum(r == 0 for r, _ in everything) == 6
+    assert all(i % 4 == 1 for r, i in everything if r == 1)
 
 
 def test_step_row_when_every_group_was_dropped():
@@ -146,7 +217,7 @@ def test_step_row_when_every_group_was_dropped():
 def _tiny_args(**kw):
     base = dict(group_size=3, gen_batch=8, gen_memory_gb=32.0, micro_tokens=0, temperature=1.0, top_p=1.0,
                 max_new_tokens=6, micro_batch=4,
-                overlong_cache=0, old_logp="recompute", clip_low=0.2, clip_high=0.28, kl_coef=0.0,
+                overlong_cache=0, old_logp="recompute", clip_low=0.2, clip_high=0.28, clip_dual=3.0, kl_coef=0.0,
                 mask_truncated=False, global_batch=4, grad_clip=1.0)
     base.update(kw)
     return SimpleNamespace(**base)
