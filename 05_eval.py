@@ -24,18 +24,23 @@ As the authors' eval scripts (eval/, shared/PAPER_NOTES.md "Evaluation") compute
                   trial; per category with comma-joined categories split
   hallusionbench  aAcc; fAcc / qAcc grouped by l2-category + set / figure / question id from the index
                   string (VLMEvalKit's headline, the mean of the three, is reported beside it)
-  mmmu, mmstar,   no official script: as VLMEvalKit prompts and scores Qwen2-VL models without a judge
-  realworldqa,    (vlmeval/vlm/qwen2_vl/prompt.py, vlmeval/utils/matching_util.py): every image of the
-  blink, ai2d     row first, in its order (MMMU's "<image k>" stay in the text), then "Hint / Question /
+  mmmu, mmstar,   no official script: as VLMEvalKit prompts and scores Qwen2-VL models without a judge,
+  realworldqa,    in its version of the paper's time (before commit a67ace5, 2026-06-17, which added an
+  blink, ai2d     "answer is X" fallback): vlmeval/vlm/qwen2_vl/prompt.py, vlmeval/utils/matching_util.py.
+                  The TSV is read with pandas' defaults (an option "None", "NA", "N/A", "null" or "nan" is
+                  missing; a numeric option column with gaps reads as floats, "5.0"); every image of the
+                  row first, in its order (MMMU's "<image k>" stay in the text), then "Hint / Question /
                   Options / Please select the correct answer from the options above."; the answer is the
-                  one option letter among its last five tokens, else the one option text it contains;
-                  MMMU's open questions are matched as its MMMU_preproc makes them multiple-choice (A = the
-                  reference answer, B = "Other Answers"); headline overall accuracy, + per category and
-                  l2-category
+                  one option letter among its last four tokens, else the one option text it contains;
+                  every question without options (MMMU's open ones, "Yes" / "No" references too) is
+                  matched as MMMU_preproc makes it multiple-choice (A = the reference answer, B = "Other
+                  Answers"); headline overall accuracy, + per category and l2-category
   anything else   MCQ or yes/no accuracy with the official rules above
 Rows VLMEvalKit stores as a back-reference to another row's image are resolved, multi-image rows (a
-JSON list of base64 images) keep every image; any row that cannot be scored is named with its reason
-in eval/<name>.json.
+JSON list of base64 images) keep every image; any row that cannot be scored (an unreadable image, an
+empty question or answer, an answer letter not among the options) is named with its reason in
+eval/<name>.json. Every --bench file is checked before the model loads; a benchmark's result is written
+to eval/scores/<name>/<bench>.json as soon as it is scored.
 Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far, and the
 attack success rate (share of clean-correct items the attack turns wrong). An attacker edits only the test
 scenes with target boxes (03's choice 6): its drop is measured against the clean accuracy on those scenes.
@@ -84,7 +89,8 @@ class Args:
     preset: str | None = field(default=None, metadata={"help": "'tiny': short answers"})
     round: int = field(default=0, metadata={"help": "defender round to score"})
     defender: str | None = field(default=None, metadata={"help": "default defender/round_k; 'base' scores --model "
-                                                                   "(written as eval/base.json)"})
+                                                                   "(written as eval/base.json); or any hub id / path"})
+    name: str | None = field(default=None, metadata={"help": "write eval/<name>.json (default: base or round_k)"})
     model: str = field(default=common.DEFENDER_ID, metadata={"help": "base model id (for --defender base)"})
     bench: list[str] = field(default_factory=list, metadata={"help": "NAME=PATH.tsv ... (one flag, several values)"})
     trials: int = field(default=3, metadata={"help": "strict multi-trial count (official: 3)"})
@@ -125,21 +131,93 @@ def decode_row_images(raw: str, stored: dict) -> list[Image.Image]:
     return images
 
 
-def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
-    """VLMEvalKit TSV -> (items {index, image, question, options, answer, kind, meta}, {skipped index:
-    reason}). `image` is one PIL image, or a list of them for multi-image rows (BLINK, MMMU). An
+REQUIRED_COLUMNS = ("index", "image", "question", "answer")
+
+
+def check_bench_file(path: str) -> str | None:
+    """Why a benchmark TSV cannot be read (None if it can): missing, empty, not UTF-8 text, not
+    tab-separated, or missing a required column. Cheap: the header, then the bytes streamed once."""
+    import codecs
+    p = Path(path)
+    if not p.is_file():
+        return "no such file"
+    if p.stat().st_size == 0:
+        return "empty file"
+    decoder, header = codecs.getincrementaldecoder("utf-8")(), ""
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return f"not UTF-8 text ({e.reason} at byte {f.tell() - len(chunk) + e.start})"
+            if "\n" not in header:
+                header += text[:1 << 16]
+    first = header.split("\n", 1)[0].rstrip("\r")
+    if "\t" not in first:
+        return "not tab-separated (its first line has no tab)"
+    missing = [c for c in REQUIRED_COLUMNS if c not in first.split("\t")]
+    return f"missing column(s) {', '.join(missing)} (header: {first[:120]!r})" if missing else None
+
+
+def check_benches(specs: list[str]) -> list[tuple[str, str]]:
+    """--bench NAME=PATH ... -> [(name, path)], after checking every file: all problems are printed,
+    one line each, and 05 stops before any model is loaded."""
+    out, problems = [], []
+    for spec in specs:
+        if "=" not in spec:
+            problems.append(f"--bench expects NAME=PATH, got {spec!r}")
+            continue
+        name, path = spec.split("=", 1)
+        if (why := check_bench_file(path)) is not None:
+            problems.append(f"{name}={path}: {why}")
+        out.append((name, path))
+    if problems:
+        raise SystemExit("\n".join(f"[05] {x}" for x in problems))
+    return out
+
+
+def read_tsv(path: str, **kw):
+    import pandas as pd
+    try:
+        return pd.read_csv(path, sep="\t", **kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"[05] {path}: cannot be read as a TSV ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def option_cells(path: str, df, letters: list[str], vlmevalkit: bool) -> list[list[str]]:
+    """Each row's option cells A.. ('' = no option). The authors' scripts read their TSVs as text
+    (keep_default_na=False); VLMEvalKit reads them with pandas' defaults, so there an option "None",
+    "NA", "N/A", "null" or "nan" is missing and a numeric column with gaps reads as floats ("5.0")."""
+    if not vlmevalkit or not letters:
+        return [[r[c] for c in letters] for _, r in df.iterrows()]
+    raw = read_tsv(path, usecols=letters)
+    return [["" if v != v else str(v) for v in (r[c] for c in letters)] for _, r in raw.iterrows()]
+
+
+def load_tsv(path: str, max_items: int = 0, vlmevalkit: bool = False) -> tuple[list[dict], dict]:
+    """VLMEvalKit TSV -> (items {index, image, question, options, letters, answer, kind, meta}, {skipped
+    index: reason}). `image` is one PIL image, or a list of them for multi-image rows (BLINK, MMMU). An
     `image` of at most 64 characters is a back-reference to the row with that index (VLMEvalKit stores
     a repeated image once). kind: 'mcq' (options), 'yes_no' (no options, a yes/no answer) or 'open'
-    (no options: MMMU's open questions)."""
-    import pandas as pd
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    for col in ("index", "image", "question", "answer"):
-        if col not in df.columns:
-            raise SystemExit(f"[05] {path}: missing column '{col}'")
+    (no options: MMMU's open questions; with vlmevalkit, every row without options). Rows that cannot
+    be scored (an empty question or answer, an answer letter that is not among the options) are skipped
+    with their reason."""
+    if (why := check_bench_file(path)) is not None:
+        raise SystemExit(f"[05] {path}: {why}")
+    df = read_tsv(path, dtype=str, keep_default_na=False)
     letters = [c for c in common.OPTION_LETTERS if c in df.columns]
+    cells = option_cells(path, df, letters, vlmevalkit)
     stored = {r["index"]: r["image"] for _, r in df.iterrows() if len(r["image"]) > 64}
     items, skipped = [], {}
-    for _, r in df.iterrows():
+    for (_, r), row_options in zip(df.iterrows(), cells):
+        present = [c for c, o in zip(letters, row_options) if o.strip()]
+        answer = r["answer"].strip()
+        if not r["question"].strip() or not answer:
+            skipped[r["index"]] = "empty question" if not r["question"].strip() else "empty answer"
+            continue
+        if present and answer.upper() not in present:
+            skipped[r["index"]] = f"answer {answer!r} is not among the options ({', '.join(present)})"
+            continue
         cell = r["image"]
         raw = cell if len(cell) > 64 or cell.lstrip().startswith("[") else stored.get(cell)
         if raw is None:
@@ -154,13 +232,16 @@ def load_tsv(path: str, max_items: int = 0) -> tuple[list[dict], dict]:
         if refs and max(refs) > len(images):
             skipped[r["index"]] = f"question refers to <image {max(refs)}>, the row has {len(images)} image(s)"
             continue
-        options = [r[c] for c in letters if r[c].strip()]
-        answer = r["answer"].strip()
-        kind = "mcq" if options else "yes_no" if answer.lower() in ("yes", "no") else "open"
+        if not vlmevalkit and present != list(common.OPTION_LETTERS[:len(present)]):
+            skipped[r["index"]] = f"options are not consecutive letters ({', '.join(present)})"
+            continue
+        options = [o for o in row_options if o.strip()]
+        kind = "mcq" if options else "yes_no" if answer.lower() in ("yes", "no") and not vlmevalkit else "open"
         answer = answer.upper() if kind == "mcq" else answer.capitalize() if kind == "yes_no" else answer
         meta = {k: r[k] for k in df.columns if k not in ("image", "question", "answer", *letters)}
         items.append(dict(index=str(r["index"]), image=images[0] if len(images) == 1 else images,
-                          question=r["question"], options=options, answer=answer, kind=kind, meta=meta))
+                          question=r["question"], options=options, letters=present, answer=answer, kind=kind,
+                          meta=meta))
         if max_items and len(items) >= max_items:
             break
     if skipped:
@@ -174,19 +255,20 @@ VLMEVALKIT_BENCHMARKS = ("mmmu", "mmstar", "realworldqa", "blink", "ai2d")
 MCQ_EN, MCQ_CN = "Please select the correct answer from the options above.", "请直接回答选项字母。"
 
 
-def vlmevalkit_prompt(question: str, options: list[str], hint: str = "") -> str:
+def vlmevalkit_prompt(question: str, options: list[str], hint: str = "", letters=None) -> str:
     """Qwen2VLPromptMixin's MCQ / MMMU text (the images come first in the message; MMMU's "<image k>"
-    stay in the text, all images in the row's order): Hint, Question, Options, the instruction."""
+    stay in the text, all images in the row's order): Hint, Question, Options under their own letters
+    (a missing option leaves a gap), the instruction."""
     prompt = (f"Hint: {hint}\n" if hint else "") + f"Question: {question}\n"
     if options:
-        prompt += "Options:\n" + "".join(f"{k}. {o}\n" for k, o in zip(common.OPTION_LETTERS, options))
+        prompt += "Options:\n" + "".join(f"{k}. {o}\n" for k, o in zip(letters or common.OPTION_LETTERS, options))
         prompt += MCQ_CN if re.search("[\u4e00-\u9fff]", prompt) else MCQ_EN
     return prompt.rstrip()
 
 
 def can_infer_option(answer: str, choices: dict) -> str | None:
     """VLMEvalKit: the one option letter among the answer's tokens (punctuation split off), and only
-    if it is one of the last five tokens; 'Z' for a refusal."""
+    if it is one of the last four tokens (index > len - 5); 'Z' for a refusal."""
     refusals = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
                 "I'm sorry, but without the image provided", "Cannot determine the answer")
     if any(x in answer for x in refusals):
@@ -215,9 +297,9 @@ def can_infer_text(answer: str, choices: dict) -> str | None:
 def vlmevalkit_choices(item: dict) -> tuple[dict, str]:
     """(choices, ground-truth letter). MMMU's open questions as VLMEvalKit's MMMU_preproc makes them
     multiple-choice for matching: A = the reference answer, B = 'Other Answers', truth A."""
-    if item.get("kind") == "open":
+    if not item["options"]:   # every option-less row, a "Yes" / "No" reference too
         return {"A": item["answer"], "B": "Other Answers"}, "A"
-    return dict(zip(common.OPTION_LETTERS, item["options"])), item["answer"]
+    return dict(zip(item.get("letters") or common.OPTION_LETTERS, item["options"])), item["answer"]
 
 
 def vlmevalkit_extract(text: str, item: dict) -> str | None:
@@ -235,7 +317,7 @@ def style_of(name: str) -> str:
 
 def item_prompt(it: dict, style: str) -> str:
     if style == "vlmevalkit":
-        return vlmevalkit_prompt(it["question"], it["options"], it["meta"].get("hint", ""))
+        return vlmevalkit_prompt(it["question"], it["options"], it["meta"].get("hint", ""), it.get("letters"))
     return common.defender_prompt(it["question"], it["options"], style)
 
 
@@ -243,9 +325,6 @@ def judge(text: str, it: dict, style: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) for one answer: VLMEvalKit's matching for its benchmarks and for open
     questions anywhere, the official scripts' extraction otherwise."""
     kind = it.get("kind") or ("mcq" if it["options"] else "yes_no")   # our scenes carry no kind
-    if style == "vlmevalkit" and kind == "yes_no":
-        pred = common.extract_yes_no(text)
-        return pred, pred == it["answer"]
     if style == "vlmevalkit" or kind == "open":
         pred = vlmevalkit_extract(text, it)
         return pred, pred == vlmevalkit_choices(it)[1]
@@ -431,6 +510,8 @@ def acc_by_answer(preds) -> dict:
 # ---------------------------------------------------------------------------------------------
 def row_label(r) -> str:
     """The paper's row names: the untouched base, the clean warm-up (its clean-data ablation), Iter. k."""
+    if r.get("round") is None:   # a defender scored on its own (--name)
+        return r["name"]
     return "base" if r["round"] < 0 else "clean warm-up (round 0)" if r["round"] == 0 else f"Iter. {r['round']}"
 
 
@@ -440,8 +521,8 @@ PAPER_ROW = {"base": "base", "clean warm-up (round 0)": "clean-data DAPO"}
 def write_summary(eval_dir: Path, paper_table: bool):
     """Every scored defender, in the paper's row order; with --paper_table each row is followed by the
     paper's row of the same name."""
-    rounds = sorted((json.loads(p.read_text()) for p in eval_dir.glob("*.json")
-                     if p.stem == "base" or p.stem.startswith("round_")), key=lambda r: r["round"])
+    rounds = sorted((json.loads(p.read_text()) for p in eval_dir.glob("*.json")),
+                    key=lambda r: (r.get("round") is None, r.get("round") or 0, r.get("name", "")))
     benches = [c for c in COLUMNS if any(c in r["benchmarks"] for r in rounds)]
     benches += sorted({b for r in rounds for b in r["benchmarks"]} - set(benches))
     attackers = sorted({k for r in rounds for k in r["robustness"] if k.startswith("attacker_")},
@@ -457,7 +538,8 @@ def write_summary(eval_dir: Path, paper_table: bool):
         vals = [r["benchmarks"][b]["overall"] if b in r["benchmarks"] else float("nan") for b in benches]
         main = [v for v in vals if not math.isnan(v)]
         cells = [row_label(r)] + [f"{v:.1f}" for v in vals] + ([f"{sum(main) / len(main):.1f}"] if benches else [])
-        cells.append(f"{r['robustness'].get('clean_acc', float('nan')):.1f}")
+        clean = r["robustness"].get("clean_acc")
+        cells.append("" if clean is None else f"{clean:.1f}")
         for a in attackers:
             x = r["robustness"].get(a)
             cells.append(f"{x['acc']:.1f} ({x['attack_success']:.1f})" if x else "")
@@ -507,7 +589,7 @@ def coevolution(rounds) -> list[dict]:
     clean_after, recovered = the share of the drop won back; by_answer_before / _after: the attacked accuracy per
     right answer, clean_by_answer_before / _after the same clean, where scored). One dict per attacker round
     scored on defender k-1; the "after" keys only once defender k is scored."""
-    by = {r["round"]: r["robustness"] for r in rounds}
+    by = {r["round"]: r["robustness"] for r in rounds if r.get("round") is not None}
     out = []
     for k in sorted({int(a.rsplit("_", 1)[1]) for r in by.values() for a in r if a.startswith("attacker_")}):
         a, before, after = f"attacker_round_{k}", by.get(k - 1, {}), by.get(k, {})
@@ -564,6 +646,9 @@ def plot_robustness(rounds, attackers, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rounds = [r for r in rounds if r.get("round") is not None]   # the run's rounds, not defenders scored alone
+    if not rounds:
+        return
     fig, ax = plt.subplots(figsize=(5, 3.2))
     xs = [r["round"] for r in rounds]
     ax.plot(xs, [r["robustness"].get("clean_acc", float("nan")) for r in rounds], "o-", label="clean")
@@ -581,38 +666,40 @@ def plot_robustness(rounds, attackers, path):
 
 def main(args: Args):
     common.quiet()
+    benches = check_benches(args.bench)   # every file, before a model is loaded
     ddp = common.setup_distributed()
     run = Path(args.run_dir)
     eval_dir = run / "eval"
     base = args.defender == "base"
-    name = "base" if base else f"round_{args.round}"
-    path = args.model if base else args.defender or str(run / "defender" / name)
+    name = args.name or ("base" if base else f"round_{args.round}")
+    path = args.model if base else args.defender or str(run / "defender" / f"round_{args.round}")
     if path != common.TINY and not Path(path).exists() and "/" not in path:
         raise SystemExit(f"[05] no defender at {path}")
     t0 = time.time()
     # the processor saved with the model: a trained defender keeps the base model's pixel limits (04)
     model, processor = common.load_defender(path, ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
-    result = dict(name=name, round=-1 if base else args.round, defender=path, benchmarks={}, skipped={},
-                  robustness={})
+    result = dict(name=name, round=-1 if base else None if args.name else args.round, defender=path,
+                  benchmarks={}, skipped={}, robustness={})
     n_items = 0
-    for spec in args.bench:
-        if "=" not in spec:
-            raise SystemExit(f"[05] --bench expects NAME=PATH, got {spec!r}")
-        bench, tsv = spec.split("=", 1)
-        items, skipped = load_tsv(tsv, args.max_items)
-        preds = answer_items(model, processor, items, args, eval_dir / "preds" / name / f"{bench}.jsonl", ddp,
-                             style_of(bench))
+    for bench, tsv in benches:
+        style = style_of(bench)
+        items, skipped = load_tsv(tsv, args.max_items, vlmevalkit=style == "vlmevalkit")
+        preds = answer_items(model, processor, items, args, eval_dir / "preds" / name / f"{bench}.jsonl", ddp, style)
         n_items += len(preds)
         result["benchmarks"][bench] = score(bench, preds)
         result["skipped"][bench] = skipped
+        if ddp.master:   # kept even if a later benchmark fails
+            rundir.write_json_atomic(eval_dir / "scores" / name / f"{bench}.json",
+                                     dict(result=result["benchmarks"][bench], skipped=skipped, file=tsv))
         common.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
                       f"{len(skipped)} skipped)")
-    result["robustness"] = robustness(model, processor, run, args, ddp, name)
+    if (run / "data" / "scenes").exists():
+        result["robustness"] = robustness(model, processor, run, args, ddp, name)
+    else:
+        common.print0(f"[05] {run / 'data' / 'scenes'} does not exist: no held-out scenes or attacks, robustness "
+                      f"not scored")
     if ddp.master:
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        tmp = eval_dir / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(eval_dir / f"{name}.json")
+        rundir.write_json_atomic(eval_dir / f"{name}.json", result)
         table = write_summary(eval_dir, args.paper_table)
         plot_curves(run / "logs", eval_dir / "curves.png")
         print(f"[05] robustness: {json.dumps(result['robustness'])}")

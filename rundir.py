@@ -188,6 +188,15 @@ def commit_dir(tmp: str | Path, final: str | Path):
     os.replace(tmp, final)
 
 
+def write_json_atomic(path: str | Path, obj):
+    """Write a JSON file whole or not at all (a temporary sibling, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def save_args(args, out_dir: str | Path):
     from dataclasses import asdict
     Path(out_dir).mkdir(parents=True, exist_ok=True)

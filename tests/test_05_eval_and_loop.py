@@ -236,3 +236,65 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
                        timeout=120)
     assert p.returncode == 0 and time.time() - t0 < 30
     assert "[0" not in p.stdout   # no stage ran again
+
+
+def _vstar_rows(n=4):
+    return ["index\timage\tquestion\tA\tB\tanswer\tcategory"] + \
+        [f"{i}\t{_b64((i * 40, 0, 0))}\tWhich side?\tleft\tright\t{'AB'[i % 2]}\tattribute" for i in range(n)]
+
+
+def test_unscorable_rows_are_skipped_and_named(tmp_path):
+    rows = _vstar_rows(2) + [f"7\t{_b64((1, 1, 1))}\tWhich side?\tleft\tright\tE\tattribute",   # E: no such option
+                             f"8\t{_b64((1, 1, 1))}\t\tleft\tright\t\tattribute"]               # empty question + answer
+    (tmp_path / "v.tsv").write_text("\n".join(rows) + "\n")
+    items, skipped = s05.load_tsv(str(tmp_path / "v.tsv"))
+    assert [it["index"] for it in items] == ["0", "1"]
+    assert skipped == {"7": "answer 'E' is not among the options (A, B)", "8": "empty question"}
+
+
+def test_bad_benchmark_files_stop_05_before_the_model_loads(tmp_path):
+    """Each unreadable file is named in one line; the defender path does not even exist, so any model load
+    would have failed first with another message."""
+    good = tmp_path / "good.tsv"
+    good.write_text("\n".join(_vstar_rows()) + "\n")
+    (tmp_path / "empty.tsv").write_text("")
+    (tmp_path / "binary.tsv").write_bytes(b"index\timage\tquestion\tanswer\n" + bytes([0xff, 0xfe, 0x00, 0x81]) * 10)
+    (tmp_path / "comma.tsv").write_text("index,image,question,answer\n0,x,q,A\n")
+    (tmp_path / "nocol.tsv").write_text("index\timage\tquestion\n0\tx\tq\n")
+    bad = {"empty": "empty file", "binary": "not UTF-8 text", "comma": "not tab-separated",
+           "nocol": "missing column(s) answer", "gone": "no such file"}
+    specs = [f"good={good}"] + [f"{k}={tmp_path / (k + '.tsv')}" for k in bad]
+    p = run_stage("05_eval.py", "--run_dir", tmp_path / "run", "--defender", str(tmp_path / "no_model"),
+                  "--bench", *specs, check=False, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.startswith("[05]")]
+    assert len(lines) == len(bad), p.stderr
+    for (k, why), line in zip(bad.items(), lines):
+        assert f"{k}={tmp_path / (k + '.tsv')}: {why}" in line, line
+    assert "no_model" not in p.stderr
+
+
+@pytest.mark.slow
+def test_benchmarks_only_scoring_and_a_later_failure_keeps_earlier_results(tmp_path):
+    """No run at all: 05 scores the benchmark, says there is nothing to score robustness on, writes the JSON and
+    the summary. A second benchmark that breaks mid-file (a row with extra fields) stops 05 with one line; the
+    first benchmark's result is already on disk."""
+    (tmp_path / "vstar.tsv").write_text("\n".join(_vstar_rows()) + "\n")
+    run = tmp_path / "scores"
+    p = run_stage("05_eval.py", "--preset", "tiny", "--run_dir", run, "--defender", "tiny", "--name", "my_model",
+                  "--bench", f"vstar={tmp_path / 'vstar.tsv'}")
+    assert "no held-out scenes or attacks" in p.stdout and "Traceback" not in p.stderr
+    res = json.loads((run / "eval" / "my_model.json").read_text())
+    assert res["robustness"] == {} and res["round"] is None and set(res["benchmarks"]) == {"vstar"}
+    summary = (run / "eval" / "summary.md").read_text()
+    row = next(x for x in summary.splitlines() if x.startswith("| my_model |"))
+    assert f"{res['benchmarks']['vstar']['overall']:.1f}" in row
+    broken = _vstar_rows() + ["9\tx\tWhich side?\tleft\tright\tA\tattribute\textra\tfields"]
+    (tmp_path / "pope.tsv").write_text("\n".join(broken) + "\n")
+    run2 = tmp_path / "scores2"
+    p = run_stage("05_eval.py", "--preset", "tiny", "--run_dir", run2, "--defender", "tiny", "--name", "m",
+                  "--bench", f"vstar={tmp_path / 'vstar.tsv'}", f"pope={tmp_path / 'pope.tsv'}", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "pope.tsv: cannot be read as a TSV" in p.stderr
+    first = json.loads((run2 / "eval" / "scores" / "m" / "vstar.json").read_text())
+    assert first["result"]["overall"] == res["benchmarks"]["vstar"]["overall"]
+    assert not (run2 / "eval" / "m.json").exists()

@@ -130,3 +130,38 @@ def test_05_scores_all_five_with_the_tiny_defender(tmp_path):
         for p in preds:   # every answer went through VLMEvalKit's matching: a letter, 'Z' or nothing
             assert p["pred"] in (None, "Z", "A", "B", "C", "D")
     assert "per_l2_category" in res["benchmarks"]["mmstar"]
+
+
+def test_pandas_defaults_for_vlmevalkit_options_text_for_the_official_scripts(tmp_path):
+    """VLMEvalKit reads its TSVs with pandas' defaults: an option "None" / "NA" is missing (its letter stays
+    a gap) and a numeric option column with gaps reads as floats; the authors' scripts read text."""
+    rows = ["index\timage\tquestion\tA\tB\tC\tanswer",
+            f"0\t{_b64((1, 2, 3))}\tWhich?\tNA\t5\tred\tC",
+            f"1\t{_b64((1, 2, 3))}\tHow many?\tcat\t\tNone\tA"]
+    path = tmp_path / "mmstar.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    items, skipped = s05.load_tsv(str(path), vlmevalkit=True)
+    assert not skipped
+    assert (items[0]["options"], items[0]["letters"]) == (["5.0", "red"], ["B", "C"])
+    assert (items[1]["options"], items[1]["letters"]) == (["cat"], ["A"])
+    assert s05.item_prompt(items[0], "vlmevalkit").splitlines()[2:4] == ["B. 5.0", "C. red"]
+    assert s05.judge("C", items[0], "vlmevalkit") == ("C", True) and s05.judge("red", items[0], "vlmevalkit")[1]
+    text, skipped = s05.load_tsv(str(path))             # the official scripts' reading: text as it is
+    assert text[0]["options"] == ["NA", "5", "red"] and len(text) == 1
+    assert skipped == {"1": "options are not consecutive letters (A, C)"}   # B is empty: no letter to shift
+
+
+def test_mmmu_yes_no_reference_goes_through_mmmu_preproc():
+    """VLMEvalKit treats every open question as MMMU_preproc does, a "Yes" reference too: a bare "A" is
+    the reference there, where a yes/no extractor would find no answer."""
+    item = dict(options=[], answer="Yes", kind="open")
+    assert s05.judge("A", item, "vlmevalkit") == ("A", True)
+    assert s05.judge("Yes, it is.", item, "vlmevalkit") == ("A", True)
+    assert s05.judge("No.", item, "vlmevalkit") == (None, False)
+    assert s05.vlmevalkit_choices(item) == ({"A": "Yes", "B": "Other Answers"}, "A")
+
+
+def test_last_four_tokens_rule():
+    choices = {"A": "x", "B": "y"}
+    assert s05.can_infer_option("so it must be A one two three four", choices) is None  # 5th from the end
+    assert s05.can_infer_option("so it must be A one two three", choices) == "A"        # 4th from the end
