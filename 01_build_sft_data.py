@@ -96,6 +96,7 @@ class Args:
     coco_per_image: int = field(default=4, metadata={"help": "COCO: max questions per image"})
     num_seed_rows: int = field(default=0, metadata={"help": "COCO: max seed rows in all (0 = no cap)"})
     num_synthetic: int = field(default=2000, metadata={"help": "synthetic / tiny_world seed items"})
+    check_inputs: bool = field(default=False, metadata={"help": "only check that --seed_data can be read, then exit"})
     synthetic_size: int = field(default=512, metadata={"help": "synthetic image side (pixels)"})
     test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
     judge: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM for checks and proposals"})
@@ -502,6 +503,11 @@ def save_rows(rows, kind, path):
 def main(args: Args):
     from datasets import concatenate_datasets, load_from_disk
 
+    if (why := seeds.check_seed_source(args.seed_data)) is not None:
+        raise SystemExit(f"[01] --seed_data {args.seed_data}: {why}")
+    if args.check_inputs:
+        print(f"[01] --seed_data {args.seed_data}: readable")
+        return
     if not 1 <= args.implants_per_scene <= args.num_proposals:
         raise SystemExit(f"[01] --implants_per_scene {args.implants_per_scene}: needs 1 <= it <= --num_proposals "
                          f"({args.num_proposals})")
@@ -518,7 +524,8 @@ def main(args: Args):
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
     if args.seed_data in ("synthetic", "tiny_world"):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else seeds.world_seed_item(i, args.test_fraction, args.seed) for i in range(args.num_synthetic)]
+                else seeds.world_seed_item(i, args.test_fraction, args.seed)
+                for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
             save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))

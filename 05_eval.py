@@ -102,6 +102,7 @@ class Args:
     max_items: int = field(default=0, metadata={"help": "cap per benchmark (0 = all)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     paper_table: bool = field(default=True, metadata={"help": "print the paper's numbers beside ours"})
+    check_inputs: bool = field(default=False, metadata={"help": "only check the --bench files, then exit"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +668,9 @@ def plot_robustness(rounds, attackers, path):
 def main(args: Args):
     common.quiet()
     benches = check_benches(args.bench)   # every file, before a model is loaded
+    if args.check_inputs:
+        print(f"[05] {len(benches)} benchmark file(s) readable")
+        return
     ddp = common.setup_distributed()
     run = Path(args.run_dir)
     eval_dir = run / "eval"

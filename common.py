@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,20 @@ def resolve_dtype(name: str, device) -> torch.dtype:
     return DTYPES[name]
 
 
+@contextmanager
+def named_model(role: str, name_or_path: str):
+    """A model that cannot be loaded (offline and not cached, a wrong id or path) ends the stage with the
+    library's own message and one line saying which stage needed which model."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        stage = Path(sys.argv[0]).name or "python"
+        offline = " (HF_HUB_OFFLINE is set: only local paths and the hub cache are read)" \
+            if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise SystemExit(f"{type(e).__name__}: {e}\n[{stage}] could not load the {role} model "
+                         f"{name_or_path!r}{offline}") from None
+
+
 def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.float32,
                   min_pixels: int | None = None, max_pixels: int | None = None):
     """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
@@ -80,9 +95,11 @@ def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.flo
         from tiny_models import build_tiny_defender
         model, _ = build_tiny_defender()
     else:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    processor = load_processor(name_or_path)
+        with named_model("defender (Qwen2.5-VL)", name_or_path):
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    with named_model("defender's processor", name_or_path):
+        processor = load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"  # batched generation
     ip = processor.image_processor
     if min_pixels or max_pixels:
@@ -108,7 +125,8 @@ def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, devi
         from tiny_models import build_tiny_attacker
         pipe = build_tiny_attacker()
     else:
-        pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        with named_model("attacker (Qwen-Image-Edit)", name_or_path):
+            pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     if pipe.transformer.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(device)
@@ -586,11 +604,31 @@ def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
 # ---------------------------------------------------------------------------------------------
 # 6. Progress bars (the run directory's I/O is in rundir.py)
 # ---------------------------------------------------------------------------------------------
-def progress(iterable=None, total: int | None = None, desc: str = "", **kw):
-    """A tqdm bar with rate and ETA on rank 0, on a terminal only (not in CI logs or pipes)."""
+def progress(iterable=None, total: int | None = None, desc: str = "", lines: bool = False, **kw):
+    """A tqdm bar with rate and ETA on rank 0, on a terminal only (not in CI logs or pipes). With
+    lines=True, where there is no bar (a log, a pipe) rank 0 prints a line at the start, every ~10 s and
+    at the end instead: for long phases that print nothing else."""
     import sys
 
     from tqdm.auto import tqdm
-    off = kw.pop("disable", False) or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty() \
-        or bool(os.environ.get("CI"))
+    master = int(os.environ.get("RANK", 0)) == 0
+    no_tty = not sys.stderr.isatty() or bool(os.environ.get("CI"))
+    if lines and master and no_tty and not kw.get("disable"):
+        return _progress_lines(iterable, total, desc)
+    off = kw.pop("disable", False) or not master or no_tty
     return tqdm(iterable, total=total, desc=desc, disable=off, dynamic_ncols=True, **kw)
+
+
+def _progress_lines(iterable, total, desc, every: float = 10.0):
+    import time
+    total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else "?"
+    t0 = last = time.time()
+    print(f"{desc}: 0/{total}", flush=True)
+    n = 0
+    for x in iterable:
+        yield x
+        n += 1
+        if time.time() - last >= every:
+            last = time.time()
+            print(f"{desc}: {n}/{total} ({last - t0:.0f} s)", flush=True)
+    print(f"{desc}: {n}/{total} in {time.time() - t0:.0f} s", flush=True)

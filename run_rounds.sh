@@ -18,10 +18,18 @@ PRESET=${PRESET:-tiny}
 ROUNDS=${ROUNDS:-3}
 RUN_DIR=${RUN_DIR:-runs/$PRESET}
 NPROC=${NPROC:-1}
-SEED_DATA=${SEED_DATA:-}   # empty: the preset's (tiny_world: its scenes), else 01's default, synthetic
+SEED_DATA=${SEED_DATA:-}   # empty: the preset's (tiny_world: its scenes, tiny: synthetic); required for paper
 BENCH=${BENCH:-}
 PY=${PYTHON:-python}
-case "$PRESET" in tiny|tiny_world) export HF_HUB_OFFLINE=1; P=(--preset "$PRESET") ;; *) P=() ;; esac
+fail() { echo "run_rounds.sh: $*" >&2; exit 2; }
+case "$PRESET" in
+  tiny|tiny_world) export HF_HUB_OFFLINE=1; P=(--preset "$PRESET") ;;
+  paper) P=()
+    [ -n "$SEED_DATA" ] || fail "PRESET=paper needs SEED_DATA: coco:ANNOTATIONS.json:IMAGE_DIR (the paper seeds AOT-SFT from real photos), a seed JSONL (README), or SEED_DATA=synthetic for coloured shapes (a plumbing check, not the paper)" ;;
+  *) fail "unknown PRESET=$PRESET: choose tiny_world (the method on CPU), tiny (plumbing, random models) or paper" ;;
+esac
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$NPROC: expected a positive number of processes per node"
+[[ "$ROUNDS" =~ ^[0-9]+$ ]] || fail "ROUNDS=$ROUNDS: expected a number of rounds"
 if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
 T=(); if [ -n "${REPORT_TO:-}" ]; then T=(--report_to "$REPORT_TO"); fi   # trackers of the training stages
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
@@ -44,7 +52,16 @@ stage() {  # stage LABEL OUTPUT SCRIPT ARGS...: run it unless OUTPUT exists (out
   TIMES+=("$label: $((SECONDS - t0)) s")
 }
 
+case "$PRESET" in
+  tiny) MODELS="random tiny models (built offline)"; SEEDS=${SEED_DATA:-synthetic} ;;
+  tiny_world) MODELS="the tiny world's trained models ($RUN_DIR/models)"; SEEDS=${SEED_DATA:-tiny_world} ;;
+  paper) MODELS="defender Qwen/Qwen2.5-VL-7B-Instruct, attacker Qwen/Qwen-Image-Edit"; SEEDS=$SEED_DATA ;;
+esac
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
+echo "   seeds: $SEEDS; models: $MODELS; benchmarks: ${BENCH:-none (robustness on the held-out test scenes only)}"
+# cheap checks before any stage: the seed source and the benchmark files (one line per problem)
+if [ ! -e "$RUN_DIR/data/aot_sft" ]; then $PY 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}" --check_inputs >/dev/null; fi
+if [ -n "$BENCH" ]; then $PY 05_eval.py --run_dir "$RUN_DIR" "${BENCH_ARGS[@]}" --check_inputs >/dev/null; fi
 
 # 0. the tiny world's trained defender and editor (first run 10 min on 2 cores of a Zen 5, 16 on a Zen 4, 27 on a Zen 3, measured; then reused)
 if [ "$PRESET" = "tiny_world" ]; then

@@ -167,6 +167,40 @@ def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
                 answer=s["answer"], targets=targets, split=split)
 
 
+def check_seed_source(spec: str) -> str | None:
+    """Why --seed_data cannot be read (None if it can), cheaply and before any model loads: a COCO
+    annotation file that is missing or not COCO-format JSON, an image directory that is missing, a seed
+    JSONL that is missing or holds no JSON row. Rows and images are still checked one by one later."""
+    if spec in ("synthetic", "tiny_world"):
+        return None
+    if spec.startswith("coco:"):
+        _, ann, image_dir = (spec.split(":", 2) + ["", ""])[:3]
+        if not ann or not image_dir:
+            return "expected coco:ANNOTATIONS.json:IMAGE_DIR"
+        if not Path(ann).is_file():
+            return f"no COCO annotation file {ann}"
+        try:
+            data = json.loads(Path(ann).read_text())
+            missing = [k for k in ("images", "annotations", "categories") if k not in data]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            return f"{ann} is not JSON ({type(e).__name__})"
+        if missing:
+            return f"{ann} is not COCO-format instances (no {', '.join(missing)})"
+        return None if Path(image_dir).is_dir() else f"no image directory {image_dir}"
+    path = Path(spec)
+    if not path.is_file():
+        return f"no seed file {spec} (expected synthetic, coco:ANNOTATIONS.json:IMAGE_DIR or a seed JSONL)"
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return f"{spec}: its first row is not JSON ({type(e).__name__})"
+                return None if isinstance(row, dict) else f"{spec}: its first row is not a JSON object"
+    return f"{spec} holds no row"
+
+
 def read_coco(spec: str, args) -> tuple[list[dict], list[str], dict]:
     """--seed_data coco:ANNOTATIONS.json:IMAGE_DIR -> (seed rows, skipped items by name, rejected question
     candidates by reason). The paper's kind of question, derived from COCO-format instances:
@@ -195,7 +229,7 @@ def read_coco(spec: str, args) -> tuple[list[dict], list[str], dict]:
             continue
         by_image.setdefault(a["image_id"], []).append(a)
     rows, balance = [], Counter()
-    for info in sorted(images, key=lambda m: m["id"]):
+    for info in common.progress(sorted(images, key=lambda m: m["id"]), desc="[01] COCO images", lines=True):
         try:
             with Image.open(Path(image_dir) / info["file_name"]) as im:
                 image = im.convert("RGB")
@@ -266,7 +300,8 @@ def read_coco(spec: str, args) -> tuple[list[dict], list[str], dict]:
 def read_seed_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     """Valid rows and the names of skipped ones (line number + reason)."""
     rows, skipped = [], []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    raws = path.read_bytes().splitlines()
+    for n, raw in common.progress(enumerate(raws, start=1), total=len(raws), desc="[01] seed rows", lines=True):
         if not raw.strip():
             continue
         try:
