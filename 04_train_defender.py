@@ -40,6 +40,7 @@ gradient checkpointing is on by default.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -128,29 +129,53 @@ class Args:
     max_pixels: int = field(default=4194304, metadata={"help": "image max pixels (processor)"})
     report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N steps"})
+    val_every: int = field(default=4, metadata={"help": "greedy accuracy on the held-out validation split every N "
+                                                        "steps, logged (the authors' config_iter2: 4; 0 = off)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the round's scenes held out for validation"})
+    select: str = field(default="last", metadata={"help": "which step becomes defender/round_k: 'last' or "
+                                                          "'best_val' (the best validation score)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
-def load_prompt_pool(args, run: Path) -> list[dict]:
-    """Clean train scenes (round 0) or the curriculum mixed with clean scenes (round k)."""
+def load_prompt_pool(args, run: Path) -> tuple[list[dict], list[dict]]:
+    """(training pool, validation set). Round 0: clean train scenes; round k: the curriculum mixed with
+    clean scenes. With validation on (--val_every or --select best_val), --val_fraction of the round's
+    scenes are held out of training: round k's attacks on them and the same scenes clean, round 0's clean
+    scenes (the authors validate on a held-out split of the round's attacks; never 05's test split)."""
     from datasets import load_from_disk
     scenes = load_from_disk(str(run / "data" / "scenes")).filter(lambda s: s == "train", input_columns="split")
-    clean = [dict(image=r["image"], question=r["question"], options=r["options"], answer=r["answer"], source="clean")
-             for r in scenes]
+    clean = [dict(id=r["id"], image=r["image"], question=r["question"], options=r["options"], answer=r["answer"],
+                  source="clean") for r in scenes]
+    held = validating(args)
     if args.round == 0:
         if args.warmup_samples and len(clean) > args.warmup_samples:
             clean = random.Random(args.seed).sample(clean, args.warmup_samples)
-        return clean
+        val_ids = held_out_ids([p["id"] for p in clean], args) if held else set()
+        return [p for p in clean if p["id"] not in val_ids], [p for p in clean if p["id"] in val_ids]
     path = Path(args.curriculum or run / "attacks" / f"round_{args.round}")
     if not path.exists():
         raise SystemExit(f"[04] round {args.round} needs the curriculum {path} (run 03 --round {args.round})")
     attacks = load_from_disk(str(path))["train"]
-    adv = [dict(image=r["attacked_image"], question=r["question"], options=r["options"], answer=r["answer"],
-                source="attack") for r in attacks]
-    return adv + clean_share(clean, len(adv), args.clean_ratio, random.Random(args.seed))
+    adv = [dict(id=r["id"], image=r["attacked_image"], question=r["question"], options=r["options"],
+                answer=r["answer"], source="attack") for r in attacks]
+    val_ids = held_out_ids([p["id"] for p in adv], args) if held else set()
+    val = [p for p in adv if p["id"] in val_ids] + [p for p in clean if p["id"] in val_ids]
+    adv, clean = [p for p in adv if p["id"] not in val_ids], [p for p in clean if p["id"] not in val_ids]
+    return adv + clean_share(clean, len(adv), args.clean_ratio, random.Random(args.seed)), val
+
+
+def validating(args) -> bool:
+    return args.val_every > 0 or args.select == "best_val"
+
+
+def held_out_ids(ids: list[str], args) -> set[str]:
+    """--val_fraction of the distinct scene ids (at least one), drawn with the run's seed."""
+    distinct = sorted(set(ids))
+    n = max(1, round(len(distinct) * args.val_fraction))
+    return set(random.Random(args.seed + 1).sample(distinct, min(n, len(distinct))))
 
 
 def clean_share(clean: list, n_attacks: int, ratio: float, rng: random.Random) -> list:
@@ -643,22 +668,50 @@ def compute_dtype(model):
     return torch.autocast(model.device.type, dtype=dt) if dt else nullcontext()
 
 
-def save_final(model, out: Path, ddp, args, init: str):
+def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = None):
     """A save_pretrained directory in fp32 (a round's total change is often below bf16's resolution),
     with the processor of the model it started from: training's pixel limits (--min/max_pixels) are not
-    saved, so every round is evaluated with the base model's limits, as the authors evaluate."""
+    saved, so every round is evaluated with the base model's limits, as the authors evaluate. args.json
+    records which step it is (``selected``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ddp.master:
         tmp = rundir.tmp_dir_for(out)
-        if args.lora_rank > 0:
-            model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        if args.lora_rank > 0:   # a copy: training may go on after a best-so-far save
+            import copy
+            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         common.load_processor(init).save_pretrained(tmp)
         rundir.save_args(args, tmp)
+        if selected:
+            saved = json.loads((tmp / "args.json").read_text())
+            (tmp / "args.json").write_text(json.dumps(dict(saved, selected=selected), indent=2, default=str))
         rundir.commit_dir(tmp, out)
     common.barrier()
+
+
+@torch.no_grad()
+def validate(model, processor, val: list[dict], args, ddp) -> dict:
+    """Greedy accuracy (05's first trial) on the held-out attacks and clean scenes, over all ranks;
+    val_score is their mean (round 0: the clean accuracy)."""
+    mine = val[ddp.rank::ddp.world]
+    model.eval()
+    with common.gathered_for_generation(model), compute_dtype(model):
+        texts = common.defender_generate(model, processor, [p["image"] for p in mine],
+                                         [common.defender_prompt(p["question"], p["options"]) for p in mine],
+                                         args.max_new_tokens, batch_size=args.gen_batch or 16,
+                                         memory_gb=args.gen_memory_gb)
+    model.train()
+    right = [common.extract_answer(t, p["options"]) == p["answer"] for t, p in zip(texts, mine)]
+    counts = common.all_reduce(torch.tensor([
+        sum(r for r, p in zip(right, mine) if p["source"] == "attack"), sum(p["source"] == "attack" for p in mine),
+        sum(r for r, p in zip(right, mine) if p["source"] == "clean"), sum(p["source"] == "clean" for p in mine)],
+        dtype=torch.float64)).tolist()
+    row = dict(val_attack_acc=100 * counts[0] / counts[1] if counts[1] else None,
+               val_clean_acc=100 * counts[2] / counts[3] if counts[3] else None)
+    parts = [v for v in row.values() if v is not None]
+    return dict(row, val_score=sum(parts) / len(parts) if parts else None)
 
 
 def main(args: Args):
@@ -683,19 +736,25 @@ def main(args: Args):
     ref_model = common.load_defender(init, ddp.device, common.resolve_dtype(args.dtype, ddp.device))[0] \
         if args.kl_coef > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    pool = load_prompt_pool(args, run)
+    if args.select not in ("last", "best_val"):
+        raise SystemExit(f"[04] --select must be 'last' or 'best_val', not {args.select!r}")
+    pool, val = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
     per_rank = max(1, args.rollout_batch // ddp.world)
     steps = step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
-    start = 0
+    start, best = 0, dict(step=None, val_score=None)   # best: the best validated step so far (--select best_val)
     resumed = rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, RNG, data position
     if resumed:
         start, extra = resumed
         stream.epoch, stream.pos = extra["stream"]
         stream._order()
+        best = extra.get("best", best)
         common.print0(f"[04] resumed from {ckpt_dir} at step {start}")
+    best_dir = run / "defender" / f".best_round_{args.round}"
+    if val and start == 0:   # before training, as the authors' val_before_train
+        logger.log(dict(step=0, **validate(model, processor, val, args, ddp)))
     common.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
                   f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
                   f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
@@ -713,6 +772,13 @@ def main(args: Args):
         else:
             st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
         row = step_row(step + 1, groups, g, st, time.time() - t0, ddp)
+        if val and (step + 1 == steps or args.val_every and (step + 1) % args.val_every == 0):
+            row.update(validate(model, processor, val, args, ddp))
+            common.print0(f"[04] step {step + 1} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
+                          f"{fmt(row['val_clean_acc'], '.1f')} ({len(val)} held-out prompts)")
+            if args.select == "best_val" and (best["val_score"] is None or row["val_score"] > best["val_score"]):
+                best = dict(step=step + 1, val_score=row["val_score"])
+                save_final(model, best_dir, ddp, args, init, selected=dict(select="best_val", **best, of_steps=steps))
         logger.log(row)
         common.print0(f"[04] step {step + 1}/{steps} generated: reward {row['gen_reward']:.3f} acc "
                       f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
@@ -722,13 +788,20 @@ def main(args: Args):
                       f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             rundir.save_checkpoint(ckpt_dir, step + 1, model, opt,
-                                   dict(stream=[stream.epoch, stream.pos]), ddp.rank)
-    save_final(model, out, ddp, args, init)
+                                   dict(stream=[stream.epoch, stream.pos], best=best), ddp.rank)
+    if args.select == "best_val" and best["step"] is not None and best_dir.exists():
+        if ddp.master:
+            rundir.commit_dir(best_dir, out)
+        common.barrier()
+    else:
+        save_final(model, out, ddp, args, init, selected=dict(select="last", step=steps, of_steps=steps))
     logger.close()
     if ddp.master:
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-        print(f"[04] wrote {out}")
+        shutil.rmtree(best_dir, ignore_errors=True)
+        print(f"[04] wrote {out}: step {best['step'] if args.select == 'best_val' and best['step'] else steps} of {steps} "
+              f"(--select {args.select})")
     common.cleanup_distributed()
 
 

@@ -613,7 +613,8 @@ def coevolution(rounds) -> list[dict]:
 
 CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),
           ("03_round", "ratio_mean"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
-          ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy")]
+          ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy"),
+          ("04_round", "val_attack_acc"), ("04_round", "val_clean_acc")]
 
 
 def plot_curves(logs: Path, path: Path) -> dict:
@@ -622,7 +623,7 @@ def plot_curves(logs: Path, path: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 5, figsize=(17, 6))
+    fig, axes = plt.subplots(2, 6, figsize=(20, 6))
     drawn = {}
     for ax, (stage, key) in zip(axes.flat, CURVES):
         n = 0

@@ -110,10 +110,33 @@ def test_round_schedule_step_count_and_warmup_pool(tiny_run):
     assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=512, epochs=100), 900) == 100
     assert s04.step_count(SimpleNamespace(max_steps=0, rollout_batch=128, epochs=50), 1000) == 350   # 7 full batches
     assert s04.step_count(SimpleNamespace(max_steps=3, rollout_batch=128, epochs=50), 1000) == 3
-    args = SimpleNamespace(round=0, warmup_samples=5, seed=0)
-    pool = s04.load_prompt_pool(args, tiny_run)
-    assert len(pool) == 5 and [p["question"] for p in pool] == [p["question"] for p in s04.load_prompt_pool(args, tiny_run)]
-    assert len(s04.load_prompt_pool(SimpleNamespace(round=0, warmup_samples=0, seed=0), tiny_run)) > 5
+    args = SimpleNamespace(round=0, warmup_samples=5, seed=0, val_every=0, select="last")
+    pool, _ = s04.load_prompt_pool(args, tiny_run)
+    assert len(pool) == 5 and [p["question"] for p in pool] == [p["question"] for p in s04.load_prompt_pool(args, tiny_run)[0]]
+    assert len(s04.load_prompt_pool(SimpleNamespace(**{**vars(args), "warmup_samples": 0}), tiny_run)[0]) > 5
+
+
+def test_validation_holds_out_whole_scenes_of_the_round(tmp_path):
+    """Round k: --val_fraction of the curriculum's scene ids; their attacks and the same scenes clean are the
+    validation set and are never trained on; the test split is not touched."""
+    from datasets import Dataset
+    ids = [f"s{i}" for i in range(10)]
+    scenes = Dataset.from_dict({"id": ids + ["t0"], "image": [Image.new("RGB", (8, 8))] * 11,
+                                "question": ["q"] * 11, "options": [["a", "b"]] * 11, "answer": ["A"] * 11,
+                                "split": ["train"] * 10 + ["test"]})
+    scenes.save_to_disk(str(tmp_path / "data" / "scenes"))
+    att = Dataset.from_dict({"id": ids * 2, "attacked_image": [Image.new("RGB", (8, 8))] * 20, "question": ["q"] * 20,
+                             "options": [["a", "b"]] * 20, "answer": ["A"] * 20})
+    DatasetDict(train=att, test=att.select(range(2))).save_to_disk(str(tmp_path / "attacks" / "round_1"))
+    args = SimpleNamespace(round=1, curriculum=None, clean_ratio=0.5, seed=0, val_every=4, select="last",
+                           val_fraction=0.2, warmup_samples=0)
+    pool, val = s04.load_prompt_pool(args, tmp_path)
+    held = {p["id"] for p in val}
+    assert len(held) == 2 and sorted(p["source"] for p in val) == ["attack"] * 4 + ["clean"] * 2
+    assert not held & {p["id"] for p in pool} and "t0" not in {p["id"] for p in pool + val}
+    assert sum(p["source"] == "attack" for p in pool) == 16
+    off, none = s04.load_prompt_pool(SimpleNamespace(**{**vars(args), "val_every": 0}), tmp_path)
+    assert none == [] and sum(p["source"] == "attack" for p in off) == 20
 
 
 def test_clean_share_meets_the_ratio_by_repeating_a_small_clean_set():
@@ -329,12 +352,13 @@ def test_dapo_learns_a_token_reward():
 
 @pytest.mark.slow
 def test_stage04_round0_python_torchrun_and_resume(tiny_run, boxed_defender, tmp_path):
-    """One process (fp32): a run, and a run killed after a checkpoint and resumed, end bit-identical.
-    From the boxed-answer tiny defender (conftest), every group kept (--dyn_low -1): every step trains."""
+    """One process (fp32): a run, and a run killed after a checkpoint and resumed, end bit-identical, also in
+    which validated step they select. From the boxed-answer tiny defender (conftest), every group kept
+    (--dyn_low -1): every step trains."""
     import shutil
     flags = ["--preset", "tiny", "--round", "0", "--max_steps", "4", "--save_every", "1", "--dyn_low", "-1",
              "--rollout_batch", "16", "--global_batch", "8", "--max_tries", "1", "--max_pixels", str(28 * 28 * 8),
-             "--init", boxed_defender]
+             "--init", boxed_defender, "--select", "best_val", "--val_every", "1", "--val_fraction", "0.25"]
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "data", run / "data")
     p = run_stage("04_train_defender.py", *flags, "--run_dir", run)
@@ -346,8 +370,14 @@ def test_stage04_round0_python_torchrun_and_resume(tiny_run, boxed_defender, tmp
     assert proc.image_processor.size == common.load_processor(str(boxed_defender)).image_processor.size
     assert proc.image_processor.size["longest_edge"] == 28 * 28 * 16
     logs = [json.loads(x) for x in (run / "logs" / "04_round_0.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert [r["step"] for r in logs] == [0, 1, 2, 3, 4] and logs[0]["val_clean_acc"] is not None   # 0: before training
+    val0, logs = logs[0], logs[1:]
     assert {"reward", "accuracy", "kept_group_frac", "clip_frac", "entropy", "gen_tok_per_s"} <= set(logs[0])
+    # --select best_val: the first step with the best validation score (never step 0), recorded in args.json
+    scores = [r["val_score"] for r in logs]
+    selected = json.loads((out / "args.json").read_text())["selected"]
+    assert selected["step"] == 1 + scores.index(max(scores)) and selected["val_score"] == max(scores)
+    assert selected["of_steps"] == 4 and val0["val_score"] is not None
     assert all(math.isfinite(r["entropy"]) and r["entropy"] > 0 for r in logs)   # media tokens at -inf: no nan
     assert all(0 < r["gen_accuracy"] < 1 and r["clip_frac"] is not None for r in logs)   # a signal every step
     # torchrun, two ranks: FSDP2 in fp32 (the CPU default dtype)
@@ -365,8 +395,10 @@ def test_stage04_round0_python_torchrun_and_resume(tiny_run, boxed_defender, tmp
     p = run_stage("04_train_defender.py", *flags, "--run_dir", run3)
     assert "resumed from" in p.stdout
     steps = [json.loads(x)["step"] for x in (run3 / "logs" / "04_round_0.jsonl").read_text().splitlines()]
-    assert steps[-1] == 4 and sorted(set(steps)) == [1, 2, 3, 4]
+    assert steps[-1] == 4 and sorted(set(steps)) == [0, 1, 2, 3, 4]
     assert same_safetensors(out / "model.safetensors", run3 / "defender" / "round_0" / "model.safetensors") == []
+    assert json.loads((run3 / "defender" / "round_0" / "args.json").read_text())["selected"] == selected
+    assert not (run3 / "defender" / ".best_round_0").exists()
 
 
 @pytest.mark.slow
@@ -383,7 +415,7 @@ def test_stage04_round1_reads_curriculum(tiny_run, tmp_path):
     att = scenes.map(lambda r: {"attacked_image": r["image"]})
     DatasetDict(train=att.select(range(6)), test=att.select(range(6, 8))).save_to_disk(str(run / "attacks" / "round_1"))
     p = run_stage("04_train_defender.py", "--preset", "tiny", "--run_dir", run, "--round", "1")
-    assert "(6 attacked)" in p.stdout
+    assert "(5 attacked)" in p.stdout and "held-out prompts" in p.stdout   # one scene of six held out for validation
     assert (run / "defender" / "round_1" / "model.safetensors").is_file()
 
 
