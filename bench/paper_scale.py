@@ -1,6 +1,6 @@
 """Paper scale on paper: memory and compute of every stage at the paper's sizes, ESTIMATED on CPU.
 
-  python bench/paper_scale.py                     # ~10 min on 2 cores -> bench/paper_scale.md
+  python bench/paper_scale.py                     # a few minutes on 2 cores -> bench/paper_scale.md
   python bench/paper_scale.py --reduced           # small widths and token counts (the test, seconds)
 
 No GPU is available to this project. This script builds ONE real-size layer of each model from the
@@ -267,21 +267,24 @@ def count_params(reduced: bool) -> dict:
                 hidden=tc.hidden_size, vocab=tc.vocab_size)
 
 
-def attacker_tokens(reduced: bool) -> dict:
-    """Stages 01-03 at the paper preset: output 512^2 -> 1,024 target tokens; condition at 1 MP
-    (calculate_dimensions(1024^2)) -> 4,096 tokens; the text encoder sees the 1 MP condition:
-    1,369 image tokens (Qwen2.5-VL smart_resize to 1036^2) + ~48 instruction/template tokens after
-    the pipeline drops its first 64."""
+def attacker_tokens(reduced: bool, cond_resolution: int = 512) -> dict:
+    """One edit at the paper preset: output 512^2 -> 1,024 target tokens; the condition at
+    calculate_dimensions(cond_resolution^2) -> (cond / 16)^2 tokens (512: 1,024, as flow_grpo's trainer
+    and 02 / 03; 1024: 4,096, the pipeline's own, as 01); the text encoder sees the same condition image:
+    (smart_resize to a multiple of 28 / 28)^2 image tokens (512: 324; 1024: 1,369) + ~48 instruction and
+    template tokens after the pipeline drops its first 64."""
     if reduced:
         return dict(target=(8, 8), cond=(8, 8), text=32)
-    return dict(target=(32, 32), cond=(64, 64), text=1369 + 48)
+    side = cond_resolution // 16
+    vl_side = round(cond_resolution / 28)
+    return dict(target=(32, 32), cond=(side, side), text=vl_side * vl_side + 48)
 
 
-def measure_mmdit(reduced: bool) -> Layer:
+def measure_mmdit(reduced: bool, cond_resolution: int) -> Layer:
     """One MMDiT block with the r64 LoRA of 02/03 (fp32 adapter, bf16 base) at one sample's tokens."""
     from diffusers import QwenImageTransformer2DModel
     from peft import LoraConfig
-    tok = attacker_tokens(reduced)
+    tok = attacker_tokens(reduced, cond_resolution)
     with common.seeded(0):
         model = QwenImageTransformer2DModel(**mmdit_config(reduced)).to(torch.bfloat16)
     model.requires_grad_(False)
@@ -416,7 +419,8 @@ def measured_response(args: Args) -> int:
     return 16 if args.reduced else args.response_tokens
 
 
-def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> list[Stage]:
+def compose(P: dict, A01: Layer, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> list[Stage]:
+    """A01: the MMDiT block at 01's condition size (the pipeline's 1 MP); A: at 02 / 03's (512^2)."""
     W, peak, bw = args.world, H100_BF16_FLOPS, H100_HBM_BYTES_S
     s01, s02, s03 = (stage_module(f).Args() for f in ("01_build_sft_data.py", "02_sft_attacker.py",
                                                       "03_train_attacker.py"))
@@ -453,15 +457,16 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
 
     # 01: inference; --offload keeps one MLLM (editor text encoder or judge) on the GPU at a time
     B = s01.batch_size
-    cond_px = (attacker_tokens(reduced)["cond"][0] * 16) ** 2
+    cond_px = (attacker_tokens(reduced, s01.cond_resolution)["cond"][0] * 16) ** 2
+    work_nograd01, f_fwd01 = A01.live + A01.other_live, L_T * A01.flops_fwd
     judge_seq = Pp + s01.max_new_tokens
-    phases = {"edit": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16, activations=B * work_nograd),
+    phases = {"edit": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16, activations=B * work_nograd01),
               "vae encode": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16,
                                  activations=min(B, editing.VAE_CHUNK) * cond_px * E["encode"]["live_per_px"]),
               "judge": dict(transformer=T_bf16, vae=vae, judge=VL_bf16,
                             kv_and_prefill=B * (kv * judge_seq + prefill_work(Pp, n_patch)))}
     edits = s01.outpaint_steps + ASSUMED["implant_share"] * s01.inpaint_steps
-    fl = B * (edits * 2 * f_fwd + 6 * gen_flops(1, judge_seq))
+    fl = B * (edits * 2 * f_fwd01 + 6 * gen_flops(1, judge_seq))
     dec = B * 6 * s01.max_new_tokens / B * VL_bf16 / bw   # judge decoding, bandwidth bound per call
     stages.append(Stage("01 build AOT-SFT", f"{B} seed rows (outpaint + implant, {s01.outpaint_steps} steps, CFG)",
                         phases, fl, fl / peak + dec, fl / (peak * args.mfu) + 2 * dec,
@@ -469,7 +474,9 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
 
     # 02: LoRA SFT, one row per forward, --grad_accum rows per step; text encoder freed after caching
     ga = s02.grad_accum
-    te_work = 1417 * lay.live / lay.tokens + (cond_px // 196) * vis.live / n_patch if not reduced else 0
+    tok23 = attacker_tokens(reduced, s03.cond_resolution)
+    cond_px = (tok23["cond"][0] * 16) ** 2
+    te_work = tok23["text"] * lay.live / lay.tokens + (cond_px // 196) * vis.live / n_patch if not reduced else 0
     phases = {"cache prompts": dict(transformer=T_bf16, vae=vae, text_encoder=VL_bf16, activations=te_work),
               "train": dict(transformer=T_bf16, vae=vae, lora_fp32_adamw=lora_state,
                             activations=act_ckpt if s02.grad_ckpt else act_full)}
@@ -482,7 +489,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     E3 = s03.scenes_per_step * s03.group_size
     sharded = dict(transformer_shard=T_bf16 / W, lora_shard=lora_state / W, gathered_blocks=2 * block_bf16,
                    text_encoder_shard=VL_bf16 / W, defender_shard=VL_bf16 / W, vae=vae)
-    out_px = (attacker_tokens(reduced)["target"][0] * 16) ** 2
+    out_px = (tok23["target"][0] * 16) ** 2
     def_seq = Pp + s03.defender_max_new_tokens
     dbatch = min(64, E3 * s03.defender_k)
     phases = {"rollout": dict(sharded, activations=E3 * work_nograd),
@@ -497,7 +504,8 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
     dec = math.ceil(E3 * s03.defender_k / dbatch) * s03.defender_max_new_tokens * VL_bf16 / bw
     cur = ASSUMED["scenes"] / W * (s03.eval_steps * 2 * f_fwd) / s03.train_iters   # curriculum, per iteration
     stages.append(Stage("03 Flow-GRPO attacker", f"{s03.scenes_per_step} scenes x G={s03.group_size} = {E3} edits, "
-                        f"{s03.num_steps} steps, CFG, micro-batch {s03.micro_batch}", phases, fl + cur,
+                        f"{s03.num_steps} steps, CFG, micro-batch {s03.micro_batch}, {s03.updates_per_iter} "
+                        f"optimizer steps", phases, fl + cur,
                         (fl + cur) / peak + dec, (fl + cur) / (peak * args.mfu) + 2 * dec, 3 * s03.train_iters,
                         f"curriculum ({ASSUMED['scenes']} scenes x {s03.eval_steps} ODE steps) spread over the "
                         f"iterations; {((fl + cur) / (peak * args.mfu) + 2 * dec) / E3:.0f} GPU-s per trained edit"))
@@ -566,7 +574,7 @@ def compose(P: dict, A: Layer, V: dict, E: dict, args: Args, reduced: bool) -> l
 # ---------------------------------------------------------------------------------------------
 # 4. The table
 # ---------------------------------------------------------------------------------------------
-def table(stages: list[Stage], P: dict, A: Layer, V: dict, args: Args, seconds: float) -> str:
+def table(stages: list[Stage], P: dict, A01: Layer, A: Layer, V: dict, args: Args, seconds: float) -> str:
     g = lambda b: f"{b / GB:.1f}"   # noqa: E731
     lines = ["<!-- written by bench/paper_scale.py: an ESTIMATE made on CPU, not a GPU measurement -->",
              f"Estimated on CPU (bench/paper_scale.py, {seconds:.0f} s on this machine), not measured on a GPU. "
@@ -588,9 +596,11 @@ def table(stages: list[Stage], P: dict, A: Layer, V: dict, args: Args, seconds: 
         f"{s.name.split()[0]}: " + ", ".join(f"{p} {g(sum(v.values()))}" for p, v in s.phases.items())
         for s in stages), "",
         "Measured layers (bf16, CPU, micro-batch 1): "
-        f"MMDiT block {P['mmdit_block'] / 1e6:.0f}M params + r64 LoRA at {A.tokens} tokens: saves "
-        f"{A.saved / 2**20:.0f} MiB for backward ({A.saved_ckpt / 2**20:.0f} MiB checkpointed), working set "
-        f"{A.live / 2**20:.0f} MiB, {A.flops_train / 1e12:.2f} TFLOP fwd+bwd ({A.seconds_train:.0f} s); "
+        f"MMDiT block {P['mmdit_block'] / 1e6:.0f}M params + r64 LoRA at {A.tokens} tokens (02, 03: the condition "
+        f"at 512^2): saves {A.saved / 2**20:.0f} MiB for backward ({A.saved_ckpt / 2**20:.0f} MiB checkpointed), "
+        f"working set {A.live / 2**20:.0f} MiB, {A.flops_train / 1e12:.2f} TFLOP fwd+bwd ({A.seconds_train:.0f} s); "
+        f"at {A01.tokens} tokens (01: the pipeline's 1 MP condition) working set {A01.live / 2**20:.0f} MiB, "
+        f"{A01.flops_fwd / 1e12:.2f} TFLOP fwd; "
         f"Qwen2.5-VL decoder layer at {V['layer'].tokens} tokens: {V['layer'].saved / 2**20:.0f} MiB "
         f"({V['layer'].saved_ckpt / 2**20:.1f} checkpointed), LM head + log-softmax {V['layer'].other_saved / 2**20:.0f}"
         f" MiB; vision block: {V['vision'].saved / 2**20:.0f} MiB. Parameters: transformer {P['mmdit'] / 1e9:.2f}B, "
@@ -608,9 +618,12 @@ def main(args: Args):
     P = count_params(args.reduced)
     V = measure_vl(args.reduced, measured_response(args))
     E = measure_vae(args.reduced)
-    A = measure_mmdit(args.reduced)
-    stages = compose(P, A, V, E, args, args.reduced)
-    md = table(stages, P, A, V, args, time.time() - t0)
+    r01 = stage_module("01_build_sft_data.py").Args().cond_resolution
+    r03 = stage_module("03_train_attacker.py").Args().cond_resolution
+    A = measure_mmdit(args.reduced, r03)
+    A01 = A if r01 == r03 or args.reduced else measure_mmdit(args.reduced, r01)
+    stages = compose(P, A01, A, V, E, args, args.reduced)
+    md = table(stages, P, A01, A, V, args, time.time() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(md)
     print(md)

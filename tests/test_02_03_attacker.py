@@ -97,6 +97,16 @@ def test_group_advantages_global_and_group_std():
     assert s03.group_advantages(small, 4, 5.0)[3] < 0.5 < s03.group_advantages(small, 4, 5.0, std="group")[3]
 
 
+def test_condition_tokens_at_the_default_cond_resolution():
+    """flow_grpo's trainer builds the condition at a 512 x 512 area: a 512-px scene's condition is 1,024
+    tokens with 03's (and 02's) default, where the pipeline's 1 MP made it 4,096."""
+    pipe = common.load_attacker("tiny")
+    img = Image.new("RGB", (512, 512), (90, 120, 30))
+    for res, tokens in [(s03.Args().cond_resolution, 1024), (s02.Args().cond_resolution, 1024), (1024, 4096)]:
+        ctx = editing.encode_edit(pipe, [img], ["add a cup"], 64, negative_prompt=None, cond_resolution=res)
+        assert ctx.cond_latents.shape[1] == tokens and ctx.target_len == 16
+
+
 def test_sde_window_starts_in_the_first_half():
     """flow_grpo's sde_window_range = (0, T // 2): with 10 steps and a window of 4 the start is 0 or 1."""
     import random

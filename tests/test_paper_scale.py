@@ -39,7 +39,7 @@ def reduced():
     args = ps.Args(reduced=True, out="")
     P = ps.count_params(True)
     short, long = ps.measure_vl(True, 16), ps.measure_vl(True, 64)
-    A = ps.measure_mmdit(True)
+    A = ps.measure_mmdit(True, 512)
     E = ps.measure_vae(True)
     return args, P, short, long, A, E
 
@@ -60,7 +60,7 @@ def test_activation_bytes_linear_in_tokens_and_checkpointing_lowers_them(reduced
 
 def test_composition_peak_is_sum_of_parts_and_table(reduced, tmp_path):
     args, P, short, long, A, E = reduced
-    stages = ps.compose(P, A, short, E, args, reduced=True)
+    stages = ps.compose(P, A, A, short, E, args, reduced=True)
     assert [s.name.split()[0] for s in stages] == ["01", "02", "03", "04", "05"]
     for s in stages:
         phase, total = s.peak()
@@ -72,7 +72,7 @@ def test_composition_peak_is_sum_of_parts_and_table(reduced, tmp_path):
     assert s03["update"]["transformer_shard"] == pytest.approx(2 * P["mmdit"] / args.world)
     assert s03["update"]["activations"] == pytest.approx(4 * 2 * (P["mmdit_layers"] * A.saved_ckpt + A.saved + A.live
                                                                   + A.other_saved))
-    md = ps.table(stages, P, A, short, args, 1.0)
+    md = ps.table(stages, P, A, A, short, args, 1.0)
     rows = [line for line in md.splitlines() if line.startswith("| 0")]
     assert len(rows) == 5 and "ESTIMATE made on CPU" in md and "not measured on a GPU" in md
 
