@@ -44,6 +44,9 @@ to eval/scores/<name>/<bench>.json as soon as it is scored.
 Robustness: on the run's test scenes, accuracy clean vs attacked by every attacker round so far, and the
 attack success rate (share of clean-correct items the attack turns wrong). An attacker edits only the test
 scenes with target boxes (03's choice 6): its drop is measured against the clean accuracy on those scenes.
+The headline counts the attacks that pass the attacker's own local-SSIM gate (one that fails it may have
+changed the targets, and so the right answer); every attack is scored beside it ('all'), with the share
+of the image each attack changed (summed |RGB| difference > 60; median and quartiles per attacker).
 """
 
 from __future__ import annotations
@@ -482,18 +485,44 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
         att = [dict(index=r["id"], image=r["attacked_image"], question=r["question"], options=r["options"],
                     answer=r["answer"], meta={}) for r in test]
         preds = answer_items(model, processor, att, args, pdir / f"attacks_{d.name}.jsonl", ddp)
-        flipped = [not p["correct"] for p in preds if clean_ok.get(p["index"])]
-        # clean accuracy on the attacked scenes only (03 skips questions without target boxes)
-        clean_same = [clean_ok[p["index"]] for p in preds if p["index"] in clean_ok]
         saved = run / "attacker" / d.name / "args.json"   # the gate the attacker was trained with
         tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
-        out[f"attacker_{d.name}"] = dict(acc=acc(p["correct"] for p in preds), attack_success=acc(flipped),
-                                         clean_acc=acc(clean_same), n=len(preds),
+        valid = {r["id"] for r in test if r["ssim_local"] >= tau}
+        areas = [changed_area(r["image"], r["attacked_image"]) for r in test]
+        out[f"attacker_{d.name}"] = dict(attack_scores([p for p in preds if p["index"] in valid], clean_ok),
+                                         all=attack_scores(preds, clean_ok), tau=tau,
                                          ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
-                                         ssim_pass=acc(s >= tau for s in test["ssim_local"]), tau=tau,
-                                         by_answer=acc_by_answer(preds))
+                                         ssim_pass=acc(s >= tau for s in test["ssim_local"]),
+                                         changed_area=quartiles(areas))
     out["clean_by_answer"] = acc_by_answer(clean)
     return out
+
+
+def attack_scores(preds, clean_ok: dict) -> dict:
+    """On these attacked items: accuracy, attack success (the share of clean-correct items turned wrong),
+    the clean accuracy on the same scenes (an attacker edits only scenes with target boxes) and per right
+    answer. The headline counts the attacks that pass the attacker's local-SSIM gate (an attack that fails
+    it may have changed the targets, and so the right answer); 'all' counts every one."""
+    return dict(acc=acc(p["correct"] for p in preds), attack_success=acc(not p["correct"] for p in preds
+                                                                          if clean_ok.get(p["index"])),
+                clean_acc=acc(clean_ok[p["index"]] for p in preds if p["index"] in clean_ok), n=len(preds),
+                by_answer=acc_by_answer(preds))
+
+
+def changed_area(scene, attacked, threshold: int = 60) -> float:
+    """The share of the image an attack changed: pixels whose summed |RGB| difference exceeds threshold."""
+    import numpy as np
+    a = np.asarray(scene.convert("RGB"), dtype=np.int32)
+    b = np.asarray(attacked.convert("RGB").resize(scene.size), dtype=np.int32)
+    return float((np.abs(a - b).sum(-1) > threshold).mean())
+
+
+def quartiles(xs: list[float]) -> dict:
+    import numpy as np
+    if not xs:
+        return dict(p25=float("nan"), median=float("nan"), p75=float("nan"))
+    p25, p50, p75 = np.percentile(xs, [25, 50, 75]).tolist()
+    return dict(p25=p25, median=p50, p75=p75)
 
 
 def acc_by_answer(preds) -> dict:
@@ -555,8 +584,17 @@ def write_summary(eval_dir: Path, paper_table: bool):
     for a in attackers:   # the held-out attacks themselves (the same rows for every defender)
         x = next((r["robustness"][a] for r in rounds if "ssim_pass" in r["robustness"].get(a, {})), None)
         if x:
-            lines.append(f"\n{a.replace('attacker_round_', 'Attacker ')}: {x['n']} held-out attacks, local SSIM on the "
-                         f"targets {x['ssim_local']:.3f} on average, {x['ssim_pass']:.1f}% pass the gate (>= {x['tau']}).")
+            n_all = x.get("all", x)["n"]
+            line = (f"\n{a.replace('attacker_round_', 'Attacker ')}: {n_all} held-out attacks, local SSIM on the "
+                    f"targets {x['ssim_local']:.3f} on average, {x['ssim_pass']:.1f}% pass the gate (>= {x['tau']})")
+            if "all" in x:
+                line += (f": the table counts those {x['n']}; on all {n_all}, the defender it attacked scores "
+                         f"{x['all']['acc']:.1f} ({x['all']['attack_success']:.1f} attack success)")
+            if "changed_area" in x:
+                q = x["changed_area"]
+                line += (f"; changed area (pixels whose summed |RGB| difference exceeds 60) median "
+                         f"{100 * q['median']:.1f}% of the image (p25 {100 * q['p25']:.1f}%, p75 {100 * q['p75']:.1f}%)")
+            lines.append(line + ".")
     for c in coevolution(rounds):
         k = c["attacker"]
         line = (f"\nRound {k}: attacker {k} takes {c['drop']:.1f} points from defender {k - 1}, the model it was trained "

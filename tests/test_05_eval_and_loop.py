@@ -221,11 +221,12 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert warmup.rstrip(" |").split("|")[-1].strip() != ""
     r0 = json.loads((tmp_path / "loop" / "eval" / "round_0.json").read_text())
     n_test = len(load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"])
-    assert r0["robustness"]["attacker_round_1"]["n"] == n_test
+    assert r0["robustness"]["attacker_round_1"]["all"]["n"] == n_test
     # the held-out attacks' local SSIM and the share passing attacker 1's own gate (the tiny preset's tau 0.3)
     ssim = load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"]["ssim_local"]
     x = r0["robustness"]["attacker_round_1"]
     assert x["tau"] == 0.3 and abs(x["ssim_pass"] - 100 * sum(s >= 0.3 for s in ssim) / len(ssim)) < 1e-9
+    assert x["n"] == sum(s >= 0.3 for s in ssim) and 0 <= x["changed_area"]["median"] <= 1
     assert abs(x["ssim_local"] - sum(ssim) / len(ssim)) < 1e-6
     assert f"Attacker 1: {n_test} held-out attacks" in summary
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
@@ -298,3 +299,19 @@ def test_benchmarks_only_scoring_and_a_later_failure_keeps_earlier_results(tmp_p
     first = json.loads((run2 / "eval" / "scores" / "m" / "vstar.json").read_text())
     assert first["result"]["overall"] == res["benchmarks"]["vstar"]["overall"]
     assert not (run2 / "eval" / "m.json").exists()
+
+
+def test_changed_area_and_gate_passing_attack_scores():
+    scene = Image.new("RGB", (10, 10), (100, 100, 100))
+    attacked = scene.copy()
+    attacked.paste((100, 100, 161), (0, 0, 5, 2))     # 10 pixels changed by 61 in sum: counted
+    attacked.paste((120, 120, 119), (0, 5, 10, 6))    # 10 pixels changed by 20 + 20 + 19 = 59: not counted
+    assert s05.changed_area(scene, attacked) == pytest.approx(0.10)
+    assert s05.quartiles([0.1, 0.2, 0.3, 0.4, 0.5])["median"] == pytest.approx(0.3)
+    clean_ok = {"a": True, "b": True, "c": False, "d": True}
+    preds = [dict(index="a", correct=False, answer="A"), dict(index="b", correct=True, answer="B"),
+             dict(index="c", correct=False, answer="A"), dict(index="d", correct=False, answer="B")]
+    every = s05.attack_scores(preds, clean_ok)
+    assert every["acc"] == 25.0 and every["attack_success"] == pytest.approx(200 / 3) and every["clean_acc"] == 75.0
+    passing = s05.attack_scores([p for p in preds if p["index"] in {"a", "b"}], clean_ok)   # c, d fail the gate
+    assert passing["acc"] == 50.0 and passing["attack_success"] == 50.0 and passing["n"] == 2
