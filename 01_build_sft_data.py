@@ -19,7 +19,7 @@ one object per line (image path relative to the file):
    "options": ["left", "right"], "answer": "A", "targets": [{"name": "bottle", "bbox": [x1,y1,x2,y2]}],
    "split": "train"}          # options [] and answer "Yes"/"No" for yes/no questions
 
-Mechanism (shared/PAPER_NOTES.md, "Stage 01"):
+Mechanism (docs/paper_notes.md, "Stage 01"):
   1. scene extension: pad the canvas by --pad_ratio per side, outpaint the border with the editor
      (masked flow sampling: outside the mask the latents are re-noised from the original at every
      step, as diffusers' inpaint pipelines do), paste the original pixels back, then three judge

@@ -11,7 +11,7 @@ Reads:  data/aot_sft/            Writes: attacker/sft/ (pytorch_lora_weights.saf
   python 02_sft_attacker.py --run_dir runs/aot                              # 1 GPU
   torchrun --nproc_per_node 8 02_sft_attacker.py --run_dir runs/aot
 
-Our choices where the paper is silent (shared/PAPER_NOTES.md, "Attacker SFT"):
+Our choices where the paper is silent (docs/paper_notes.md, "Stage 02"):
   1. LoRA r=64, alpha=128 on the Flow-GRPO target modules (the RL stage continues this adapter);
   2. s ~ U(0, 1) by default (--timestep_sampling logit_normal as in SD3 is a flag);
   3. prompt embeddings and VAE latents are computed once per row and cached in CPU memory (encoders

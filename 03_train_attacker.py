@@ -11,7 +11,7 @@ Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (Data
   torchrun --nproc_per_node 8 03_train_attacker.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
 
 Flow-GRPO, every piece in this file, as flow_grpo's Qwen-Image-Edit configs (counting_qwenimage_edit,
-_fast) and trainer (scripts/train_qwenimage_edit_plus.py) do it (docs/paper_notes.md, "Flow-GRPO"):
+_fast) and trainer (scripts/train_qwenimage_edit_plus.py) do it (docs/paper_notes.md, "Stage 03"):
   rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
              its log-prob recorded (per-element mean, float32); true CFG; output at --resolution,
              condition at --cond_resolution (512, as flow_grpo's trainer; the pipeline's own is 1024)

@@ -12,7 +12,7 @@ Writes: defender/round_k/ (save_pretrained, safetensors, + processor + args.json
   torchrun --nproc_per_node 8 04_train_defender.py --run_dir runs/aot --round 1     # FSDP2, 8 GPUs
   torchrun --nnodes 2 --node_rank $R --master_addr $A --nproc_per_node 8 04_train_defender.py ...
 
-DAPO, every piece in this file, as the authors' EasyR1 fork runs it (docs/paper_notes.md, "DAPO"):
+DAPO, every piece in this file, as the authors' EasyR1 fork runs it (docs/paper_notes.md, "Stage 04"):
   rollout   groups of n answers per prompt, left-padded batched sampling (T = 1, top_p = 1); each
             prompt prefilled once and its n answers decoded from copies of its KV cache
   reward    the authors' correct_first: the first \\boxed{X}, 0.8 if right + 0.2 if strictly boxed, else 0
@@ -30,6 +30,11 @@ Departures / our choices:
      rollout batch) x epochs, as EasyR1's drop_last data loader;
   2. with --max_tries > 0 spent and the batch still short, the step trains on the groups there are
      (EasyR1 stops with an error);
+  2b. validation: --val_fraction of the round's scenes held out of training (their attacks and the same
+     scenes clean; the authors hold out a separate attack split), every --val_every steps and before
+     training, with greedy answers as 05 scores (the authors sample one at T 0.6, top_p 0.95);
+     --select best_val makes the best-scoring step the round's defender (the authors continue from
+     named intermediate checkpoints, how chosen unstated), --select last (default) the last step;
 Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
 --gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
 prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training

@@ -12,7 +12,7 @@ Writes: eval/preds/<name>/<bench>.jsonl (per item, every trial, so a re-run scor
       --bench vstar=bench/VStarBench.tsv pope=bench/POPE.tsv hallusionbench=bench/HallusionBench.tsv
   torchrun --nproc_per_node 8 05_eval.py ...           # items sharded over ranks
 
-As the authors' eval scripts (eval/, shared/PAPER_NOTES.md "Evaluation") compute it:
+As the authors' eval scripts (eval/; docs/paper_notes.md, "Stage 05") compute it:
   prompts         eval/config/prompts.toml: yes/no and MCQ wordings, text before the image; options as
                   "Options:\nA. x" (HR-Bench and every other MCQ) or "(A) x" (V*)
   extraction      yes/no: final-answer phrase, first box, first yes/no word (POPE, HallusionBench and

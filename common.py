@@ -32,7 +32,7 @@ TINY = "tiny"
 DEFENDER_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 ATTACKER_ID = "Qwen/Qwen-Image-Edit"
 
-# LoRA targets of the Flow-GRPO Qwen-Image-Edit config (shared/PAPER_NOTES.md).
+# LoRA targets of the Flow-GRPO Qwen-Image-Edit config (docs/paper_notes.md, "Stage 03").
 ATTACKER_LORA_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
