@@ -30,11 +30,26 @@ Departures / our choices:
      rollout batch) x epochs, as EasyR1's drop_last data loader;
   2. with --max_tries > 0 spent and the batch still short, the step trains on the groups there are
      (EasyR1 stops with an error);
-  2b. validation: --val_fraction of the round's scenes held out of training (their attacks and the same
+  3. validation: --val_fraction of the round's scenes held out of training (their attacks and the same
      scenes clean; the authors hold out a separate attack split), every --val_every steps and before
      training, with greedy answers as 05 scores (the authors sample one at T 0.6, top_p 0.95);
      --select best_val makes the best-scoring step the round's defender (the authors continue from
      named intermediate checkpoints, how chosen unstated), --select last (default) the last step;
+  4. old log-probs are recomputed with a no-grad forward before the updates (verl's way), not taken
+     from the sampler; --old_logp rollout uses the sampler's instead;
+  5. yes/no scenes are scored by the same two rules on \\boxed{Yes} / \\boxed{No} (the official reward
+     reads option letters only, so it scores every yes/no item 0);
+  6. precision and sharding (verl / EasyR1): the trained weights and AdamW state are fp32 master
+     weights, compute is --dtype (bf16 on GPU). Under torchrun, on GPU or CPU alike: FSDP2
+     (fully_shard per vision block and decoder layer, then the root) with
+     MixedPrecisionPolicy(param bf16, reduce fp32); in one process: torch.autocast. Checkpoints are
+     torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
+  7. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
+     token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
+  8. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
+     (``pack``: a 4D mask keeps the answers apart, positions as sampled; exact, tested), so a prompt and
+     its image go through the model once per row, not once per answer; verl / EasyR1 run every
+     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2.
 Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
 --gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
 prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
