@@ -76,8 +76,7 @@ PRESETS = {
                        num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
                        chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.18, max_box_frac=0.26,
                        distractors="red triangle,blue triangle,orange triangle,purple triangle",
-                       # one implant per scene kept 58 effective distractors of 437 (10 on "A" questions); up to
-                       # four per scene, 168 (30), and 03's attacker took 23.6 -> 29.2 points (issue 12)
+                       # up to four implants per scene: one keeps too few effective distractors (bench/tiny_world.md)
                        num_proposals=8, implants_per_scene=4,
                        min_composition=0.0, max_duplication=1.0, min_realism=0.0, max_new_tokens=8),
 }

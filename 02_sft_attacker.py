@@ -43,12 +43,7 @@ import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
                         grad_accum=2, save_every=5),
-           # 8 passes over AOT-SFT (chosen at ~65 rows; 168 since 01 implants up to four per scene): at 2 the cold
-           # start was at the edge of learning to add anything. Measured
-           # (issue 12, one world built on a 2-core AMD EPYC, 137 held-out attacks, left/right only: the seed split
-           # before its fix): after 2 epochs + 03 attacker 1 took 3.6 points from defender 0 and its edits were a
-           # blurred copy; the 8-epoch adapter alone takes 28.5, after 03 38.0 (90.5% within the gate); 4 epochs +
-           # 03: 35.8, but only 63% within the gate (the scene painted over). With the split fixed: 23.6 (92.1%)
+           # 8 passes over AOT-SFT: fewer leave the cold start at the edge of adding anything (bench/tiny_world.md)
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, lora_rank=16, lora_alpha=32,
                               epochs=8, lr=1e-3, grad_accum=8, save_every=20, grad_ckpt=False)}
 

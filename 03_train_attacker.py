@@ -79,30 +79,13 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # 48 iterations of 8 scenes at 3e-4 (issue 12): from 01's 168 effective distractors,
-                              # attacker 1 took 29.2 points (seeds 1, 2: 26.4, 33.0) from defender 0 on the 106 test scenes it
-                              # attacks, ~90% within the gate, with one or a few blobs away from the targets. From
-                              # 58 (one implant per scene): 23.6; 24 iterations 21.7, 72 20.8, 48 + 24 more 29.2:
-                              # the spread between runs is larger than what more iterations add. At 1e-3 with 4
-                              # scenes its success swung from iteration to iteration, and 16 iterations took 41.7
-                              # by covering the scene with blobs and adding red blobs to "Is there a red circle?"
-                              # scenes without one (not attacked since: choice 6). Four attacks per train scene:
-                              # on one (439 kept) 36 DAPO steps won back 17% of a drop, on four (1,763) 27%
+                              # 48 iterations of 8 scenes at 3e-4; four attacks per train scene (bench/tiny_world.md)
                               curriculum_samples=4,
-                              # 32 scenes a batch: 263 -> 209 ms an attack against batches of 8 (64 attacks, Zen 3)
+                              # 32 scenes a curriculum batch: faster than 8 on CPU
                               curriculum_batch=32,
-                              # Flow-GRPO-Fast (flow_grpo): SDE + training on a random window of 2 of the 5
-                              # stochastic steps, ODE elsewhere. Measured from the same SFT attacker and defender
-                              # 0: an update 2.2-2.5 s instead of 6.5; attacker 1 took 34.9 points (59.4 attacked,
-                              # 90.6% within the gate) and defender 1 won back 76% at -1.6 clean (with 2 attacks
-                              # per train scene and 6 curriculum steps instead, 44 DAPO steps: 38%)
+                              # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere
                               sde_window=2,
-                              # the world's 8x VAE reconstructs untouched targets at local SSIM 0.64-0.66 on
-                              # average (world.json "vae_target_ssim"): the ceiling of any edit's SSIM here,
-                              # so the paper's 0.85 would zero every reward. Measured at 0.55 on 24 scenes:
-                              # untouched targets pass 92%, one target recoloured 38%, one erased 54%; on
-                              # the editor's own "keep" edits (bench/world_gate.py, 74 scenes, a Zen 4's
-                              # world) 93%, 58% and 55%: a weak gate, bounded by the VAE and the editor
+                              # the gate at 0.55: the world's VAE caps untouched targets' local SSIM at ~0.66
                               tau=0.55)}
 
 

@@ -76,14 +76,8 @@ PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
                  max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
-    # the world's defender is confident (entropy ~0.08 nats): groups of 4 were nearly all right or all wrong
-    # (dynamic sampling kept 3-18%), groups of 16 keep 15-44%. Updates of 8 prompts (~3 per rollout step) won
-    # back more than 1 or 4 per step (issue 12: attacked 48.9 -> 68.6, against 60.6 and 64.2); lr 2e-4 broke
-    # it. One pass over the pool (EasyR1's epochs): round 0 its 473 clean train scenes -> 14 steps, round k
-    # 03's four attacks per train scene + as many clean prompts -> ~98 steps (other mixes: README). Micro-
-    # batches of a whole update (8 packed rows): bench/dapo_step.py, 512 answers, old log-probs + updates
-    # 1.5 s a step on 2 cores (12.6 before packing); round 1 on a Zen 3's world won back 14% at 128, 25% at 32
-    # answers per micro-batch (the earlier grouping): within the noise of 106 items
+    # groups of 16: the world's defender is confident, smaller groups are nearly all right or all wrong; updates
+    # of 8 prompts, lr 1e-4, one pass over the pool; micro-batches of a whole update (bench/tiny_world.md)
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
                        max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny_world ROUNDS=1 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (first time, 2 cores: 18 min on a Zen 5 EPYC, 31 on a Zen 4; README)
+#   PRESET=tiny_world ROUNDS=2 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (README: results, time)
 #   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
 #   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
 #   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
@@ -63,7 +63,7 @@ echo "   seeds: $SEEDS; models: $MODELS; benchmarks: ${BENCH:-none (robustness o
 if [ ! -e "$RUN_DIR/data/aot_sft" ]; then $PY 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}" --check_inputs >/dev/null; fi
 if [ -n "$BENCH" ]; then $PY 05_eval.py --run_dir "$RUN_DIR" "${BENCH_ARGS[@]}" --check_inputs >/dev/null; fi
 
-# 0. the tiny world's trained defender and editor (first run 10 min on 2 cores of a Zen 5, 16 on a Zen 4, 27 on a Zen 3, measured; then reused)
+# 0. the tiny world's trained defender, VAE and editor (built once per run directory, then reused)
 if [ "$PRESET" = "tiny_world" ]; then
   EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
 fi

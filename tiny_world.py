@@ -3,9 +3,7 @@
 also stage 01's seed rows), saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
-Measured on 2 cores (world.json), Zen 4 EPYC (AVX-512, bf16): 15.4 min (defender 2.1, 89.6% of held-out scenes;
-VAE 0.9; editor 12.4 with one top-up, add hit 0.67); a Zen 5 built the same models (every printed number alike)
-in 10.1 min; earlier worlds, CPUs and recipes: bench/tiny_world.md.
+Build times, worlds, CPUs and recipes: bench/tiny_world.md.
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
@@ -347,10 +345,8 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
 
 
 def world_pipeline(text_encoder, processor, vae, layers: int = 2, heads: int = 4):
-    """A QwenImageEditPipeline around the world's VAE and defender (its text encoder) and a fresh MMDiT.
-    Measured (Zen 3, the recipe below): 2 layers 128 wide, 134 ms a training step, held-out add hit 0.87 and
-    keep 27.5 dB; 4 layers, ~300 ms, 0.53 and 28.0 dB; 4 layers 64 wide (the 64 values a latent token carries)
-    never learned to copy the scene (keep 22.2 dB, blotches everywhere)."""
+    """A QwenImageEditPipeline around the world's VAE and defender (its text encoder) and a fresh MMDiT of
+    2 layers 128 wide (deeper or narrower ones learned worse: bench/tiny_world.md)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageTransformer2DModel
     with seeded(12):
         transformer = QwenImageTransformer2DModel(
@@ -420,13 +416,8 @@ def train_world_editor(pipe, steps: int = 0, add_steps: int = 5000, batch: int =
     ``max_more`` weighted top-ups of ``more_steps`` at ``more_lr``; a top-up starts the pairs over with its own
     noise generator, so it continues a saved editor exactly as in the build. -> the validation hit rates.
 
-    Why, measured (add hit on 96 validation / 96 held-out pairs; bench/tiny_world.md): plain flow matching copies the scene
-    but never adds (0.02 after 3,000 steps: the shape is ~2 of 49 tokens); x10 from the start broke the copy.
-    The build's 5,000 steps at 1e-3 hit 0.65 of validation adds on a Zen 4, 0.40 of held-out ones on a Zen 3:
-    hence the top-up.
-    noise_power 2 at 2e-3 made a far better editor in the same time (held-out hit 0.90 against 0.67 after
-    the top-up), but round 1 on it missed target 2 (seed 0: 24.5 points) or 3 (seed 1: 44%): not the default
-    (README, bench/tiny_world.md)."""
+    Why: plain flow matching copies the scene but never adds (the shape is ~2 of 49 tokens), so the edited
+    tokens are weighted; the top-up because the same steps land elsewhere on another CPU (bench/tiny_world.md)."""
     import torch
 
     tr = pipe.transformer

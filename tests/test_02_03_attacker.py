@@ -197,9 +197,7 @@ def test_two_optimizer_steps_per_rollout_batch():
 
 def test_flow_grpo_raises_brightness():
     """A verifiable reward (decoded brightness) rises under 100 Flow-GRPO steps. One thread: the trajectory
-    depends on the kernels' rounding; on a Zen 3 EPYC (AVX2) 60 steps rose at 1 thread and not at 2 (0.4913 ->
-    0.4892), on a Zen 4 (AVX-512) at 2 threads and too little at 1 (0.4913 -> 0.4943). 100 steps at 1 thread on
-    the Zen 4: seed 0 0.4913 -> 0.4991, seeds 1 and 2 +0.0070 and +0.0068."""
+    depends on the kernels' rounding (AVX2 and AVX-512 differ; bench/tiny_world.md has the measurements)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

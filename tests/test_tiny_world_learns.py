@@ -1,10 +1,9 @@
-"""The tiny world learns (issue 12, targets 1-3): PRESET=tiny_world ROUNDS=1 end to end, then the co-evolution
+"""The tiny world learns (round 1's targets): PRESET=tiny_world ROUNDS=1 end to end, then the co-evolution
 measured on its held-out test scenes (05_eval.coevolution, the lines at the end of eval/summary.md).
 
-Opt-in: one run from an empty directory takes 18 min on 2 cores of a Zen 5 EPYC (the models 10, the stages 8: the
-first round of the README's ROUNDS=2 run) and 31 on a Zen 4, the two CPUs this world is validated on (~54 on a Zen 3
-for an earlier world; measured, README). ``AOT_LEARNING_TEST=1`` runs it in a temporary directory;
-``AOT_LEARNING_TEST=DIR`` runs it in DIR, where finished stages are skipped (a finished run is re-checked in seconds)."""
+Opt-in: a run from an empty directory takes tens of minutes on 2 cores (times: bench/tiny_world.md).
+``AOT_LEARNING_TEST=1`` runs it in a temporary directory; ``AOT_LEARNING_TEST=DIR`` runs it in DIR, where finished
+stages are skipped (a finished run is re-checked in seconds)."""
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from helpers import env
 WHERE = os.environ.get("AOT_LEARNING_TEST", "")
 
 
-@pytest.mark.skipif(not WHERE, reason="18-31 min on 2 cores (Zen 5, Zen 4): AOT_LEARNING_TEST=1 (or a run directory) runs it")
+@pytest.mark.skipif(not WHERE, reason="tens of minutes on 2 cores: AOT_LEARNING_TEST=1 (or a run directory) runs it")
 def test_tiny_world_co_evolution_meets_its_targets(tmp_path):
     run = tmp_path / "world" if WHERE == "1" else Path(WHERE)
     e = dict(env(), PRESET="tiny_world", ROUNDS="1", RUN_DIR=str(run), PYTHON=os.sys.executable)
