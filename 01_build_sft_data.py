@@ -62,8 +62,10 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import common
 import editing
+import parallel
 import rundir
 import seeds
+import tiny_world
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
@@ -86,7 +88,7 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (seeds.world_scene), "
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (tiny_world.world_scene), "
                                                                    "a seed JSONL path, or coco:ANNOTATIONS.json:IMAGE_DIR "
                                                                    "(COCO-format instances)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
@@ -100,7 +102,7 @@ class Args:
     test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
     judge: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM for checks and proposals"})
     target: str = field(default=common.DEFENDER_ID, metadata={"help": "MLLM whose failure = effective"})
-    editor: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit (hub id/path)"})
+    editor: str = field(default=editing.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit (hub id/path)"})
     pad_ratio: float = field(default=0.25, metadata={"help": "canvas padding per side (x width/height)"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
     cond_resolution: int = field(default=1024, metadata={"help": "condition image (VAE latents + the image the text "
@@ -511,19 +513,19 @@ def main(args: Args):
         raise SystemExit(f"[01] --implants_per_scene {args.implants_per_scene}: needs 1 <= it <= --num_proposals "
                          f"({args.num_proposals})")
     common.quiet()
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     run = Path(args.run_dir)
     data = run / "data"
     work = data / ".tmp_01_chunks"
     if (data / "scenes").exists() and (data / "aot_sft").exists():
-        common.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
+        parallel.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
         return
     t0 = time.time()
 
     # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
     if args.seed_data in ("synthetic", "tiny_world"):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else seeds.world_seed_item(i, args.test_fraction, args.seed)
+                else tiny_world.world_seed_item(i, args.test_fraction, args.seed)
                 for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
@@ -531,19 +533,19 @@ def main(args: Args):
             rundir.commit_dir(rundir.tmp_dir_for(data / "seed"), data / "seed")
     elif args.seed_data.startswith("coco:"):
         rows, skipped, rejected = seeds.read_coco(args.seed_data, args)
-        common.print0(f"[01] COCO: {len(rows)} questions; candidates rejected: {rejected or 'none'}")
+        parallel.print0(f"[01] COCO: {len(rows)} questions; candidates rejected: {rejected or 'none'}")
         for s in skipped:
-            common.print0(f"[01] skipped: {s}")
+            parallel.print0(f"[01] skipped: {s}")
     else:
         (rows, skipped), rejected = seeds.read_seed_jsonl(Path(args.seed_data)), {}
         for s in skipped:
-            common.print0(f"[01] skipped seed row: {s}")
+            parallel.print0(f"[01] skipped seed row: {s}")
     if not rows:
         raise SystemExit(f"[01] no usable seed rows in {args.seed_data} ({len(skipped)} skipped): nothing to build")
     n_chunks = math.ceil(len(rows) / args.chunk_size)
     mine = [c for c in range(n_chunks) if c % ddp.world == ddp.rank]
     done = [c for c in mine if (work / f"chunk_{c:05d}" / "counts.json").exists()]
-    common.print0(f"[01] {len(rows)} seed rows ({len(skipped)} skipped) -> {n_chunks} chunks of {args.chunk_size} "
+    parallel.print0(f"[01] {len(rows)} seed rows ({len(skipped)} skipped) -> {n_chunks} chunks of {args.chunk_size} "
                   f"over {ddp.world} rank(s); judge={args.judge} target={args.target} editor={args.editor}")
     if done:
         print(f"[01] rank {ddp.rank}: resuming, {len(done)}/{len(mine)} chunk(s) already done", flush=True)
@@ -556,7 +558,7 @@ def main(args: Args):
         judge, judge_proc = common.load_defender(args.judge, parked, dtype=dtype)
         target, target_proc = (judge, judge_proc) if args.target == args.judge else \
             common.load_defender(args.target, parked, dtype=dtype)
-        editor = common.load_attacker(args.editor, device=ddp.device, dtype=dtype)
+        editor = editing.load_attacker(args.editor, device=ddp.device, dtype=dtype)
         if swap.enabled:
             editor.text_encoder.to("cpu")
         models = (judge, judge_proc, target, target_proc, editor, swap)
@@ -572,7 +574,7 @@ def main(args: Args):
             rundir.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
             print(f"[01] rank {ddp.rank} chunk {c + 1}/{n_chunks}: {counts['scenes']} scenes, "
                   f"{counts['effective']} effective ({len(sft) / max(1, time.time() - tc):.2f} rows/s)", flush=True)
-    common.barrier()
+    parallel.barrier()
 
     if ddp.master:  # merge chunks in order -> data/scenes, data/aot_sft, funnel, gallery
         total = new_counts()
@@ -604,8 +606,8 @@ def main(args: Args):
               ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
                "scenes_with_valid_proposal", "implanted", "effective"]) + f" | skipped seed rows {len(skipped)}")
         print(f"[01] wrote {data}/scenes ({total['scenes']}), aot_sft ({total['effective']}) in "
-              f"{time.time() - t0:.0f}s, peak mem {common.peak_memory_gb(ddp.device):.2f} GB")
-    common.cleanup_distributed()
+              f"{time.time() - t0:.0f}s, peak mem {parallel.peak_memory_gb(ddp.device):.2f} GB")
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

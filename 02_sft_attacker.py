@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import common
 import editing
+import parallel
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_rank=8, lora_alpha=16, max_steps=20, lr=1e-3,
@@ -52,7 +53,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, lora_ran
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models"})
-    model: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
+    model: str = field(default=editing.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
     data: str | None = field(default=None, metadata={"help": "default <run_dir>/data/aot_sft"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
     cond_resolution: int = field(default=512, metadata={"help": "condition image (VAE latents + the image the text "
@@ -103,11 +104,11 @@ def sft_loss(transformer, ctx, x0, s, eps):
 
 def main(args: Args):
     common.quiet()
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     run = Path(args.run_dir)
     out = run / "attacker" / "sft"
     if out.exists():
-        common.print0(f"[02] {out} exists: nothing to do")
+        parallel.print0(f"[02] {out} exists: nothing to do")
         return
     from datasets import load_from_disk
     data_path = Path(args.data or run / "data" / "aot_sft")
@@ -118,8 +119,8 @@ def main(args: Args):
         raise SystemExit(f"[02] {data_path} is empty")
     rows = [ds[i] for i in range(ddp.rank, len(ds), ddp.world)] or [ds[ddp.rank % len(ds)]]
     torch.manual_seed(args.seed + ddp.rank)
-    pipe = common.load_attacker(args.model, device=ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
-    params = common.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
+    pipe = editing.load_attacker(args.model, device=ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
+    params = editing.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
     if args.grad_ckpt:
         pipe.transformer.enable_gradient_checkpointing()
     pipe.transformer.train()
@@ -128,7 +129,7 @@ def main(args: Args):
     cache = cache_rows(pipe, rows, args.resolution, args.cond_resolution)
     pipe.text_encoder = None   # 16.6 GB at paper size, unused from here on (bench/paper_scale.py)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(ds) / (args.grad_accum * ddp.world)))
-    common.print0(f"[02] {len(ds)} AOT-SFT rows ({len(rows)} on rank 0, cached in {time.time() - t0:.1f}s), "
+    parallel.print0(f"[02] {len(ds)} AOT-SFT rows ({len(rows)} on rank 0, cached in {time.time() - t0:.1f}s), "
                   f"{steps} steps x {args.grad_accum} rows x {ddp.world} ranks, LoRA r={args.lora_rank} "
                   f"({sum(p.numel() for p in params) / 1e6:.2f}M params), lr {args.lr}")
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
@@ -141,7 +142,7 @@ def main(args: Args):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
-        common.print0(f"[02] resumed at step {start}")
+        parallel.print0(f"[02] resumed at step {start}")
 
     for step in common.progress(range(start, steps), initial=start, total=steps, desc="[02] steps"):
         ts = time.time()
@@ -155,14 +156,14 @@ def main(args: Args):
             loss = sft_loss(pipe.transformer, ctx, x0, s, eps)
             (loss / args.grad_accum).backward()
             total += loss.item() / args.grad_accum
-        common.all_reduce_grads(params)
+        parallel.all_reduce_grads(params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
         opt.step()
-        loss_all = common.all_reduce(torch.tensor(total), op="mean").item()
+        loss_all = parallel.all_reduce(torch.tensor(total), op="mean").item()
         row = dict(step=step + 1, loss=loss_all, grad_norm=gnorm, step_s=time.time() - ts,
-                   peak_mem_gb=common.peak_memory_gb(ddp.device))
+                   peak_mem_gb=parallel.peak_memory_gb(ddp.device))
         logger.log(row)
-        common.print0(f"[02] step {step + 1}/{steps} loss {loss_all:.4f} grad {gnorm:.3f} {row['step_s']:.2f}s "
+        parallel.print0(f"[02] step {step + 1}/{steps} loss {loss_all:.4f} grad {gnorm:.3f} {row['step_s']:.2f}s "
                       f"mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             rundir.save_checkpoint(ckpt_dir, step + 1, pipe.transformer, opt,
@@ -170,14 +171,14 @@ def main(args: Args):
 
     if ddp.master:
         tmp = rundir.tmp_dir_for(out)
-        common.save_attacker_lora(pipe, tmp)
+        editing.save_attacker_lora(pipe, tmp)
         rundir.save_args(args, tmp)
         rundir.commit_dir(tmp, out)
         import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         print(f"[02] wrote {out} in {time.time() - t0:.0f}s")
     logger.close()
-    common.cleanup_distributed()
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ import torch
 
 import common
 import editing
+import parallel
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
@@ -94,7 +95,7 @@ class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models"})
     round: int = field(default=1, metadata={"help": "attacker round k >= 1"})
-    model: str = field(default=common.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
+    model: str = field(default=editing.ATTACKER_ID, metadata={"help": "Qwen-Image-Edit hub id or path"})
     init_lora: str | None = field(default=None, metadata={"help": "default attacker/round_{k-1} (k=1: sft)"})
     defender: str | None = field(default=None, metadata={"help": "default defender/round_{k-1}"})
     reward: str = field(default="defender", metadata={"help": "'defender' or 'brightness' (sanity check)"})
@@ -235,7 +236,7 @@ def compute_rewards(scenes, edits, images, defender, processor, args):
         return bright, torch.ones_like(bright), torch.zeros_like(bright)
     ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]])
                          for s, e in zip(scenes, edits)])
-    with common.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
+    with parallel.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
         wrong = defender_failures(defender, processor, scenes, edits, args)
     r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all)
                       for a, b in zip(ssim.tolist(), wrong.tolist())])
@@ -249,7 +250,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: s
     by one sampled defender answer from getting the advantages of a real success."""
     r = rewards.view(-1, group_size).double()
     if std == "global":
-        n, tot, sq = common.all_reduce(torch.tensor([r.numel(), r.sum(), (r ** 2).sum()], dtype=torch.float64)).tolist()
+        n, tot, sq = parallel.all_reduce(torch.tensor([r.numel(), r.sum(), (r ** 2).sum()], dtype=torch.float64)).tolist()
         sd = math.sqrt(max(sq / n - (tot / n) ** 2, 0.0))
     elif std == "group":
         sd = r.std(1, unbiased=False, keepdim=True)
@@ -272,10 +273,10 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
     idx = list(range(adv.shape[0])) if idx is None else list(idx)
     order = list(train_steps)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    n_all = common.all_reduce(torch.tensor(float(len(idx)))).item()
+    n_all = parallel.all_reduce(torch.tensor(float(len(idx)))).item()
     weight = world / (max(n_all, 1.0) * len(order))   # gradients are then averaged over the ranks
     mine = math.ceil(len(idx) / args.micro_batch)
-    n_mb = int(common.all_reduce(torch.tensor(float(mine)), op="max").item())
+    n_mb = int(parallel.all_reduce(torch.tensor(float(mine)), op="max").item())
     sigma_max = sigmas[1].item()
     stats = dict(clip_frac=0.0, approx_kl=0.0, ratio=0.0, kl=0.0, n=0)
     opt.zero_grad(set_to_none=True)
@@ -306,8 +307,8 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
                     stats["approx_kl"] += (0.5 * (logp - old_logps[j, sel]) ** 2).mean().item()
                     stats["ratio"] += ratio.mean().item()
                     stats["n"] += 1
-    if not common.is_fsdp(tr):   # FSDP2 reduce-scatters the LoRA gradients in backward (in fp32)
-        common.all_reduce_grads(params)
+    if not parallel.is_fsdp(tr):   # FSDP2 reduce-scatters the LoRA gradients in backward (in fp32)
+        parallel.all_reduce_grads(params)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     stats["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
     opt.step()
@@ -352,7 +353,7 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
             for s in part[i:i + per]:
                 by_size.setdefault(editing.snap_size(s["image"], args.resolution), []).append(s)
             batches += [(seed + i + 1_000_003 * j, group) for group in by_size.values()]
-    n = int(common.all_reduce(torch.tensor(float(len(batches))), op="max").item())
+    n = int(parallel.all_reduce(torch.tensor(float(len(batches))), op="max").item())
     rows = []
     for b in common.progress(range(n), desc="[03] curriculum"):
         noise_seed, group = batches[b] if b < len(batches) else (seed, [filler])
@@ -388,7 +389,7 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats).save_to_disk(
         str(shard_dir / f"rank_{ddp.rank}"))
-    common.barrier()
+    parallel.barrier()
     if not ddp.master:
         return
     allrows = concatenate_datasets([load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(ddp.world)])
@@ -409,11 +410,11 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
 # ---------------------------------------------------------------------------------------------
 def main(args: Args):
     common.quiet()
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     run = Path(args.run_dir)
     out_lora, out_attacks = run / "attacker" / f"round_{args.round}", run / "attacks" / f"round_{args.round}"
     if out_lora.exists() and out_attacks.exists():
-        common.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
+        parallel.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
         return
     from datasets import load_from_disk
     scenes_ds = load_from_disk(str(run / "data" / "scenes"))
@@ -421,23 +422,23 @@ def main(args: Args):
     if not args.attack_targetless:   # choice 6: a question about an absent object has no box to protect
         scenes_ds = scenes_ds.filter(lambda t: len(t) > 0, input_columns="targets")
         if n_all > len(scenes_ds):
-            common.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
+            parallel.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
                           f"an absent object): not attacked (--attack_targetless attacks them)")
     train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
     if not train_scenes:
         raise SystemExit(f"[03] no train scenes with target boxes in {run / 'data' / 'scenes'} ({n_all} scenes)")
     init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
     dtype = common.resolve_dtype(args.dtype, ddp.device)
-    pipe = common.load_attacker(args.model, device=ddp.device, dtype=dtype)
+    pipe = editing.load_attacker(args.model, device=ddp.device, dtype=dtype)
     done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
     src = str(out_lora) if done else init
     if Path(src).exists():
-        params = common.load_attacker_lora(pipe, src, trainable=True)
+        params = editing.load_attacker_lora(pipe, src, trainable=True)
     elif args.init_lora:
         raise SystemExit(f"[03] --init_lora {init} does not exist")
     else:
-        common.print0(f"[03] no adapter at {init}: starting a fresh LoRA (r={args.lora_rank})")
-        params = common.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
+        parallel.print0(f"[03] no adapter at {init}: starting a fresh LoRA (r={args.lora_rank})")
+        params = editing.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
     if args.grad_ckpt:
         pipe.transformer.enable_gradient_checkpointing()
     defender = processor = None
@@ -448,12 +449,12 @@ def main(args: Args):
                              f"{args.round - 1})")
         defender, processor = common.load_defender(dpath, ddp.device, dtype=dtype)
     if ddp.world > 1:   # FSDP2, as flow_grpo: 1/world of the transformer (+ LoRA), text encoder, defender
-        common.shard(pipe.transformer, pipe.transformer.transformer_blocks)
-        common.shard_vl(pipe.text_encoder, pipe.tokenizer.pad_token_id)
+        parallel.shard(pipe.transformer, pipe.transformer.transformer_blocks)
+        parallel.shard_vl(pipe.text_encoder, pipe.tokenizer.pad_token_id)
         if defender is not None:
-            common.shard_vl(defender, processor.tokenizer.pad_token_id)
+            parallel.shard_vl(defender, processor.tokenizer.pad_token_id)
         params = [p for p in pipe.transformer.parameters() if p.requires_grad]   # now DTensor shards
-        common.print0(f"[03] FSDP2 over {ddp.world} ranks: transformer + LoRA, text encoder"
+        parallel.print0(f"[03] FSDP2 over {ddp.world} ranks: transformer + LoRA, text encoder"
                       f"{', defender' if defender is not None else ''} sharded")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
@@ -468,8 +469,8 @@ def main(args: Args):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
-        common.print0(f"[03] resumed at iteration {start}")
-    common.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
+        parallel.print0(f"[03] resumed at iteration {start}")
+    parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
                   f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
                   f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
                   f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
@@ -498,7 +499,7 @@ def main(args: Args):
         shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
         st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle)
         t_train = time.time() - t1
-        sums = common.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
+        sums = parallel.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
                                                float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
                                                st["clip_frac"], st["approx_kl"], st["ratio"], st["kl"]], dtype=torch.float64))
         n = sums[2].item()
@@ -509,9 +510,9 @@ def main(args: Args):
                    approx_kl=sums[8].item() / ddp.world, ratio_mean=sums[9].item() / ddp.world,
                    kl_ref=sums[10].item() / ddp.world,
                    grad_norm=st["grad_norm"], rollout_s=t_roll, train_s=t_train,
-                   edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=common.peak_memory_gb(ddp.device))
+                   edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=parallel.peak_memory_gb(ddp.device))
         logger.log(row)
-        common.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
+        parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
                       f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
                       f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
                       f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
@@ -521,26 +522,26 @@ def main(args: Args):
 
     if not done:
         tmp = rundir.tmp_dir_for(out_lora)
-        common.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
+        editing.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
         if ddp.master:
             rundir.save_args(args, tmp)
             rundir.commit_dir(tmp, out_lora)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             print(f"[03] wrote {out_lora}")
-    common.barrier()
+    parallel.barrier()
     if not out_attacks.exists():
         pipe.transformer.eval()
         # the defender's sampled answers in the curriculum: the same whether training ran in this process,
         # resumed from a checkpoint or finished in an earlier one
         torch.manual_seed(args.seed * 1000 + 7 + ddp.rank)
         if args.reward == "brightness":
-            common.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
+            parallel.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
         write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)
     if ddp.master and (out_attacks / "gallery.png").exists():
         from PIL import Image
         logger.image("gallery", Image.open(out_attacks / "gallery.png"), args.train_iters)
     logger.close()
-    common.cleanup_distributed()
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

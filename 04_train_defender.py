@@ -70,6 +70,7 @@ from pathlib import Path
 import torch
 
 import common
+import parallel
 import rundir
 
 PRESETS = {
@@ -304,7 +305,7 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
         inputs = common.defender_inputs(processor, [p["image"] for p in prompts[call]],
                                         [common.defender_prompt(p["question"], p["options"]) for p in prompts[call]],
                                         model.device)
-        with common.gathered_for_generation(model), compute_dtype(model):
+        with parallel.gathered_for_generation(model), compute_dtype(model):
             comp, logp = sample_groups(model, inputs, args.group_size, args, eos_t, tok.pad_token_id)
         patches = inputs["image_grid_thw"].prod(-1).tolist()
         offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
@@ -459,7 +460,7 @@ def collect_groups(model, processor, stream, per_rank, args):
     need = per_rank * world
     per_try = max(1, math.ceil((args.mini_rollout_batch or need) / world))
     while args.max_tries < 0 or tries < args.max_tries:
-        if common.all_reduce(torch.tensor(float(len(kept)))).item() >= need:
+        if parallel.all_reduce(torch.tensor(float(len(kept)))).item() >= need:
             break
         tries += 1
         samples = rollout(model, processor, stream.take(per_try), args)
@@ -507,7 +508,7 @@ def step_row(step, groups, g, st, step_s, ddp) -> dict:
     """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
     response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
     samples = [s for grp in groups for s in grp]
-    sums = common.all_reduce(torch.tensor([
+    sums = parallel.all_reduce(torch.tensor([
         sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
         len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
         st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples),
@@ -522,7 +523,7 @@ def step_row(step, groups, g, st, step_s, ddp) -> dict:
                 overlong=kept(sums[11], n), clip_frac=kept(sums[8], tok), ratio_mean=kept(sums[9], tok),
                 entropy=kept(sums[10], tok), grad_norm=st["grad_norm"], tries=g["tries"],
                 gen_tok_per_s=sums[6] / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7] / max(st["train_s"], 1e-9),
-                step_s=step_s, peak_mem_gb=common.peak_memory_gb(ddp.device))
+                step_s=step_s, peak_mem_gb=parallel.peak_memory_gb(ddp.device))
 
 
 def fmt(x, spec: str) -> str:
@@ -530,7 +531,7 @@ def fmt(x, spec: str) -> str:
 
 
 def _global_max(n: int) -> int:
-    return int(common.all_reduce(torch.tensor(float(n)), op="max").item())
+    return int(parallel.all_reduce(torch.tensor(float(n)), op="max").item())
 
 
 def micro_batches(samples: list[dict], max_seqs: int, max_tokens: int) -> list[list[list[dict]]]:
@@ -586,7 +587,7 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
     t0 = time.time()
     for u in range(_global_max(len(chunks))):
         chunk_mbs = chunks[u] if u < len(chunks) else []
-        num_tokens = common.all_reduce(torch.tensor(float(sum(
+        num_tokens = parallel.all_reduce(torch.tensor(float(sum(
             0 if args.mask_truncated and s["truncated"] else len(s["completion"])
             for mb in chunk_mbs for row in mb for s in row)))).item()
         opt.zero_grad(set_to_none=True)
@@ -613,8 +614,8 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
             for k in ("clip_frac", "ratio_sum", "tokens"):
                 stats[k] += st[k]
             stats["entropy_sum"] += (ent * cmask).sum().item()
-        if not common.is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
-            common.all_reduce_grads(params)
+        if not parallel.is_fsdp(model):  # FSDP2 reduce-scatters the gradients in backward (in fp32)
+            parallel.all_reduce_grads(params)
         stats["grad_norm"] += clipped_step(opt, params, args.grad_clip)
         stats["updates"] += 1
     stats["train_s"] = time.time() - t0
@@ -629,7 +630,7 @@ def clipped_step(opt, params, max_norm: float) -> float:
     if math.isfinite(gnorm):
         opt.step()
     else:
-        common.print0(f"[04] gradient norm {gnorm}: optimizer step skipped")
+        parallel.print0(f"[04] gradient norm {gnorm}: optimizer step skipped")
     return gnorm
 
 
@@ -658,7 +659,7 @@ def setup_model(args, ddp, init):
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if full and ddp.world > 1:   # fp32 shards (the optimizer's), bf16 gathered for compute
-        common.shard_vl(model, processor.tokenizer.pad_token_id, param_dtype=dtype)
+        parallel.shard_vl(model, processor.tokenizer.pad_token_id, param_dtype=dtype)
     elif full and dtype != torch.float32:
         model._autocast_dtype = dtype
     model.train()
@@ -670,7 +671,7 @@ def precision_summary(model, args, ddp) -> str:
     dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[common.resolve_dtype(args.dtype, ddp.device)]
     if args.lora_rank > 0:
         return f"LoRA r{args.lora_rank}: fp32 adapter on a frozen {dt} base"
-    if common.is_fsdp(model):
+    if parallel.is_fsdp(model):
         return f"FSDP2 over {ddp.world} ranks, MixedPrecisionPolicy({dt} params, fp32 reduce), fp32 master weights"
     return f"one process, fp32 master weights, {'torch.autocast(bf16)' if dt == 'bf16' else 'fp32 compute'}"
 
@@ -702,7 +703,7 @@ def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = N
             saved = json.loads((tmp / "args.json").read_text())
             (tmp / "args.json").write_text(json.dumps(dict(saved, selected=selected), indent=2, default=str))
         rundir.commit_dir(tmp, out)
-    common.barrier()
+    parallel.barrier()
 
 
 @torch.no_grad()
@@ -711,14 +712,14 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
     val_score is their mean (round 0: the clean accuracy)."""
     mine = val[ddp.rank::ddp.world]
     model.eval()
-    with common.gathered_for_generation(model), compute_dtype(model):
+    with parallel.gathered_for_generation(model), compute_dtype(model):
         texts = common.defender_generate(model, processor, [p["image"] for p in mine],
                                          [common.defender_prompt(p["question"], p["options"]) for p in mine],
                                          args.max_new_tokens, batch_size=args.gen_batch or 16,
                                          memory_gb=args.gen_memory_gb)
     model.train()
     right = [common.extract_answer(t, p["options"]) == p["answer"] for t, p in zip(texts, mine)]
-    counts = common.all_reduce(torch.tensor([
+    counts = parallel.all_reduce(torch.tensor([
         sum(r for r, p in zip(right, mine) if p["source"] == "attack"), sum(p["source"] == "attack" for p in mine),
         sum(r for r, p in zip(right, mine) if p["source"] == "clean"), sum(p["source"] == "clean" for p in mine)],
         dtype=torch.float64)).tolist()
@@ -730,11 +731,11 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
 
 def main(args: Args):
     common.quiet()
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     run = Path(args.run_dir)
     out = run / "defender" / f"round_{args.round}"
     if out.exists():
-        common.print0(f"[04] {out} exists: nothing to do")
+        parallel.print0(f"[04] {out} exists: nothing to do")
         return
     torch.manual_seed(args.seed + ddp.rank)
     random.seed(args.seed + ddp.rank)
@@ -765,11 +766,11 @@ def main(args: Args):
         stream.epoch, stream.pos = extra["stream"]
         stream._order()
         best = extra.get("best", best)
-        common.print0(f"[04] resumed from {ckpt_dir} at step {start}")
+        parallel.print0(f"[04] resumed from {ckpt_dir} at step {start}")
     best_dir = run / "defender" / f".best_round_{args.round}"
     if val and start == 0:   # before training, as the authors' val_before_train
         logger.log(dict(step=0, **validate(model, processor, val, args, ddp)))
-    common.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
+    parallel.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
                   f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
                   f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
                   f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {precision_summary(model, args, ddp)}")
@@ -779,8 +780,8 @@ def main(args: Args):
         model.eval()
         groups, g = collect_groups(model, processor, stream, per_rank, args)
         model.train()
-        if common.all_reduce(torch.tensor(float(len(groups)))).item() == 0:
-            common.print0(f"[04] step {step + 1}: no informative group after {g['tries']} tries; skipping update")
+        if parallel.all_reduce(torch.tensor(float(len(groups)))).item() == 0:
+            parallel.print0(f"[04] step {step + 1}: no informative group after {g['tries']} tries; skipping update")
             st = dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0,
                       train_s=0.0)
         else:
@@ -788,13 +789,13 @@ def main(args: Args):
         row = step_row(step + 1, groups, g, st, time.time() - t0, ddp)
         if val and (step + 1 == steps or args.val_every and (step + 1) % args.val_every == 0):
             row.update(validate(model, processor, val, args, ddp))
-            common.print0(f"[04] step {step + 1} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
+            parallel.print0(f"[04] step {step + 1} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
                           f"{fmt(row['val_clean_acc'], '.1f')} ({len(val)} held-out prompts)")
             if args.select == "best_val" and (best["val_score"] is None or row["val_score"] > best["val_score"]):
                 best = dict(step=step + 1, val_score=row["val_score"])
                 save_final(model, best_dir, ddp, args, init, selected=dict(select="best_val", **best, of_steps=steps))
         logger.log(row)
-        common.print0(f"[04] step {step + 1}/{steps} generated: reward {row['gen_reward']:.3f} acc "
+        parallel.print0(f"[04] step {step + 1}/{steps} generated: reward {row['gen_reward']:.3f} acc "
                       f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
                       f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
                       f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
@@ -806,7 +807,7 @@ def main(args: Args):
     if args.select == "best_val" and best["step"] is not None and best_dir.exists():
         if ddp.master:
             rundir.commit_dir(best_dir, out)
-        common.barrier()
+        parallel.barrier()
     else:
         save_final(model, out, ddp, args, init, selected=dict(select="last", step=steps, of_steps=steps))
     logger.close()
@@ -816,7 +817,7 @@ def main(args: Args):
         shutil.rmtree(best_dir, ignore_errors=True)
         print(f"[04] wrote {out}: step {best['step'] if args.select == 'best_val' and best['step'] else steps} of {steps} "
               f"(--select {args.select})")
-    common.cleanup_distributed()
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

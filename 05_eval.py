@@ -65,6 +65,7 @@ from pathlib import Path
 from PIL import Image
 
 import common
+import parallel
 import rundir
 
 PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False),
@@ -710,7 +711,7 @@ def main(args: Args):
     if args.check_inputs:
         print(f"[05] {len(benches)} benchmark file(s) readable")
         return
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     run = Path(args.run_dir)
     eval_dir = run / "eval"
     base = args.defender == "base"
@@ -734,12 +735,12 @@ def main(args: Args):
         if ddp.master:   # kept even if a later benchmark fails
             rundir.write_json_atomic(eval_dir / "scores" / name / f"{bench}.json",
                                      dict(result=result["benchmarks"][bench], skipped=skipped, file=tsv))
-        common.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
+        parallel.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
                       f"{len(skipped)} skipped)")
     if (run / "data" / "scenes").exists():
         result["robustness"] = robustness(model, processor, run, args, ddp, name)
     else:
-        common.print0(f"[05] {run / 'data' / 'scenes'} does not exist: no held-out scenes or attacks, robustness "
+        parallel.print0(f"[05] {run / 'data' / 'scenes'} does not exist: no held-out scenes or attacks, robustness "
                       f"not scored")
     if ddp.master:
         rundir.write_json_atomic(eval_dir / f"{name}.json", result)
@@ -748,7 +749,7 @@ def main(args: Args):
         print(f"[05] robustness: {json.dumps(result['robustness'])}")
         print(f"[05] wrote {eval_dir}/{name}.json and summary.md in {time.time() - t0:.0f}s "
               f"({n_items / max(time.time() - t0, 1e-9):.1f} benchmark items/s)\n{table}")
-    common.cleanup_distributed()
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

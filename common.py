@@ -1,11 +1,9 @@
 """Shared pieces of the AOT reference scripts, and nothing else.
 
-1. Model loading: the defender MLLM (Qwen2.5-VL), the attacker editor (Qwen-Image-Edit) with
-   its LoRA; hub ids, local paths, or ``tiny`` (tiny_models.py: small offline versions of both).
+1. Model loading: the defender MLLM (Qwen2.5-VL); hub ids, local paths, or ``tiny`` (tiny_models.py:
+   a small offline version). The attacker (Qwen-Image-Edit) loads, encodes and predicts in editing.py.
 2. The defender's model interface (batched generation within a memory budget): every stage calls
-   it, so it lives here once. The attacker's (Qwen-Image-Edit: prompt + condition encoding, one
-   velocity prediction with true CFG, latents <-> images) is editing.py.
-3. torchrun setup.
+   it, so it lives here once. torchrun and FSDP2 are parallel.py.
 4. Prompts (the authors' eval wording, the attacker's adversarial instruction).
 5. Rewards: answer extraction and the DAPO reward as the authors' scripts compute them, DAPO's
    soft overlong penalty, local SSIM and the attacker reward.
@@ -19,24 +17,15 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 TINY = "tiny"
 DEFENDER_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
-ATTACKER_ID = "Qwen/Qwen-Image-Edit"
-
-# LoRA targets of the Flow-GRPO Qwen-Image-Edit config (docs/paper_notes.md, "Stage 03").
-ATTACKER_LORA_TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
-]
 
 @contextmanager
 def seeded(seed: int):
@@ -91,9 +80,10 @@ def load_defender(name_or_path: str = DEFENDER_ID, device="cpu", dtype=torch.flo
                   min_pixels: int | None = None, max_pixels: int | None = None):
     """-> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor). ``tiny`` builds offline."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    if name_or_path == TINY:
+    if name_or_path == TINY:   # the same weights in every process: a fixed seed
         from tiny_models import build_tiny_defender
-        model, _ = build_tiny_defender()
+        with seeded(0):
+            model, _ = build_tiny_defender()
     else:
         with named_model("defender (Qwen2.5-VL)", name_or_path):
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -117,40 +107,6 @@ def load_processor(name_or_path: str = DEFENDER_ID):
     return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False)
 
 
-def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, device="cpu",
-                  dtype=torch.float32, trainable_lora: bool = False):
-    """-> diffusers QwenImageEditPipeline (all weights frozen, in ``dtype``), with an optional saved LoRA."""
-    from diffusers import QwenImageEditPipeline
-    if name_or_path == TINY:
-        from tiny_models import build_tiny_attacker
-        pipe = build_tiny_attacker()
-    else:
-        with named_model("attacker (Qwen-Image-Edit)", name_or_path):
-            pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
-    if pipe.transformer.dtype != dtype:
-        pipe.to(dtype=dtype)
-    pipe.to(device)
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
-    if lora:
-        load_attacker_lora(pipe, lora, trainable=trainable_lora)
-    from editing import single_frame_vae
-    single_frame_vae(pipe.vae)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def add_attacker_lora(pipe, rank: int = 64, alpha: int = 128, targets=None, seed: int = 0):
-    """Fresh LoRA on the transformer (B = 0, so the edit starts as the base model's)."""
-    from peft import LoraConfig
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                     target_modules=targets or ATTACKER_LORA_TARGETS)
-    with seeded(seed):
-        pipe.transformer.add_adapter(cfg)
-    return lora_parameters(pipe.transformer)
-
-
 def lora_parameters(module) -> list[torch.nn.Parameter]:
     """The adapter's weights, made trainable and fp32 whatever the frozen base's dtype (flow_grpo
     keeps its LoRA in fp32 too: an AdamW step at lr 1e-4 is below bf16's resolution for most
@@ -160,44 +116,6 @@ def lora_parameters(module) -> list[torch.nn.Parameter]:
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
-
-
-def save_attacker_lora(pipe, out_dir: str | Path, write: bool = True):
-    """Write ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights(out_dir)``.
-    Under FSDP2 every rank must call it (the shards are gathered); only ``write`` ranks write."""
-    from diffusers import QwenImageEditPipeline
-    from peft.utils import get_peft_model_state_dict
-    tr = pipe.transformer
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()
-             for k, v in get_peft_model_state_dict(tr).items()}
-    if not write:
-        return
-    cfg = tr.peft_config["default"]
-    meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
-    QwenImageEditPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=meta,
-                                            safe_serialization=True)
-
-
-def load_attacker_lora(pipe, lora_dir: str | Path, trainable: bool = False):
-    """Load a LoRA saved by ``save_attacker_lora`` (or any diffusers Qwen-Image LoRA), in fp32.
-
-    diffusers builds the adapter in the base's dtype, so on a bf16 base the loaded values are
-    rounded: the adapter is cast to fp32 and the file's exact values are copied in again."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    file = Path(lora_dir) / "pytorch_lora_weights.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {file.parent}")
-    pipe.load_lora_weights(str(file.parent), adapter_name="default")
-    params = lora_parameters(pipe.transformer)
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
-    result = set_peft_model_state_dict(pipe.transformer, state, adapter_name="default")
-    if result.unexpected_keys:
-        raise ValueError(f"{file}: keys that match no LoRA layer: {result.unexpected_keys[:3]}")
-    for p in params:
-        p.requires_grad_(trainable)
-    return params if trainable else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,136 +201,6 @@ def defender_generate(model, processor, images, prompts, max_new_tokens=64, temp
         seq = model.generate(**inputs, **kw)
         out += processor.batch_decode(seq[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. torchrun
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """rank / world / device from torchrun's environment; one process when not under torchrun."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device)
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum, mean or max across ranks (identity in one process); returns a new tensor."""
-    x = x.detach().clone()
-    if dist.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        y = x.to(dev)
-        dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        x = y.to(x.device)
-        if op == "mean":
-            x /= dist.get_world_size()
-    return x
-
-
-def all_reduce_grads(params):
-    """Average gradients across ranks with one flat all-reduce (DDP's result, minus overlap)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    i = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[i:i + g.numel()].view_as(g).clone()
-        i += g.numel()
-
-
-def is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def shard(model, blocks, param_dtype=None):
-    """FSDP2 (verl / EasyR1 / flow_grpo's sharding): fully_shard each block, then the root; each rank
-    keeps 1/world of every weight and gathers a block only while it runs. param_dtype None keeps
-    every weight's own dtype (a frozen bf16 base and its fp32 LoRA compute as in one process);
-    gradients are reduce-scattered in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def shard_vl(model, pad_id: int, param_dtype=None):
-    """A Qwen2.5-VL (defender or the editor's text encoder) sharded per vision block and decoder
-    layer. The root is initialised by one tiny forward (generate() runs the vision tower before the
-    root's forward otherwise), then resharded (the root keeps its weights gathered after a forward)."""
-    shard(model, list(model.model.visual.blocks) + list(model.model.language_model.layers), param_dtype)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[pad_id]], device=model.device), use_cache=False)
-    model.reshard()
-    return model
-
-
-@contextmanager
-def gathered_for_generation(model):
-    """FSDP2: all-gather every layer once, generate with no collective at all, reshard after.
-    Per-layer all-gathers for every decoded token (synced_gpus) would cost tokens x layers
-    collectives (bench/fsdp_generate.py); the price is one full bf16 copy of the weights per rank
-    while generating, as verl / EasyR1 hold one in vLLM. Every rank must enter it together."""
-    if not is_fsdp(model):
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's defaults: root False
-
-
-def peak_memory_gb(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,16 +1,19 @@
 """The attacker's model interface, Qwen-Image-Edit (used by stages 01, 02, 03 and tiny_world.py): the
 prompt and condition encoding of QwenImageEditPipeline as one EditContext, one velocity prediction with
 true CFG, the flow's sigma schedule, and images <-> VAE latents <-> packed tokens. Every stage that edits
-calls these, so they live here once; common.py loads the models."""
+calls these, so they live here once; so do loading the editor and its LoRA's I/O."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from common import TINY, lora_parameters, named_model, seeded
 
 
 @dataclass
@@ -201,3 +204,89 @@ def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
                          c.get("base_shift", 0.5), c.get("max_shift", 1.15))
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return scheduler.sigmas.float().cpu().clone()  # (num_steps + 1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the editor, and its LoRA
+# ---------------------------------------------------------------------------------------------
+ATTACKER_ID = "Qwen/Qwen-Image-Edit"
+
+# LoRA targets of the Flow-GRPO Qwen-Image-Edit config (docs/paper_notes.md, "Stage 03").
+ATTACKER_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+]
+
+
+def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, device="cpu",
+                  dtype=torch.float32, trainable_lora: bool = False):
+    """-> diffusers QwenImageEditPipeline (all weights frozen, in ``dtype``), with an optional saved LoRA."""
+    from diffusers import QwenImageEditPipeline
+    if name_or_path == TINY:   # the same weights in every process: fixed seeds
+        from tiny_models import build_tiny_attacker, build_tiny_defender
+        with seeded(0):
+            text_encoder, processor = build_tiny_defender()
+        with seeded(1):
+            pipe = build_tiny_attacker(text_encoder, processor)
+    else:
+        with named_model("attacker (Qwen-Image-Edit)", name_or_path):
+            pipe = QwenImageEditPipeline.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+    if pipe.transformer.dtype != dtype:
+        pipe.to(dtype=dtype)
+    pipe.to(device)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    if lora:
+        load_attacker_lora(pipe, lora, trainable=trainable_lora)
+    single_frame_vae(pipe.vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_attacker_lora(pipe, rank: int = 64, alpha: int = 128, targets=None, seed: int = 0):
+    """Fresh LoRA on the transformer (B = 0, so the edit starts as the base model's)."""
+    from peft import LoraConfig
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                     target_modules=targets or ATTACKER_LORA_TARGETS)
+    with seeded(seed):
+        pipe.transformer.add_adapter(cfg)
+    return lora_parameters(pipe.transformer)
+
+
+def save_attacker_lora(pipe, out_dir: str | Path, write: bool = True):
+    """Write ``pytorch_lora_weights.safetensors`` readable by ``pipe.load_lora_weights(out_dir)``.
+    Under FSDP2 every rank must call it (the shards are gathered); only ``write`` ranks write."""
+    from diffusers import QwenImageEditPipeline
+    from peft.utils import get_peft_model_state_dict
+    tr = pipe.transformer
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(tr).items()}
+    if not write:
+        return
+    cfg = tr.peft_config["default"]
+    meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+    QwenImageEditPipeline.save_lora_weights(out_dir, transformer_lora_layers=state,
+                                            transformer_lora_adapter_metadata=meta,
+                                            safe_serialization=True)
+
+
+def load_attacker_lora(pipe, lora_dir: str | Path, trainable: bool = False):
+    """Load a LoRA saved by ``save_attacker_lora`` (or any diffusers Qwen-Image LoRA), in fp32.
+
+    diffusers builds the adapter in the base's dtype, so on a bf16 base the loaded values are
+    rounded: the adapter is cast to fp32 and the file's exact values are copied in again."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    file = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {file.parent}")
+    pipe.load_lora_weights(str(file.parent), adapter_name="default")
+    params = lora_parameters(pipe.transformer)
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    result = set_peft_model_state_dict(pipe.transformer, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"{file}: keys that match no LoRA layer: {result.unexpected_keys[:3]}")
+    for p in params:
+        p.requires_grad_(trainable)
+    return params if trainable else []

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from common import barrier
+from parallel import barrier
 
 
 def global_rng_state() -> dict:

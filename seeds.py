@@ -3,8 +3,7 @@
    targets [{name, bbox [x1, y1, x2, y2] in pixels}], split ("train"/"test")}
 
 1. synthetic_item: coloured shapes with exact boxes, a spatial MCQ or an existence yes/no (the tiny preset);
-2. world_seed_item: the tiny world's scenes (world_scene; PRESET=tiny_world, whose models tiny_world.py
-   trains on the same scenes), cropped to their centre for 01's scene extension;
+2. the tiny world's scenes (tiny_world.world_seed_item; PRESET=tiny_world), in the same row format;
 3. read_coco: COCO-format instance annotations -> the paper's kind of spatial / existence questions;
 4. read_seed_jsonl: hand-written rows (README, "Seed JSONL").
 Each reader returns the rows and names every item it skipped, with the reason.
@@ -76,95 +75,6 @@ def synthetic_item(i: int, size: int, test_fraction: float, seed: int) -> dict:
         q, opts, first = f"Is the {a['name']} above or below the {b['name']}?", ["above", "below"], ay < by
     return dict(id=f"syn{i:06d}", image=img, question=q, options=opts, answer="A" if first else "B",
                 targets=[a, b], split=split)
-
-
-# ---------------------------------------------------------------------------------------------
-# The tiny world's scenes (PRESET=tiny_world; tiny_world.py trains its models on them)
-# ---------------------------------------------------------------------------------------------
-# Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to the right, green
-# downwards: Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns
-# "where" far faster when the pixels carry it) and two objects: a red circle and a blue square (the
-# targets, inside the central 2/3 that stage 01 extends outwards). The questions are fixed:
-# left/right and above/below of the red circle and the blue square, and whether there is a red
-# circle. On such scenes "the red thing" is the circle: a defender trained on them never has to tell
-# shapes apart, the weakness AOT's attacker is there to find (a red triangle) and its defender
-# training to repair. Measured (400 defender steps, 192 held-out scenes, a red triangle of 28 px
-# drawn beyond the square or, for existence, anywhere): without other objects 97.9% clean, 58.9%
-# attacked; with 0-2 triangles of other colours in every scene 92.7% clean, 73.4% attacked.
-WORLD_SIZE = 112
-WORLD_QUESTIONS = {
-    "horizontal": ("Is the red circle to the left or to the right of the blue square?", ["left", "right"]),
-    "vertical": ("Is the red circle above or below the blue square?", ["above", "below"]),
-    "exists": ("Is there a red circle in the image?", []),
-}
-
-
-def world_background(size: int, noise_seed: int):
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    bg = np.stack([50 + 150 * xx, 50 + 150 * yy, 110 + 0 * xx], -1)
-    bg = bg + np.random.default_rng(noise_seed).normal(0, 2, (size, size, 3))
-    return np.clip(bg, 0, 255).astype(np.uint8)
-
-
-def free_box(rng, side, lo, hi, boxes, gap=3):
-    """A side x side box inside [lo, hi) that keeps ``gap`` pixels from every box in ``boxes``."""
-    for _ in range(200):
-        x1, y1 = rng.randrange(lo, hi - side), rng.randrange(lo, hi - side)
-        b = [x1, y1, x1 + side, y1 + side]
-        if all(b[2] + gap <= o[0] or o[2] + gap <= b[0] or b[3] + gap <= o[1] or o[3] + gap <= b[1] for o in boxes):
-            return b
-    return None
-
-
-def world_scene(index: int, seed: int = 0, size: int = WORLD_SIZE, kind: str | None = None) -> dict:
-    """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
-    (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
-    a fifth of the canvas apart along the asked axis, so every answer is unambiguous."""
-    rng = random.Random(seed * 1_000_003 + index)
-    kind = kind or rng.choice(list(WORLD_QUESTIONS))
-    lo, hi = size // 6, size - size // 6
-    while True:
-        sides = [int(size * rng.uniform(0.15, 0.2)) for _ in range(2)]
-        circle = free_box(rng, sides[0], lo, hi, [])
-        square = free_box(rng, sides[1], lo, hi, [circle])
-        if square is None:
-            continue
-        axis = 1 if kind == "vertical" else 0
-        if kind == "exists" or abs((circle[axis] + circle[axis + 2]) - (square[axis] + square[axis + 2])) / 2 >= size / 5:
-            break
-    objects = [("red circle", circle), ("blue square", square)]
-    if kind == "exists" and rng.random() < 0.5:
-        objects = objects[1:]                                   # the answer is No
-    img = Image.fromarray(world_background(size, seed * 1_000_003 + index))
-    draw = ImageDraw.Draw(img)
-    for name, box in objects:
-        color, shape = name.split()
-        draw_shape(draw, shape, box, COLORS[color])
-    question, options = WORLD_QUESTIONS[kind]
-    named = dict(objects)
-    targets = [{"name": n, "bbox": [float(v) for v in named[n]]} for n in ("red circle", "blue square") if n in named]
-    if kind == "exists":
-        answer = "Yes" if "red circle" in named else "No"
-        targets = targets[:1] if answer == "Yes" else []
-    else:
-        answer = "A" if circle[axis] < square[axis] else "B"
-    return dict(image=img, question=question, options=options, answer=answer, targets=targets,
-                objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
-
-
-def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
-    """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
-    extension grows back to a full canvas (pad 0.25 per side)."""
-    s = world_scene(index, seed)
-    m = WORLD_SIZE // 6
-    image = s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
-    targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}
-               for t in s["targets"]]
-    # the split's own stream: an integer seed equal to the scene's (seed 0: both are `index`) made the split
-    # decide the question kind too (the first draw of the same generator): every test scene was left/right
-    split = "test" if random.Random(f"split {seed} {index}").random() < test_fraction else "train"
-    return dict(id=f"world{index:06d}", image=image, question=s["question"], options=s["options"],
-                answer=s["answer"], targets=targets, split=split)
 
 
 def check_seed_source(spec: str) -> str | None:

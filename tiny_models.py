@@ -5,15 +5,14 @@ built offline and deterministically: the same weights in every process and stage
 random: they exercise every code path of the stages, but they do not solve the synthetic task
 (tiny_world.py trains models of these architectures that do).
 
-common.load_defender("tiny") / common.load_attacker("tiny") call these; nothing else needs to.
+common.load_defender("tiny") / editing.load_attacker("tiny") call these under fixed seeds (so every process
+builds the same weights); tiny_world.py builds its models from the same parts. It imports no project module.
 """
 
 
 from __future__ import annotations
 
 import json
-
-from common import seeded
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -58,36 +57,10 @@ _TINY_CORPUS = [
 ]
 
 
-def _stage_wordings() -> list[str]:
-    """The wordings the stages send, from their sources (the chat roles, the defender's templates, the
-    editor's instructions with every colour, shape and place), for the tiny world's tokenizer: a BPE that
-    had not seen "multiple-choice" or "assistant" spelled them in letters, 131 tokens a left/right prompt
-    with its image against 97, so the world's defender spent a quarter of its compute on spelling. (The
-    random ``tiny`` models keep the plain corpus: the unit tests' calibrations rest on their weights.)"""
-    import common
-    from seeds import COLORS, SHAPES
-    places = [common.place_name([c, r, c + 1, r + 1], 3, 3) for r in range(3) for c in range(3)]   # the ninths
-    return [
-        "<|im_start|>system\n <|im_start|>user\n <|im_start|>assistant\n",
-        common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE, "Keep the image unchanged.",
-        " ".join(f"Add a {c} {s} at the {p} of the image." for c in COLORS for s in SHAPES for p in places),
-    ]
-
-
-def fixed_sentences(questions=()) -> list[str]:
-    """The sentences every defender prompt repeats word for word (the system turn, the two templates' fixed
-    sentences) and ``questions``: the tiny world's tokenizer gives each one token, as a real tokenizer would
-    give a frequent word, so its prompts cost what carries information (a left/right prompt with its 16
-    image tokens: 48 tokens; spelled a word a token, 102)."""
-    import common
-    fixed = [p.replace("{{", "{").replace("}}", "}") for t in (common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE)
-             for p in t.split("\n\n") if "{question}" not in p]
-    return ["You are a helpful assistant.", *fixed, *questions]
-
-
-def build_tiny_tokenizer(stage_wordings: bool = False, sentences=()):
-    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus (+ the stages' wordings), then
-    ``sentences`` as added tokens (one token each, matched before the BPE): deterministic, offline."""
+def build_tiny_tokenizer(extra_corpus=(), sentences=()):
+    """Byte-level BPE (Qwen's pre-tokenizer) trained on a fixed corpus (+ ``extra_corpus``: the tiny world
+    passes the stages' wordings), then ``sentences`` as added tokens (one token each, matched before the
+    BPE): deterministic, offline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -100,7 +73,7 @@ def build_tiny_tokenizer(stage_wordings: bool = False, sentences=()):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=768, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator((_TINY_CORPUS + (_stage_wordings() if stage_wordings else [])) * 4, trainer=trainer)
+    bpe.train_from_iterator((_TINY_CORPUS + list(extra_corpus)) * 4, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
@@ -110,9 +83,9 @@ def build_tiny_tokenizer(stage_wordings: bool = False, sentences=()):
     return tok
 
 
-def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, stage_wordings: bool = False, sentences=()):
+def tiny_vl_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, extra_corpus=(), sentences=()):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-    tok = build_tiny_tokenizer(stage_wordings, sentences)
+    tok = build_tiny_tokenizer(extra_corpus, sentences)
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     image_processor = Qwen2VLImageProcessor(size=size)
     video_processor = Qwen2VLVideoProcessor(size=size)
@@ -142,33 +115,32 @@ def tiny_vl_config(tok, hidden=64, layers=2, vision_hidden=32, vision_heads=2, r
 
 
 def build_tiny_defender():
-    """A 2-layer Qwen2.5-VL (with vision tower) and its processor, same weights every call."""
+    """A 2-layer Qwen2.5-VL (with vision tower) and its processor; weights from the global RNG (the
+    caller seeds it: common.load_defender("tiny"))."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     processor = tiny_vl_processor()
     config = tiny_vl_config(processor.tokenizer)
-    with seeded(0):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+    model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model.eval(), processor
 
 
-def build_tiny_attacker():
-    """A Qwen-Image-Edit pipeline with a 2-block MMDiT, a small Qwen-Image VAE and the tiny VL."""
+def build_tiny_attacker(text_encoder, processor):
+    """A Qwen-Image-Edit pipeline with a 2-block MMDiT, a small Qwen-Image VAE and the tiny VL as its text
+    encoder; weights from the global RNG (the caller seeds it: editing.load_attacker("tiny"))."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
         QwenImageTransformer2DModel,
     )
-    text_encoder, processor = build_tiny_defender()
-    with seeded(1):
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=text_encoder.config.text_config.hidden_size,
-            axes_dims_rope=(8, 12, 12))
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=text_encoder.config.text_config.hidden_size,
+        axes_dims_rope=(8, 12, 12))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     return QwenImageEditPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder,
                                  tokenizer=processor.tokenizer, processor=processor,

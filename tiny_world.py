@@ -1,5 +1,5 @@
 """The tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): a defender, VAE and editor of the
-``tiny`` architectures (tiny_models.py) trained on scenes the generator draws exactly (seeds.world_scene,
+``tiny`` architectures (tiny_models.py) trained on scenes the generator draws exactly (world_scene below,
 also stage 01's seed rows), saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
 but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
 elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
@@ -12,19 +12,137 @@ default-initialised training stalled at 16-18 dB) but its blur caps the local SS
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
+import common
 import editing
 from common import seeded
-from seeds import WORLD_QUESTIONS, WORLD_SIZE, free_box, world_scene
-from tiny_models import QWEN_IMAGE_SCHEDULER, fixed_sentences, tiny_vl_config, tiny_vl_processor
+from seeds import COLORS, SHAPES, draw_shape
+from tiny_models import QWEN_IMAGE_SCHEDULER, tiny_vl_config, tiny_vl_processor
+
+# ---------------------------------------------------------------------------------------------
+# The world's scenes (stage 01's seeds for PRESET=tiny_world; the models below train on them)
+# ---------------------------------------------------------------------------------------------
+# Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to the right, green
+# downwards: Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns
+# "where" far faster when the pixels carry it) and two objects: a red circle and a blue square (the
+# targets, inside the central 2/3 that stage 01 extends outwards). The questions are fixed:
+# left/right and above/below of the red circle and the blue square, and whether there is a red
+# circle. On such scenes "the red thing" is the circle: a defender trained on them never has to tell
+# shapes apart, the weakness AOT's attacker is there to find (a red triangle) and its defender
+# training to repair. Measured (400 defender steps, 192 held-out scenes, a red triangle of 28 px
+# drawn beyond the square or, for existence, anywhere): without other objects 97.9% clean, 58.9%
+# attacked; with 0-2 triangles of other colours in every scene 92.7% clean, 73.4% attacked.
+WORLD_SIZE = 112
+WORLD_QUESTIONS = {
+    "horizontal": ("Is the red circle to the left or to the right of the blue square?", ["left", "right"]),
+    "vertical": ("Is the red circle above or below the blue square?", ["above", "below"]),
+    "exists": ("Is there a red circle in the image?", []),
+}
+
+
+def world_background(size: int, noise_seed: int):
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    bg = np.stack([50 + 150 * xx, 50 + 150 * yy, 110 + 0 * xx], -1)
+    bg = bg + np.random.default_rng(noise_seed).normal(0, 2, (size, size, 3))
+    return np.clip(bg, 0, 255).astype(np.uint8)
+
+
+def free_box(rng, side, lo, hi, boxes, gap=3):
+    """A side x side box inside [lo, hi) that keeps ``gap`` pixels from every box in ``boxes``."""
+    for _ in range(200):
+        x1, y1 = rng.randrange(lo, hi - side), rng.randrange(lo, hi - side)
+        b = [x1, y1, x1 + side, y1 + side]
+        if all(b[2] + gap <= o[0] or o[2] + gap <= b[0] or b[3] + gap <= o[1] or o[3] + gap <= b[1] for o in boxes):
+            return b
+    return None
+
+
+def world_scene(index: int, seed: int = 0, size: int = WORLD_SIZE, kind: str | None = None) -> dict:
+    """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
+    (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
+    a fifth of the canvas apart along the asked axis, so every answer is unambiguous."""
+    rng = random.Random(seed * 1_000_003 + index)
+    kind = kind or rng.choice(list(WORLD_QUESTIONS))
+    lo, hi = size // 6, size - size // 6
+    while True:
+        sides = [int(size * rng.uniform(0.15, 0.2)) for _ in range(2)]
+        circle = free_box(rng, sides[0], lo, hi, [])
+        square = free_box(rng, sides[1], lo, hi, [circle])
+        if square is None:
+            continue
+        axis = 1 if kind == "vertical" else 0
+        if kind == "exists" or abs((circle[axis] + circle[axis + 2]) - (square[axis] + square[axis + 2])) / 2 >= size / 5:
+            break
+    objects = [("red circle", circle), ("blue square", square)]
+    if kind == "exists" and rng.random() < 0.5:
+        objects = objects[1:]                                   # the answer is No
+    img = Image.fromarray(world_background(size, seed * 1_000_003 + index))
+    draw = ImageDraw.Draw(img)
+    for name, box in objects:
+        color, shape = name.split()
+        draw_shape(draw, shape, box, COLORS[color])
+    question, options = WORLD_QUESTIONS[kind]
+    named = dict(objects)
+    targets = [{"name": n, "bbox": [float(v) for v in named[n]]} for n in ("red circle", "blue square") if n in named]
+    if kind == "exists":
+        answer = "Yes" if "red circle" in named else "No"
+        targets = targets[:1] if answer == "Yes" else []
+    else:
+        answer = "A" if circle[axis] < square[axis] else "B"
+    return dict(image=img, question=question, options=options, answer=answer, targets=targets,
+                objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
+
+
+def world_seed_item(index: int, test_fraction: float, seed: int) -> dict:
+    """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
+    extension grows back to a full canvas (pad 0.25 per side)."""
+    s = world_scene(index, seed)
+    m = WORLD_SIZE // 6
+    image = s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m))
+    targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}
+               for t in s["targets"]]
+    # the split's own stream: an integer seed equal to the scene's (seed 0: both are `index`) made the split
+    # decide the question kind too (the first draw of the same generator): every test scene was left/right
+    split = "test" if random.Random(f"split {seed} {index}").random() < test_fraction else "train"
+    return dict(id=f"world{index:06d}", image=image, question=s["question"], options=s["options"],
+                answer=s["answer"], targets=targets, split=split)
+
+
+def stage_wordings() -> list[str]:
+    """The wordings the stages send, from their sources (the chat roles, the defender's templates, the
+    editor's instructions with every colour, shape and place), for the world's tokenizer: a BPE that
+    had not seen "multiple-choice" or "assistant" spelled them in letters, so the world's defender spent
+    a quarter of its compute on spelling. (The random ``tiny`` models keep the plain corpus: the unit
+    tests' calibrations rest on their weights.)"""
+    places = [common.place_name([c, r, c + 1, r + 1], 3, 3) for r in range(3) for c in range(3)]   # the ninths
+    return [
+        "<|im_start|>system\n <|im_start|>user\n <|im_start|>assistant\n",
+        common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE, "Keep the image unchanged.",
+        " ".join(f"Add a {c} {s} at the {p} of the image." for c in COLORS for s in SHAPES for p in places),
+    ]
+
+
+def fixed_sentences(questions=()) -> list[str]:
+    """The sentences every defender prompt repeats word for word (the system turn, the two templates' fixed
+    sentences) and ``questions``: the world's tokenizer gives each one token, as a real tokenizer would
+    give a frequent word, so its prompts cost what carries information."""
+    fixed = [p.replace("{{", "{").replace("}}", "}") for t in (common.MCQ_TEMPLATE, common.YES_NO_TEMPLATE)
+             for p in t.split("\n\n") if "{question}" not in p]
+    return ["You are a helpful assistant.", *fixed, *questions]
+
+
 
 
 # ---------------------------------------------------------------------------------------------
-# Training loops shared by the three models (the scenes they learn from: seeds.world_scene)
+# Training loops shared by the three models (the scenes they learn from: world_scene)
 # ---------------------------------------------------------------------------------------------
 def _fit(part: str, params, loss_at, steps: int, lr: float, warm: int, betas=(0.9, 0.999), log=print,
          log_every: int = 50):
@@ -69,7 +187,6 @@ def world_defender_inputs(processor, scenes: list[dict]):
     then the answer "\\boxed{X}<|im_end|>"; labels only on the answer tokens. -> (inputs, labels)."""
     import torch
 
-    import common
     tok = processor.tokenizer
     inputs = common.defender_inputs(processor, [s["image"] for s in scenes],
                                     [common.defender_prompt(s["question"], s["options"]) for s in scenes], "cpu")
@@ -92,7 +209,6 @@ def world_defender_inputs(processor, scenes: list[dict]):
 def world_accuracy(model, processor, scenes: list[dict], images=None) -> float:
     """% of ``scenes`` (image, question, options, answer; ``images`` in place of theirs if given) the defender
     answers right, greedy as 05 scores it; the model's train / eval mode is restored."""
-    import common
     was = model.training
     model.eval()
     answers = common.defender_generate(model, processor, images or [s["image"] for s in scenes],
@@ -117,7 +233,7 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     pixels = WORLD_SIZE * WORLD_SIZE
-    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, stage_wordings=True,
+    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, extra_corpus=stage_wordings(),
                                   sentences=fixed_sentences([q for q, _ in WORLD_QUESTIONS.values()]))
     processor.tokenizer.padding_side = "left"   # as common.load_defender: batched generation
     config = tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
@@ -163,7 +279,6 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
 
     from PIL import ImageDraw
 
-    from seeds import COLORS, draw_shape
     rng = random.Random(seed)
     side, taken = int(WORLD_SIZE * side_frac), [o["bbox"] for o in scene["objects"]]
     named = {o["name"]: o["bbox"] for o in scene["objects"]}
@@ -199,8 +314,6 @@ def world_edit_pair(index: int, seed: int = 3) -> tuple:
 
     from PIL import Image, ImageDraw, ImageFilter
 
-    import common
-    from seeds import COLORS, SHAPES, draw_shape
     rng = random.Random(seed * 1_000_003 + index)
     s = world_scene(index, seed)
     scene = s["image"]
@@ -302,7 +415,6 @@ def train_world_vae(steps: int = 200, batch: int = 16, crop: int = 32, lr: float
     import torch
     from diffusers import AutoencoderKLQwenImage
 
-    import common
     with seeded(11):
         vae = thumbnail_init(AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                                     temperal_downsample=[False, True, True]))
@@ -594,7 +706,6 @@ def build(args: Args) -> Path:
 
 
 if __name__ == "__main__":
-    import common
     import rundir
     common.quiet()
     build(rundir.parse_args(Args, {}))

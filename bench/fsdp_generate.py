@@ -6,7 +6,7 @@
 Stage 04 samples its rollouts from the FSDP2-sharded defender. Left to FSDP, every forward of
 generate() (one per decoded token) all-gathers every decoder layer and frees it again, and ranks
 must decode in lock-step (synced_gpus) for the collectives to match. 04 instead gathers every layer
-once (common.gathered_for_generation), decodes with no collective at all, and reshards.
+once (parallel.gathered_for_generation), decodes with no collective at all, and reshards.
 This script runs both on a random mid-size Qwen2.5-VL (sizes below) with 04's own setup_model
 (fp32 master weights, MixedPrecisionPolicy(bf16, fp32)) and prints tokens/s and all-gather counts.
 It is a CPU measurement over gloo, not a GPU number: on GPUs over NVLink the gathers are far cheaper
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-import tiny_models  # noqa: E402
+import parallel  # noqa: E402
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_stage04():
 def build_model_dir(args, path: Path):
     """A random Qwen2.5-VL of the requested size with the tiny tokenizer, saved as a model directory."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    model, processor = tiny_models.build_tiny_defender()
+    model, processor = common.load_defender("tiny")
     cfg = model.config
     cfg.text_config.update(dict(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                                 num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
@@ -87,7 +87,7 @@ def count_all_gathers():
 def main(args: Args):
     from PIL import Image
     common.quiet()
-    ddp = common.setup_distributed()
+    ddp = parallel.setup_distributed()
     if ddp.world < 2:
         raise SystemExit("run under torchrun --nproc_per_node 2 (or more): this measures FSDP2")
     s04 = load_stage04()
@@ -96,7 +96,7 @@ def main(args: Args):
     path = Path(obj[0])
     if ddp.master:
         build_model_dir(args, path)
-    common.barrier()
+    parallel.barrier()
     margs = SimpleNamespace(dtype="bf16", lora_rank=0, train_vision=True, grad_ckpt=False,
                             min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     model, processor, params = s04.setup_model(margs, ddp, str(path))
@@ -115,25 +115,25 @@ def main(args: Args):
         with torch.no_grad():
             for _ in range(args.repeats):
                 if mode == "once":
-                    with common.gathered_for_generation(model):
+                    with parallel.gathered_for_generation(model):
                         model.generate(**inputs, **kw)
                 else:   # FSDP's own schedule; the root stays gathered (generate runs the vision tower first)
                     model.unshard()
                     model.generate(**inputs, **kw, synced_gpus=True)
                     model.reshard()
-        common.barrier()
+        parallel.barrier()
         results[mode] = (time.time() - t0, gathers["n"] / args.repeats)
     tokens = args.repeats * args.batch * args.new_tokens
-    common.print0(f"[bench] CPU, gloo, {ddp.world} ranks, bf16 compute: Qwen2.5-VL {args.layers} layers x hidden "
+    parallel.print0(f"[bench] CPU, gloo, {ddp.world} ranks, bf16 compute: Qwen2.5-VL {args.layers} layers x hidden "
                   f"{args.hidden} + 4 vision blocks ({n_params / 1e6:.0f}M params), {args.batch} sequences x "
                   f"{args.new_tokens} new tokens per call")
     for mode, (secs, n) in results.items():
-        common.print0(f"[bench] {mode:>9}: {tokens / secs:7.1f} tokens/s per rank, {n:6.0f} all-gathers per generate call")
-    common.print0(f"[bench] gather-once speed-up: {results['per_token'][0] / results['once'][0]:.2f}x")
+        parallel.print0(f"[bench] {mode:>9}: {tokens / secs:7.1f} tokens/s per rank, {n:6.0f} all-gathers per generate call")
+    parallel.print0(f"[bench] gather-once speed-up: {results['per_token'][0] / results['once'][0]:.2f}x")
     if ddp.master:
         import shutil
         shutil.rmtree(path, ignore_errors=True)
-    common.cleanup_distributed()
+    parallel.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def count_params(reduced: bool) -> dict:
         vae = AutoencoderKLQwenImage(**(dict(base_dim=8, z_dim=16) if reduced else {}))
     r = 8 if reduced else 64
     lora = sum(r * (m.in_features + m.out_features) for n, m in mmdit.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in common.ATTACKER_LORA_TARGETS))
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in editing.ATTACKER_LORA_TARGETS))
     tc = vl.config.text_config
     return dict(mmdit=sum(p.numel() for p in mmdit.parameters()), mmdit_layers=mmdit.config.num_layers,
                 mmdit_block=sum(p.numel() for p in mmdit.transformer_blocks[0].parameters()),
@@ -289,7 +289,7 @@ def measure_mmdit(reduced: bool, cond_resolution: int) -> Layer:
         model = QwenImageTransformer2DModel(**mmdit_config(reduced)).to(torch.bfloat16)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=8 if reduced else 64, lora_alpha=16 if reduced else 128,
-                                 init_lora_weights="gaussian", target_modules=common.ATTACKER_LORA_TARGETS))
+                                 init_lora_weights="gaussian", target_modules=editing.ATTACKER_LORA_TARGETS))
     params = common.lora_parameters(model)
     (th, tw), (ch, cw) = tok["target"], tok["cond"]
     n_img = th * tw + ch * cw
@@ -363,7 +363,7 @@ def measure_vae(reduced: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     with common.seeded(0):
         vae = AutoencoderKLQwenImage(**(dict(base_dim=8, z_dim=16) if reduced else {})).to(torch.bfloat16).eval()
-    editing.single_frame_vae(vae)   # as common.load_attacker runs it in the stages
+    editing.single_frame_vae(vae)   # as editing.load_attacker runs it in the stages
     side = 64 if reduced else 512
     img = torch.randn(1, 3, 1, side, side, dtype=torch.bfloat16)
     out = {}

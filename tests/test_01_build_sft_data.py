@@ -278,6 +278,7 @@ def test_a_chunk_samples_the_same_whatever_ran_before_it(monkeypatch):
     import torch
 
     import common
+    import editing
     draws = []
 
     def proposals(model, processor, scenes, args, counts):       # the MLLM proposer's sampling, stood in for
@@ -286,7 +287,7 @@ def test_a_chunk_samples_the_same_whatever_ran_before_it(monkeypatch):
     monkeypatch.setattr(s01, "mllm_proposals", proposals)
     args = s01.Args(**{**s01.PRESETS["tiny"], "proposer": "mllm"})
     judge, proc = common.load_defender("tiny")
-    models = (judge, proc, judge, proc, common.load_attacker("tiny"), s01.OneOnDevice(torch.device("cpu"), False))
+    models = (judge, proc, judge, proc, editing.load_attacker("tiny"), s01.OneOnDevice(torch.device("cpu"), False))
     rows = [seeds.synthetic_item(i, args.synthetic_size, 0.0, 0) for i in range(4)]
     for chunk, before in ((1, 0), (1, 5), (2, 0)):
         torch.manual_seed(before)          # what ran before this chunk (other chunks, a killed process)

@@ -12,7 +12,6 @@ from helpers import kill_when_exists, run_stage, same_safetensors, start_stage
 from PIL import Image
 from safetensors.torch import load_file
 
-import common
 import editing
 
 s02 = load_script("02_sft_attacker.py")
@@ -20,7 +19,7 @@ s03 = load_script("03_train_attacker.py")
 
 
 def test_sde_step_noise0_is_scheduler_euler_step():
-    pipe = common.load_attacker("tiny")
+    pipe = editing.load_attacker("tiny")
     sigmas = editing.sigma_schedule(pipe.scheduler, 6, 16)
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
@@ -60,8 +59,8 @@ def test_recomputed_logprobs_match_rollout(dtype):
     """Also in bf16 (frozen transformer bf16, LoRA fp32): the update recomputes each log-prob from the
     rollout's own inputs with the same kernels, so the first ratio is 1 to 1e-5 (inside the 1e-4 clip)."""
     torch.manual_seed(0)
-    pipe = common.load_attacker("tiny", dtype=dtype)
-    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    pipe = editing.load_attacker("tiny", dtype=dtype)
+    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)
     assert all(p.dtype == torch.float32 for p in params) and pipe.transformer.dtype == dtype
     with torch.no_grad():
         for p in params:
@@ -100,7 +99,7 @@ def test_group_advantages_global_and_group_std():
 def test_condition_tokens_at_the_default_cond_resolution():
     """flow_grpo's trainer builds the condition at a 512 x 512 area: a 512-px scene's condition is 1,024
     tokens with 03's (and 02's) default, where the pipeline's 1 MP made it 4,096."""
-    pipe = common.load_attacker("tiny")
+    pipe = editing.load_attacker("tiny")
     img = Image.new("RGB", (512, 512), (90, 120, 30))
     for res, tokens in [(s03.Args().cond_resolution, 1024), (s02.Args().cond_resolution, 1024), (1024, 4096)]:
         ctx = editing.encode_edit(pipe, [img], ["add a cup"], 64, negative_prompt=None, cond_resolution=res)
@@ -140,8 +139,8 @@ def test_scenes_are_drawn_without_replacement():
 
 def _update_setup(n=6):
     torch.manual_seed(0)
-    pipe = common.load_attacker("tiny")
-    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    pipe = editing.load_attacker("tiny")
+    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.02)
@@ -208,8 +207,8 @@ def test_flow_grpo_raises_brightness():
 
 def _raise_brightness():
     torch.manual_seed(0)
-    pipe = common.load_attacker("tiny")
-    params = common.add_attacker_lora(pipe, rank=8, alpha=8)
+    pipe = editing.load_attacker("tiny")
+    params = editing.add_attacker_lora(pipe, rank=8, alpha=8)
     opt = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
     img = Image.new("RGB", (32, 32), (128, 128, 128))
     ctx = editing.encode_edit(pipe, [img], ["make it brighter"], 32, negative_prompt=None).repeat(8)
@@ -231,8 +230,8 @@ def _raise_brightness():
 def test_sft_loss_falls(tiny_run):
     torch.manual_seed(0)
     ds = load_from_disk(str(tiny_run / "data" / "aot_sft"))
-    pipe = common.load_attacker("tiny")
-    params = common.add_attacker_lora(pipe, rank=8, alpha=16)
+    pipe = editing.load_attacker("tiny")
+    params = editing.add_attacker_lora(pipe, rank=8, alpha=16)
     cache = s02.cache_rows(pipe, [ds[i] for i in range(4)], 64)
     g = torch.Generator().manual_seed(0)
     fixed = [(c, torch.rand(1, generator=g), torch.randn(c[1].shape, generator=g)) for c in cache for _ in range(4)]
@@ -271,8 +270,8 @@ def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
     assert [e.value for e in ev.Scalars("02_sft/loss")] == pytest.approx([r["loss"] for r in logs])
     # the saved LoRA loads into the pipeline and changes its output
     img = Image.new("RGB", (64, 64), (90, 120, 30))
-    base = common.load_attacker("tiny")
-    tuned = common.load_attacker("tiny", lora=str(run / "attacker" / "sft"))
+    base = editing.load_attacker("tiny")
+    tuned = editing.load_attacker("tiny", lora=str(run / "attacker" / "sft"))
     ctx = editing.encode_edit(base, [img], ["x"], 64)
     x = torch.randn(1, 16, 64)
     with torch.no_grad():

@@ -12,6 +12,7 @@ import common
 import editing
 import rundir
 import tiny_models
+import tiny_world
 
 s01 = load_script("01_build_sft_data.py")
 
@@ -199,13 +200,13 @@ def test_tiny_world_tokenizer_spells_the_stages_prompts_in_words():
     its template's first 64 tokens (prompt_template_encode_start_idx, set for Qwen's tokenizer: the system
     turn and "<|im_start|>user\n") ends where it is meant to: the kept embeddings start at the image."""
     from diffusers import QwenImageEditPipeline
-    tok = tiny_models.build_tiny_tokenizer(stage_wordings=True)
+    tok = tiny_models.build_tiny_tokenizer(extra_corpus=tiny_world.stage_wordings())
     question, options = "Is the red circle above or below the blue square?", ["above", "below"]
     text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
                                    tokenize=False, add_generation_prompt=True)
     pieces = tok.tokenize(text)
     assert len(pieces) == 79 and "Ġmultiple" in pieces and "assistant" in pieces
-    pipe = tiny_models.build_tiny_attacker()
+    pipe = editing.load_attacker("tiny")
     assert isinstance(pipe, QwenImageEditPipeline) and pipe.prompt_template_encode_start_idx == 64
     ids = tok(pipe.prompt_template_encode.format("Add a red triangle at the top left of the image."))["input_ids"]
     assert tok.convert_ids_to_tokens(ids[64:67]) == ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
@@ -216,21 +217,20 @@ def test_tiny_world_tokenizer_gives_each_fixed_sentence_one_token():
     """The world's defender prompts: the system turn, the templates' fixed sentences and the world's three
     questions are one token each (a left/right prompt without its image: 30 tokens, 84 spelled a word a
     token); the option lines stay words; the edit template's 64-token drop is where it was."""
-    import seeds
-    questions = [q for q, _ in seeds.WORLD_QUESTIONS.values()]
-    sentences = tiny_models.fixed_sentences(questions)
+    questions = [q for q, _ in tiny_world.WORLD_QUESTIONS.values()]
+    sentences = tiny_world.fixed_sentences(questions)
     assert len(sentences) == 8 and sentences[1].startswith("Please answer the following multiple-choice")
     assert "Answer with \\boxed{Yes} or \\boxed{No}." in sentences      # the template's {{ }} unescaped
-    tok = tiny_models.build_tiny_tokenizer(stage_wordings=True, sentences=sentences)
+    tok = tiny_models.build_tiny_tokenizer(extra_corpus=tiny_world.stage_wordings(), sentences=sentences)
     for s in sentences:
         assert tok.tokenize(s) == [s]
-    question, options = seeds.WORLD_QUESTIONS["horizontal"]
+    question, options = tiny_world.WORLD_QUESTIONS["horizontal"]
     text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
                                    tokenize=False, add_generation_prompt=True)
     pieces = tok.tokenize(text)
     assert len(pieces) == 30 and question in pieces and "Ġleft" in pieces and "Ġright" in pieces
     assert tok.decode(tok(text)["input_ids"]) == text
-    template = tiny_models.build_tiny_attacker().prompt_template_encode
+    template = editing.load_attacker("tiny").prompt_template_encode
     ids = tok(template.format("Add a red triangle at the top left of the image."))["input_ids"]
     assert tok.convert_ids_to_tokens(ids[64:65]) == ["<|vision_start|>"] and len(ids) - 64 == 3 + 12 + 5
 
@@ -267,7 +267,7 @@ def test_defender_save_load_identical_logits(tmp_path):
 
 
 def test_tiny_edit_pipeline_produces_image():
-    pipe = common.load_attacker("tiny")
+    pipe = editing.load_attacker("tiny")
     img = Image.new("RGB", (64, 64), (120, 60, 30))
     # diffusers' own __call__ path (it resizes to 1 MP, so ask for a small output)
     out = pipe(image=img, prompt="add a cup", negative_prompt=" ", true_cfg_scale=2.0,
@@ -320,8 +320,8 @@ def test_single_frame_vae_is_the_causal_conv3d_on_one_frame(monkeypatch):
 
 def test_attacker_lora_roundtrip_and_effect(tmp_path):
     img = Image.new("RGB", (64, 64), (120, 60, 30))
-    pipe = common.load_attacker("tiny")
-    params = common.add_attacker_lora(pipe, rank=4, alpha=8)
+    pipe = editing.load_attacker("tiny")
+    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)
     assert params and all(p.requires_grad for p in params)
     ctx = editing.encode_edit(pipe, [img], ["add a cup"], resolution=64)
     x, s = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5])
@@ -331,9 +331,9 @@ def test_attacker_lora_roundtrip_and_effect(tmp_path):
             p.normal_(0, 0.05)
     trained = editing.predict_velocity(pipe.transformer, x, s, ctx, 1.0)
     assert (trained - base).abs().max() > 1e-3
-    common.save_attacker_lora(pipe, tmp_path)
+    editing.save_attacker_lora(pipe, tmp_path)
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
-    pipe2 = common.load_attacker("tiny", lora=str(tmp_path))
+    pipe2 = editing.load_attacker("tiny", lora=str(tmp_path))
     with torch.no_grad():
         assert torch.equal(editing.predict_velocity(pipe2.transformer, x, s, ctx, 1.0), trained)
     # scale alpha / r survives the round trip (r=4, alpha=8 -> 2.0)

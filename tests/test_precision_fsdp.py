@@ -37,8 +37,8 @@ def moved_fraction(params, before) -> float:
 def test_lora_is_fp32_on_a_bf16_base_and_its_update_survives(tmp_path):
     """02 and 03 load the attacker in --dtype and train an fp32 adapter (flow_grpo's setting)."""
     torch.manual_seed(0)
-    pipe = common.load_attacker("tiny", dtype=torch.bfloat16)
-    params = common.add_attacker_lora(pipe, rank=4, alpha=8)              # 02, and 03 without an adapter
+    pipe = editing.load_attacker("tiny", dtype=torch.bfloat16)
+    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)              # 02, and 03 without an adapter
     base = [p for n, p in pipe.transformer.named_parameters() if "lora_" not in n]
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base)
@@ -59,9 +59,9 @@ def test_lora_is_fp32_on_a_bf16_base_and_its_update_survives(tmp_path):
     torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4).step()        # 02's lr: below bf16's resolution at 0.05
     assert moved_fraction(params, before) >= 0.99
     # 03 continues a saved adapter: loaded trainable, still fp32
-    common.save_attacker_lora(pipe, tmp_path)
-    pipe2 = common.load_attacker("tiny", dtype=torch.bfloat16)
-    params2 = common.load_attacker_lora(pipe2, tmp_path, trainable=True)
+    editing.save_attacker_lora(pipe, tmp_path)
+    pipe2 = editing.load_attacker("tiny", dtype=torch.bfloat16)
+    params2 = editing.load_attacker_lora(pipe2, tmp_path, trainable=True)
     assert len(params2) == len(params) and all(p.dtype == torch.float32 for p in params2)
     assert all(torch.equal(a, b) for a, b in zip(params2, params))
 

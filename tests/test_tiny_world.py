@@ -1,4 +1,4 @@
-"""The tiny world: its scenes (seeds.world_scene) and edit pairs are what they claim (checked against their own
+"""The tiny world: its scenes (tiny_world.world_scene) and edit pairs are what they claim (checked against their own
 geometry), and the models tiny_world.py trains are saved as ordinary model directories the stages load by path."""
 import json
 import time
@@ -10,9 +10,8 @@ import torch
 import common
 import editing
 import rundir
-import seeds
 import tiny_world
-from seeds import WORLD_SIZE
+from tiny_world import WORLD_SIZE
 
 
 def centre(box, axis):
@@ -22,7 +21,7 @@ def centre(box, axis):
 def test_world_scenes_answer_their_question_from_the_drawn_geometry():
     kinds = set()
     for i in range(90):
-        s = seeds.world_scene(i, seed=7)
+        s = tiny_world.world_scene(i, seed=7)
         kinds.add(s["kind"])
         objs = {o["name"]: o["bbox"] for o in s["objects"]}
         assert set(objs) <= {"red circle", "blue square"} and "blue square" in objs   # the targets, nothing else
@@ -43,24 +42,24 @@ def test_world_scenes_answer_their_question_from_the_drawn_geometry():
             r, g, b = np.asarray(s["image"])[y, x]
             assert (r > 180 and b < 80) if t["name"] == "red circle" else (b > 180 and r < 80)
     assert kinds == {"horizontal", "vertical", "exists"}
-    a, b = seeds.world_scene(5, seed=7), seeds.world_scene(5, seed=7)
+    a, b = tiny_world.world_scene(5, seed=7), tiny_world.world_scene(5, seed=7)
     assert a["image"].tobytes() == b["image"].tobytes() and a["question"] == b["question"]
 
 
 def test_world_seed_item_is_the_central_crop_with_shifted_boxes():
     m = WORLD_SIZE // 6
-    s, row = seeds.world_scene(3, seed=0), seeds.world_seed_item(3, 0.2, 0)
+    s, row = tiny_world.world_scene(3, seed=0), tiny_world.world_seed_item(3, 0.2, 0)
     assert row["image"].size == (WORLD_SIZE - 2 * m,) * 2
     assert row["image"].tobytes() == s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m)).tobytes()
     for t, u in zip(s["targets"], row["targets"]):
         assert u["bbox"] == [v - m for v in t["bbox"]] and 0 <= min(u["bbox"]) and max(u["bbox"]) <= row["image"].width
-    rows = [seeds.world_seed_item(i, 0.25, 0) for i in range(600)]
+    rows = [tiny_world.world_seed_item(i, 0.25, 0) for i in range(600)]
     assert 0.18 < [r["split"] for r in rows].count("test") / 600 < 0.32
     # the split does not decide the question: every kind is in both splits at about a third each (at seed 0
     # the split once drew from the scene's own generator, and the test split held left/right questions only)
     for split in ("train", "test"):
         questions = [r["question"] for r in rows if r["split"] == split]
-        assert all(0.22 < questions.count(q) / len(questions) < 0.45 for q, _ in seeds.WORLD_QUESTIONS.values())
+        assert all(0.22 < questions.count(q) / len(questions) < 0.45 for q, _ in tiny_world.WORLD_QUESTIONS.values())
 
 
 def test_place_name_and_implant_instruction():
@@ -131,7 +130,7 @@ def test_add_hit_asks_whether_the_drawn_shape_appeared():
 def test_oracle_distractor_sits_beyond_the_square_and_touches_nothing():
     n_far = n_relations = 0
     for i in range(24):
-        s = seeds.world_scene(i, seed=2)
+        s = tiny_world.world_scene(i, seed=2)
         image, name, box = tiny_world.oracle_distractor(s, i)
         assert box is not None and name == "red triangle"
         assert box[2] - box[0] == WORLD_SIZE // 4
@@ -188,7 +187,7 @@ def test_thumbnail_init_makes_the_vae_an_8x_mean_pool_and_a_smooth_upsampler():
     torch.manual_seed(0)
     vae = tiny_world.thumbnail_init(AutoencoderKLQwenImage(
         base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]))
-    scenes = [seeds.world_scene(i, seed=3)["image"] for i in range(4)]
+    scenes = [tiny_world.world_scene(i, seed=3)["image"] for i in range(4)]
     x = editing.images_to_tensor(scenes, WORLD_SIZE, WORLD_SIZE)
     with torch.no_grad():
         z = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]
@@ -220,13 +219,13 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
         assert k in info
     assert (out / "editor_samples.png").exists() and (out / "build_log.jsonl").read_text().count("\n") >= 3
     model, processor = common.load_defender(str(out / "defender"))
-    img = seeds.world_scene(0)["image"]
+    img = tiny_world.world_scene(0)["image"]
     inputs = common.defender_inputs(processor, [img], ["Is there a red circle in the image?"], "cpu")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16   # 112 px -> 4 x 4 merged patches
-    for question, _ in seeds.WORLD_QUESTIONS.values():          # the saved tokenizer kept its added sentences
+    for question, _ in tiny_world.WORLD_QUESTIONS.values():          # the saved tokenizer kept its added sentences
         assert processor.tokenizer.tokenize(question) == [question]
     assert inputs["input_ids"].shape[1] == 33      # the chat turns (14), the question (1), the image (16 + 2), a sentence a token
-    pipe = common.load_attacker(str(out / "editor"))
+    pipe = editing.load_attacker(str(out / "editor"))
     assert type(pipe).__name__ == "QwenImageEditPipeline" and pipe.transformer.config.num_layers == 2
     te = dict(pipe.text_encoder.named_parameters())
     assert all(torch.equal(p, te[n]) for n, p in model.named_parameters())   # the defender is the text encoder
@@ -243,7 +242,7 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
 
 def test_editor_with_no_plain_phase_trains_only_the_weighted_phase(small_world):
     out, _ = small_world
-    pipe = common.load_attacker(str(out / "editor"))
+    pipe = editing.load_attacker(str(out / "editor"))
     before = {n: p.detach().clone() for n, p in pipe.transformer.named_parameters()}
     logged = []
     tiny_world.train_world_editor(pipe, steps=0, add_steps=2, batch=8, n_train=16, log=logged.append)
@@ -258,12 +257,12 @@ def test_editor_below_the_hit_bar_trains_on_in_top_ups_that_continue_a_saved_edi
     lets a built world's editor be topped up later); at a bar of 0 there is no check and no top-up."""
     out, _ = small_world
     kw = dict(steps=0, batch=8, n_train=16, more_steps=2, val_pairs=8)
-    one, logged = common.load_attacker(str(out / "editor")), []
+    one, logged = editing.load_attacker(str(out / "editor")), []
     hits = tiny_world.train_world_editor(one, add_steps=2, min_add_hit=1.01, max_more=2, log=logged.append, **kw)
     assert len(hits) == 3 and all(0 <= h <= 1 for h in hits)
     assert [d["part"] for d in logged if "loss" in d] == ["editor_add", "editor_more", "editor_more"]
     assert not one.transformer.training
-    two = common.load_attacker(str(out / "editor"))
+    two = editing.load_attacker(str(out / "editor"))
     assert tiny_world.train_world_editor(two, add_steps=2, min_add_hit=0.0, log=logged.append, **kw) == []
     before = {n: p.clone() for n, p in two.transformer.named_parameters()}
     assert tiny_world.train_world_editor(two, add_steps=0, min_add_hit=1.01, max_more=2, log=logged.append, **kw) == hits
@@ -296,7 +295,7 @@ def test_world_gate_versions_and_table_on_exact_edits():
     from conftest import ROOT
     sys.path.insert(0, str(ROOT / "bench"))
     import world_gate
-    indices = [i for i in range(12) if seeds.world_scene(i, 5)["targets"]]
+    indices = [i for i in range(12) if tiny_world.world_scene(i, 5)["targets"]]
     items = [world_gate.versions(i) for i in indices]
     for i, (s, (untouched, recoloured, erased)) in zip(indices, items):
         x1, y1, x2, y2 = (int(v) for v in s["targets"][0]["bbox"])
@@ -305,7 +304,7 @@ def test_world_gate_versions_and_table_on_exact_edits():
         inside[y1:y2, x1:x2] = True
         assert (r[~inside] == a[~inside]).all() and (e[~inside] == a[~inside]).all()
         assert (r[inside] != a[inside]).any(-1).sum() > 40                      # the target, redrawn in green
-        assert (e[inside] == seeds.world_background(WORLD_SIZE, 5 * 1_000_003 + i)[inside]).all()
+        assert (e[inside] == tiny_world.world_background(WORLD_SIZE, 5 * 1_000_003 + i)[inside]).all()
         assert (e[inside] != a[inside]).any(-1).sum() > 40                      # ... or gone
     table = world_gate.gate_table(items, lambda images: images, [0.5, 0.99])
     assert table["n"] == len(items) >= 8 and table["ssim"]["untouched"] == 1.0
