@@ -546,7 +546,7 @@ def main(args: Args):
     mine = [c for c in range(n_chunks) if c % ddp.world == ddp.rank]
     done = [c for c in mine if (work / f"chunk_{c:05d}" / "counts.json").exists()]
     parallel.print0(f"[01] {len(rows)} seed rows ({len(skipped)} skipped) -> {n_chunks} chunks of {args.chunk_size} "
-                  f"over {ddp.world} rank(s); judge={args.judge} target={args.target} editor={args.editor}")
+                    f"over {ddp.world} rank(s); judge={args.judge} target={args.target} editor={args.editor}")
     if done:
         print(f"[01] rank {ddp.rank}: resuming, {len(done)}/{len(mine)} chunk(s) already done", flush=True)
 

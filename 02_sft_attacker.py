@@ -130,8 +130,8 @@ def main(args: Args):
     pipe.text_encoder = None   # 16.6 GB at paper size, unused from here on (bench/paper_scale.py)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(ds) / (args.grad_accum * ddp.world)))
     parallel.print0(f"[02] {len(ds)} AOT-SFT rows ({len(rows)} on rank 0, cached in {time.time() - t0:.1f}s), "
-                  f"{steps} steps x {args.grad_accum} rows x {ddp.world} ranks, LoRA r={args.lora_rank} "
-                  f"({sum(p.numel() for p in params) / 1e6:.2f}M params), lr {args.lr}")
+                    f"{steps} steps x {args.grad_accum} rows x {ddp.world} ranks, LoRA r={args.lora_rank} "
+                    f"({sum(p.numel() for p in params) / 1e6:.2f}M params), lr {args.lr}")
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100 + ddp.rank)
     ckpt_dir = run / "attacker" / ".ckpt_sft"
@@ -164,7 +164,7 @@ def main(args: Args):
                    peak_mem_gb=parallel.peak_memory_gb(ddp.device))
         logger.log(row)
         parallel.print0(f"[02] step {step + 1}/{steps} loss {loss_all:.4f} grad {gnorm:.3f} {row['step_s']:.2f}s "
-                      f"mem {row['peak_mem_gb']:.1f}GB")
+                        f"mem {row['peak_mem_gb']:.1f}GB")
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             rundir.save_checkpoint(ckpt_dir, step + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)

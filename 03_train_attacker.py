@@ -423,7 +423,7 @@ def main(args: Args):
         scenes_ds = scenes_ds.filter(lambda t: len(t) > 0, input_columns="targets")
         if n_all > len(scenes_ds):
             parallel.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
-                          f"an absent object): not attacked (--attack_targetless attacks them)")
+                            f"an absent object): not attacked (--attack_targetless attacks them)")
     train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
     if not train_scenes:
         raise SystemExit(f"[03] no train scenes with target boxes in {run / 'data' / 'scenes'} ({n_all} scenes)")
@@ -455,7 +455,7 @@ def main(args: Args):
             parallel.shard_vl(defender, processor.tokenizer.pad_token_id)
         params = [p for p in pipe.transformer.parameters() if p.requires_grad]   # now DTensor shards
         parallel.print0(f"[03] FSDP2 over {ddp.world} ranks: transformer + LoRA, text encoder"
-                      f"{', defender' if defender is not None else ''} sharded")
+                        f"{', defender' if defender is not None else ''} sharded")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
@@ -471,9 +471,9 @@ def main(args: Args):
         rng.setstate((3, tuple(extra["rng"]), None))
         parallel.print0(f"[03] resumed at iteration {start}")
     parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
-                  f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
-                  f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
-                  f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
+                    f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
+                    f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
+                    f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
 
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
                               desc="[03] iterations"):
@@ -513,9 +513,9 @@ def main(args: Args):
                    edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=parallel.peak_memory_gb(ddp.device))
         logger.log(row)
         parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
-                      f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
-                      f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
-                      f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+                        f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
+                        f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
+                        f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)

@@ -39,30 +39,20 @@ Departures / our choices:
      from the sampler; --old_logp rollout uses the sampler's instead;
   5. yes/no scenes are scored by the same two rules on \\boxed{Yes} / \\boxed{No} (the official reward
      reads option letters only, so it scores every yes/no item 0);
-  6. precision and sharding (verl / EasyR1): the trained weights and AdamW state are fp32 master
-     weights, compute is --dtype (bf16 on GPU). Under torchrun, on GPU or CPU alike: FSDP2
-     (fully_shard per vision block and decoder layer, then the root) with
-     MixedPrecisionPolicy(param bf16, reduce fp32); in one process: torch.autocast. Checkpoints are
-     torch.distributed.checkpoint (each rank writes its shard; resume on the same world size);
-  7. rollouts under FSDP2 all-gather the weights once per generate call instead of per layer per
-     token, so ranks decode independently (no synced_gpus); EasyR1 syncs them into vLLM instead.
+  6. precision and sharding (verl / EasyR1): fp32 master weights and AdamW state, --dtype compute (bf16 on
+     GPU): FSDP2 with MixedPrecisionPolicy(param bf16, reduce fp32) under torchrun, on GPU or CPU alike,
+     torch.autocast in one process; checkpoints by torch.distributed.checkpoint (same world size to resume);
+  7. rollouts under FSDP2 all-gather the weights once per generate call, so ranks decode independently
+     (EasyR1 syncs them into vLLM instead); memory at paper size: policy.py, bench/paper_scale.py;
   8. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
-     (``pack``: a 4D mask keeps the answers apart, positions as sampled; exact, tested), so a prompt and
-     its image go through the model once per row, not once per answer; verl / EasyR1 run every
-     [prompt | answer] whole. Needs sdpa or eager attention (the default sdpa), not flash-attention-2.
-Memory at paper size (bench/paper_scale.py): a generate call holds as many sequences as
---gen_memory_gb allows (KV cache + prefill working set, from the model config; --gen_batch caps the
-prompts), the sampler's log-probs are kept per token, not as (B, T, vocab) logits; training
-micro-batches hold at most --micro_tokens padded tokens (verl's ppo_max_token_len_per_gpu; a row then
-holds fewer of a group's answers, one at the longest) and only the completion positions get logits;
-gradient checkpointing is on by default.
+     (policy.pack: exact, tested; verl / EasyR1 run every [prompt | answer] whole; sdpa or eager attention).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +61,7 @@ import torch
 
 import common
 import parallel
+import policy
 import rundir
 
 PRESETS = {
@@ -233,132 +224,6 @@ class PromptStream:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Rollout: sampling a group of answers per prompt
-# ---------------------------------------------------------------------------------------------
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus sampling's support: zero every token outside the smallest set whose mass reaches
-    top_p (the most likely token always stays), as generate's TopPLogitsWarper."""
-    if top_p >= 1.0:
-        return probs
-    p, idx = probs.sort(-1, descending=True)
-    drop = p.cumsum(-1) - p >= top_p         # the mass before this token already reaches top_p
-    return probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
-
-
-@torch.no_grad()
-def sample_groups(model, inputs: dict, n: int, args, eos: torch.Tensor, pad_id: int):
-    """n answers per prompt, each prompt prefilled once: its KV cache is copied n times and the
-    copies decoded together (the prefix caching vLLM gives verl / EasyR1 for their n samples).
-    generate() would prefill n copies of the prompt, image included: 70% of 04's rollout time in
-    the tiny world. Sampling is generate(do_sample, temperature, top_p, top_k=0) with the media
-    tokens suppressed; the log-prob of each sampled token under logits / T is kept (B x T floats,
-    not the (B, T, vocab) logits). Positions are Qwen2.5-VL's 3D RoPE ones, from get_rope_index for
-    the prompt and +1 per decoded token after its largest, so the training forward on [prompt | answer]
-    recomputes the same log-probs (tested, left padding included). Returns (B*n, T) ids (pad after
-    EOS) and their log-probs."""
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: GRPO / DAPO sample their groups")
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    pos, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-                                        attention_mask=mask)
-    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1].repeat_interleave(n, 0)
-    cache.batch_repeat_interleave(n)
-    mask = mask.repeat_interleave(n, 0)
-    after = pos.amax(dim=(0, 2)).repeat_interleave(n, 0) + 1     # each answer's first position: its prompt's last + 1
-    B = mask.shape[0]
-    suppress = media_token_ids(model)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    toks, logps = [], []
-    for t in range(args.max_new_tokens):
-        scores = logits.float()
-        scores[:, suppress] = -float("inf")
-        logp = torch.log_softmax(scores / args.temperature, -1)
-        tok = torch.multinomial(top_p_filter(logp.exp(), args.top_p), 1)[:, 0]
-        tok = tok.masked_fill(done, pad_id)
-        toks.append(tok)
-        logps.append(logp.gather(-1, tok[:, None])[:, 0])
-        done |= torch.isin(tok, eos)
-        if bool(done.all()) or t + 1 == args.max_new_tokens:
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        step_pos = (after + t).view(1, B, 1).expand(3, B, 1)
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
-    return torch.stack(toks, 1), torch.stack(logps, 1)
-
-
-@torch.no_grad()
-def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
-    """One sample per (prompt, answer): unpadded prompt ids / image tensors, completion ids up to
-    and including EOS, the sampler's log-probs, the decoded text."""
-    tok = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    eos_t = torch.tensor(sorted(eos), device=model.device)
-    samples = []
-    calls = common.memory_batches(model, processor, [p["image"] for p in prompts],
-                                  [common.defender_prompt(p["question"], p["options"]) for p in prompts],
-                                  args.max_new_tokens, args.gen_memory_gb, args.gen_batch, repeat=args.group_size)
-    for call in common.progress(calls, desc="[04] rollout", leave=False):
-        inputs = common.defender_inputs(processor, [p["image"] for p in prompts[call]],
-                                        [common.defender_prompt(p["question"], p["options"]) for p in prompts[call]],
-                                        model.device)
-        with parallel.gathered_for_generation(model), compute_dtype(model):
-            comp, logp = sample_groups(model, inputs, args.group_size, args, eos_t, tok.pad_token_id)
-        patches = inputs["image_grid_thw"].prod(-1).tolist()
-        offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
-        for b, p in enumerate(prompts[call]):
-            keep = inputs["attention_mask"][b].bool()
-            shared = dict(prompt=p, prompt_ids=inputs["input_ids"][b][keep].cpu(),
-                          mm_types=inputs["mm_token_type_ids"][b][keep].cpu(),
-                          pixel_values=inputs["pixel_values"][offsets[b]:offsets[b + 1]].cpu(),
-                          grid=inputs["image_grid_thw"][b:b + 1].cpu())
-            for r in range(b * args.group_size, (b + 1) * args.group_size):
-                ids = comp[r].tolist()
-                end = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
-                samples.append(dict(shared, completion=comp[r, :end].cpu(), rollout_logp=logp[r, :end].cpu(),
-                                    truncated=end == len(ids) and ids[-1] not in eos,
-                                    text=tok.decode(ids[:end], skip_special_tokens=True)))
-    return samples
-
-
-def media_token_ids(model) -> list[int]:
-    """<|image_pad|> / <|video_pad|>: never sampled (the model would look for image features)."""
-    return [model.config.image_token_id, model.config.video_token_id]
-
-
-def pack(rows: list[list[dict]], pad_id: int, device):
-    """A micro-batch of rows (``micro_batches``), each one copy of a prompt and k of its answers:
-    [pad.. prompt | answer 1 ..pad | ... | answer k ..pad], slots of the longest completion T. An answer
-    sees the prompt and itself only, at the positions it was sampled at, so its log-probs are those of
-    [prompt | answer] alone (tested); the tiny world's 136-token prompts with 16 answers of ~5 tokens cost
-    10x fewer tokens. -> (batch, prompt_mask, P, k, T, slots): sample i is in slot ``slots[i]`` (row k + j)."""
-    P = max(len(r[0]["prompt_ids"]) for r in rows)
-    T = max(len(s["completion"]) for r in rows for s in r)
-    k = max(len(r) for r in rows)
-    R, L = len(rows), P + k * T
-    ids = torch.full((R, L), pad_id, dtype=torch.long)
-    real = torch.zeros(R, L, dtype=torch.bool)
-    mm = torch.zeros(R, L, dtype=torch.int)
-    slots = []
-    for r, row in enumerate(rows):
-        n = len(row[0]["prompt_ids"])
-        ids[r, P - n:P], mm[r, P - n:P], real[r, P - n:P] = row[0]["prompt_ids"], row[0]["mm_types"], True
-        for j, s in enumerate(row):
-            a, m = P + j * T, len(s["completion"])
-            ids[r, a:a + m], real[r, a:a + m] = s["completion"], True
-            slots.append(r * k + j)
-    seg = torch.cat([torch.zeros(P, dtype=torch.long), torch.arange(1, k + 1).repeat_interleave(T)])   # 0 = prompt
-    pos = torch.arange(L)
-    see = (pos[None, :] <= pos[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))    # (L, L)
-    mask = (real[:, None, :] & see[None]) | torch.eye(L, dtype=torch.bool)[None]   # a pad query sees itself: no NaN
-    batch = dict(input_ids=ids, attention_mask=mask[:, None], mm_token_type_ids=mm,
-                 pixel_values=torch.cat([r[0]["pixel_values"] for r in rows]),
-                 image_grid_thw=torch.cat([r[0]["grid"] for r in rows]))
-    return {k_: v.to(device) for k_, v in batch.items()}, real[:, :P].long().to(device), P, k, T, torch.tensor(slots)
-
 
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:
     """DAPO soft overlong punishment: 0 up to max_len - cache, linear to -1 at max_len, -1 past it."""
@@ -368,35 +233,6 @@ def overlong_penalty(length: int, max_len: int, cache: int) -> float:
         return ((max_len - cache) - length) / cache
     return -1.0
 
-
-def token_logprobs(model, packed, temperature, with_entropy=False):
-    """Log-probs (N, T) of the N completions of a ``pack``ed micro-batch (logits / temperature), in the
-    micro-batch's order, and optionally their per-token entropies."""
-    batch, prompt_mask, P, k, T, slots = packed
-    impl = model.config._attn_implementation
-    if impl not in ("sdpa", "eager"):
-        raise SystemExit(f"[04] packed groups need a 4D attention mask: sdpa or eager attention, not {impl}")
-    mask = batch["attention_mask"]
-    if impl == "eager":                     # additive, as eager attention adds it to the scores
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    R = batch["input_ids"].shape[0]
-    pos, _ = model.model.get_rope_index(batch["input_ids"][:, :P], batch["mm_token_type_ids"][:, :P],
-                                        image_grid_thw=batch["image_grid_thw"], attention_mask=prompt_mask)
-    t = torch.arange(T, device=pos.device)  # every slot continues from its prompt's largest position, as sampled
-    after = (pos.amax(dim=(0, 2))[:, None] + 1 + t).repeat(1, k)                   # (R, k T)
-    pos = torch.cat([pos, after[None].expand(3, R, k * T)], 2)
-    # the logits that predict slot j's tokens: the prompt's last position, then the slot's own
-    keep = torch.cat([torch.full((k, 1), P - 1), P + torch.arange(k)[:, None] * T + torch.arange(T - 1)], 1)
-    with compute_dtype(model):
-        logits = model(**dict(batch, attention_mask=mask), position_ids=pos, use_cache=False,
-                       logits_to_keep=keep.flatten().to(pos.device)).logits.float() / temperature
-    logits = logits.view(R * k, T, -1)[slots.to(logits.device)]
-    logits[..., media_token_ids(model)] = -float("inf")  # as suppressed at sampling time
-    targets = batch["input_ids"][:, P:].reshape(R * k, T)[slots.to(logits.device)]
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    ent = torch.special.entr(logp_all.exp()).sum(-1).detach() if with_entropy else None  # 0 where p = 0
-    return logp, ent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +299,7 @@ def collect_groups(model, processor, stream, per_rank, args):
         if parallel.all_reduce(torch.tensor(float(len(kept)))).item() >= need:
             break
         tries += 1
-        samples = rollout(model, processor, stream.take(per_try), args)
+        samples = policy.rollout(model, processor, stream.take(per_try), args)
         score(samples, args)
         gen_tokens += sum(len(s["completion"]) for s in samples)
         gen["samples"] += len(samples)
@@ -475,33 +311,10 @@ def collect_groups(model, processor, stream, per_rank, args):
         keep = dynamic_filter(acc, args.dyn_low, args.dyn_high)
         seen += len(groups)
         kept += [g for g, k in zip(groups, keep.tolist()) if k]
-    return balance_groups(kept, per_rank), dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens,
+    return policy.balance_groups(kept, per_rank), dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens,
                                                 gen_s=time.time() - t0, filler=filler, gen_samples=gen["samples"],
                                                 gen_correct=gen["correct"], gen_reward=gen["reward"])
 
-
-def balance_groups(kept: list, per_rank: int) -> list:
-    """Each rank's kept groups -> per_rank groups on every rank while the ranks together hold enough:
-    a rank keeps up to per_rank of its own, the surplus of the others fills the ranks short of their
-    share (in rank order), the rest is cut. With too few in all, the short ranks share what surplus there is."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return kept[:per_rank]
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    counts = [None] * world
-    torch.distributed.all_gather_object(counts, len(kept))
-    short = [max(0, per_rank - c) for c in counts]
-    if sum(short) == 0 or sum(max(0, c - per_rank) for c in counts) == 0:
-        return kept[:per_rank]
-    surplus = [None] * world
-    torch.distributed.all_gather_object(surplus, [[_portable(s) for s in g] for g in kept[per_rank:]])
-    pool = [g for r in range(world) for g in surplus[r]]
-    start = sum(short[:rank])
-    return kept[:per_rank] + pool[start:start + short[rank]]
-
-
-def _portable(sample: dict) -> dict:
-    """A sample that can travel to another rank: its tensors on the CPU."""
-    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
 
 
 def step_row(step, groups, g, st, step_s, ddp) -> dict:
@@ -530,35 +343,14 @@ def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)   # None: nothing was kept this step
 
 
-def _global_max(n: int) -> int:
-    return int(parallel.all_reduce(torch.tensor(float(n)), op="max").item())
-
-
-def micro_batches(samples: list[dict], max_seqs: int, max_tokens: int) -> list[list[list[dict]]]:
-    """Consecutive samples as micro-batches of rows (``pack``): a row holds answers to one prompt (the
-    samples of a rollout group share its prompt tensors); a micro-batch at most max_seqs answers and, when
-    max_tokens > 0, at most max_tokens padded tokens: rows x (longest prompt + answers per row x longest
-    completion), verl's ppo_max_token_len_per_gpu. Never empty: a sample over the budget goes alone."""
-    def fits(rows):
-        P = max(len(r[0]["prompt_ids"]) for r in rows)
-        T = max(len(s["completion"]) for r in rows for s in r)
-        return sum(map(len, rows)) <= max_seqs and not (max_tokens and len(rows) * (P + max(map(len, rows)) * T) > max_tokens)
-    out, cur = [], []
-    for s in samples:
-        if cur and cur[-1][0]["prompt_ids"] is s["prompt_ids"] and fits(cur[:-1] + [cur[-1] + [s]]):
-            cur[-1].append(s)
-        elif cur and fits(cur + [[s]]):
-            cur.append([s])
-        else:
-            out += [cur] if cur else []
-            cur = [[s]]
-    return out + ([cur] if cur else [])
-
 
 def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, filler=None):
     """Advantages, (re)computed old log-probs, then updates of `global_batch` prompts each.
     Ranks run the same number of forwards: a rank with fewer samples runs zero-weight filler
     micro-batches, so FSDP's and the gradient all-reduce's collectives always match."""
+    if parallel.all_reduce(torch.tensor(float(len(groups)))).item() == 0:
+        parallel.print0("[04] no informative group on any rank: no update this step")
+        return dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0, train_s=0.0)
     pad = model.generation_config.pad_token_id or 0
     device = ddp.device
     samples = [s for g in groups for s in g]
@@ -567,16 +359,16 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
         for s, a in zip(samples, adv.flatten().tolist()):
             s["adv"] = a
     fill = [[dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None) for s in row]
-            for row in micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
+            for row in policy.micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
     per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update
-    chunks = [micro_batches(samples[u:u + per_update], args.micro_batch, args.micro_tokens)
+    chunks = [policy.micro_batches(samples[u:u + per_update], args.micro_batch, args.micro_tokens)
               for u in range(0, len(samples), per_update)]
     mbs = [mb for c in chunks for mb in c]
     with torch.no_grad():  # old (and reference) log-probs, same micro-batches as training
-        for j in range(_global_max(len(mbs))):
-            packed = pack(mbs[j] if j < len(mbs) else fill, pad, device)
-            old = token_logprobs(model, packed, args.temperature)[0] if args.old_logp == "recompute" else None
-            ref = token_logprobs(ref_model, packed, args.temperature)[0] if ref_model is not None else None
+        for j in range(policy.global_max(len(mbs))):
+            packed = policy.pack(mbs[j] if j < len(mbs) else fill, pad, device)
+            old = policy.token_logprobs(model, packed, args.temperature)[0] if args.old_logp == "recompute" else None
+            ref = policy.token_logprobs(ref_model, packed, args.temperature)[0] if ref_model is not None else None
             if j >= len(mbs):
                 continue
             for b, s in enumerate(s for row in mbs[j] for s in row):
@@ -585,15 +377,15 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
                 s["ref_logp"] = ref[b, :n].cpu() if ref is not None else None
     stats = dict(clip_frac=0.0, ratio_sum=0.0, tokens=0.0, entropy_sum=0.0, updates=0, grad_norm=0.0)
     t0 = time.time()
-    for u in range(_global_max(len(chunks))):
+    for u in range(policy.global_max(len(chunks))):
         chunk_mbs = chunks[u] if u < len(chunks) else []
         num_tokens = parallel.all_reduce(torch.tensor(float(sum(
             0 if args.mask_truncated and s["truncated"] else len(s["completion"])
             for mb in chunk_mbs for row in mb for s in row)))).item()
         opt.zero_grad(set_to_none=True)
-        for i in range(_global_max(len(chunk_mbs))):
+        for i in range(policy.global_max(len(chunk_mbs))):
             real = i < len(chunk_mbs)
-            packed = pack(chunk_mbs[i] if real else fill, pad, device)
+            packed = policy.pack(chunk_mbs[i] if real else fill, pad, device)
             mb = [s for row in (chunk_mbs[i] if real else fill) for s in row]
             T = packed[4]
             cmask = torch.zeros(len(mb), T, device=device)
@@ -606,7 +398,7 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
                 if ref is not None and s.get("ref_logp") is not None:
                     ref[b, :n] = s["ref_logp"]
             a = torch.tensor([s["adv"] for s in mb], device=device)
-            logp, ent = token_logprobs(model, packed, args.temperature, with_entropy=True)
+            logp, ent = policy.token_logprobs(model, packed, args.temperature, with_entropy=True)
             # world * (sum / global tokens): gradients are averaged across ranks afterwards
             loss, st = dapo_loss(logp, old, a, cmask, args.clip_low, args.clip_high,
                                  max(num_tokens, 1.0) / ddp.world, ref, args.kl_coef, args.clip_dual)
@@ -635,76 +427,8 @@ def clipped_step(opt, params, max_norm: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model setup, checkpoints
+# Validation, and the stage's main flow
 # ---------------------------------------------------------------------------------------------
-def setup_model(args, ddp, init):
-    """Full-parameter: fp32 master weights (the update at lr 1e-6 is below bf16's resolution), bf16
-    compute: FSDP2 with MixedPrecisionPolicy(bf16, reduce fp32) under torchrun, on GPU and on CPU
-    alike (verl / EasyR1's setting), torch.autocast in one process (accelerate / TRL's).
-    LoRA: the frozen base in --dtype, the adapter in fp32."""
-    dtype = common.resolve_dtype(args.dtype, ddp.device)
-    full = args.lora_rank == 0
-    model, processor = common.load_defender(init, ddp.device, dtype=torch.float32 if full else dtype,
-                                            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if not full:
-        from peft import LoraConfig, get_peft_model
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                 target_modules=targets))
-        common.lora_parameters(model)
-    else:
-        model.requires_grad_(True)
-        if not args.train_vision:
-            model.model.visual.requires_grad_(False)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if full and ddp.world > 1:   # fp32 shards (the optimizer's), bf16 gathered for compute
-        parallel.shard_vl(model, processor.tokenizer.pad_token_id, param_dtype=dtype)
-    elif full and dtype != torch.float32:
-        model._autocast_dtype = dtype
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, processor, params
-
-
-def precision_summary(model, args, ddp) -> str:
-    dt = {torch.bfloat16: "bf16", torch.float32: "fp32"}[common.resolve_dtype(args.dtype, ddp.device)]
-    if args.lora_rank > 0:
-        return f"LoRA r{args.lora_rank}: fp32 adapter on a frozen {dt} base"
-    if parallel.is_fsdp(model):
-        return f"FSDP2 over {ddp.world} ranks, MixedPrecisionPolicy({dt} params, fp32 reduce), fp32 master weights"
-    return f"one process, fp32 master weights, {'torch.autocast(bf16)' if dt == 'bf16' else 'fp32 compute'}"
-
-
-def compute_dtype(model):
-    """bf16 autocast around the forward of a one-process fp32 model; FSDP2 casts by itself."""
-    from contextlib import nullcontext
-    dt = getattr(model, "_autocast_dtype", None)
-    return torch.autocast(model.device.type, dtype=dt) if dt else nullcontext()
-
-
-def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = None):
-    """A save_pretrained directory in fp32 (a round's total change is often below bf16's resolution),
-    with the processor of the model it started from: training's pixel limits (--min/max_pixels) are not
-    saved, so every round is evaluated with the base model's limits, as the authors evaluate. args.json
-    records which step it is (``selected``)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ddp.master:
-        tmp = rundir.tmp_dir_for(out)
-        if args.lora_rank > 0:   # a copy: training may go on after a best-so-far save
-            import copy
-            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        common.load_processor(init).save_pretrained(tmp)
-        rundir.save_args(args, tmp)
-        if selected:
-            saved = json.loads((tmp / "args.json").read_text())
-            (tmp / "args.json").write_text(json.dumps(dict(saved, selected=selected), indent=2, default=str))
-        rundir.commit_dir(tmp, out)
-    parallel.barrier()
-
 
 @torch.no_grad()
 def validate(model, processor, val: list[dict], args, ddp) -> dict:
@@ -712,7 +436,7 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
     val_score is their mean (round 0: the clean accuracy)."""
     mine = val[ddp.rank::ddp.world]
     model.eval()
-    with parallel.gathered_for_generation(model), compute_dtype(model):
+    with parallel.gathered_for_generation(model), policy.compute_dtype(model):
         texts = common.defender_generate(model, processor, [p["image"] for p in mine],
                                          [common.defender_prompt(p["question"], p["options"]) for p in mine],
                                          args.max_new_tokens, batch_size=args.gen_batch or 16,
@@ -729,93 +453,95 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
     return dict(row, val_score=sum(parts) / len(parts) if parts else None)
 
 
-def main(args: Args):
-    common.quiet()
-    ddp = parallel.setup_distributed()
-    run = Path(args.run_dir)
-    out = run / "defender" / f"round_{args.round}"
-    if out.exists():
-        parallel.print0(f"[04] {out} exists: nothing to do")
-        return
-    torch.manual_seed(args.seed + ddp.rank)
-    random.seed(args.seed + ddp.rank)
-    init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
-    if args.round > 0 and not args.init and not Path(init).exists():
-        raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
+def round_schedule(args):
+    """--rollout_batch / --epochs / --mini_rollout_batch at 0: the authors' values for this round."""
     rollout_batch, epochs, mini = ROUND_SCHEDULE[min(args.round, max(ROUND_SCHEDULE))]
     if not args.rollout_batch:   # the authors' mini-rollout batch goes with their rollout batch
         args.mini_rollout_batch = args.mini_rollout_batch or mini
     args.rollout_batch, args.epochs = args.rollout_batch or rollout_batch, args.epochs or epochs
     args.mini_rollout_batch = args.mini_rollout_batch or args.rollout_batch
-    model, processor, params = setup_model(args, ddp, init)
+
+
+def print_step(step, steps, row, g):
+    parallel.print0(f"[04] step {step}/{steps} generated: reward {row['gen_reward']:.3f} acc "
+                    f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
+                    f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
+                    f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
+                    f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
+                    f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+    if "val_score" in row:
+        parallel.print0(f"[04] step {step} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
+                        f"{fmt(row['val_clean_acc'], '.1f')}")
+
+
+def main(args: Args):
+    common.quiet()
+    ddp = parallel.setup_distributed()
+    run = Path(args.run_dir)
+    out, best_dir = run / "defender" / f"round_{args.round}", run / "defender" / f".best_round_{args.round}"
+    if out.exists():
+        parallel.print0(f"[04] {out} exists: nothing to do")
+        return
+    if args.select not in ("last", "best_val"):
+        raise SystemExit(f"[04] --select must be 'last' or 'best_val', not {args.select!r}")
+    torch.manual_seed(args.seed + ddp.rank)
+    random.seed(args.seed + ddp.rank)
+    init = args.init or (args.model if args.round == 0 else str(run / "defender" / f"round_{args.round - 1}"))
+    if args.round > 0 and not args.init and not Path(init).exists():
+        raise SystemExit(f"[04] round {args.round} starts from {init}, which does not exist (run round {args.round - 1})")
+    round_schedule(args)
+    model, processor, params = policy.setup_model(args, ddp, init)
     ref_model = common.load_defender(init, ddp.device, common.resolve_dtype(args.dtype, ddp.device))[0] \
         if args.kl_coef > 0 else None
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    if args.select not in ("last", "best_val"):
-        raise SystemExit(f"[04] --select must be 'last' or 'best_val', not {args.select!r}")
     pool, val = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
-    per_rank = max(1, args.rollout_batch // ddp.world)
-    steps = step_count(args, len(pool))
+    per_rank, steps = max(1, args.rollout_batch // ddp.world), step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
     start, best = 0, dict(step=None, val_score=None)   # best: the best validated step so far (--select best_val)
-    resumed = rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank)  # model, optimizer, RNG, data position
-    if resumed:
+    if resumed := rundir.load_checkpoint(ckpt_dir, model, opt, ddp.rank):   # model, optimizer, RNG, data position
         start, extra = resumed
         stream.epoch, stream.pos = extra["stream"]
         stream._order()
         best = extra.get("best", best)
         parallel.print0(f"[04] resumed from {ckpt_dir} at step {start}")
-    best_dir = run / "defender" / f".best_round_{args.round}"
-    if val and start == 0:   # before training, as the authors' val_before_train
+    elif val:   # before training, as the authors' val_before_train
         logger.log(dict(step=0, **validate(model, processor, val, args, ddp)))
     parallel.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
-                  f"({sum(p['source'] == 'attack' for p in pool)} attacked), {steps} steps x {args.rollout_batch} "
-                  f"prompts x {args.group_size} answers, updates of {args.global_batch} prompts, world {ddp.world}, "
-                  f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable params; {precision_summary(model, args, ddp)}")
+                    f"({sum(p['source'] == 'attack' for p in pool)} attacked), {len(val)} held out for validation, "
+                    f"{steps} steps x {args.rollout_batch} prompts x {args.group_size} answers, updates of "
+                    f"{args.global_batch} prompts, world {ddp.world}, {sum(p.numel() for p in params) / 1e6:.1f}M "
+                    f"trainable params; {policy.precision_summary(model, args, ddp)}")
 
     for step in common.progress(range(start, steps), initial=start, total=steps, desc="[04] steps"):
         t0 = time.time()
         model.eval()
         groups, g = collect_groups(model, processor, stream, per_rank, args)
         model.train()
-        if parallel.all_reduce(torch.tensor(float(len(groups)))).item() == 0:
-            parallel.print0(f"[04] step {step + 1}: no informative group after {g['tries']} tries; skipping update")
-            st = dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0,
-                      train_s=0.0)
-        else:
-            st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
+        st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
         row = step_row(step + 1, groups, g, st, time.time() - t0, ddp)
         if val and (step + 1 == steps or args.val_every and (step + 1) % args.val_every == 0):
             row.update(validate(model, processor, val, args, ddp))
-            parallel.print0(f"[04] step {step + 1} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
-                          f"{fmt(row['val_clean_acc'], '.1f')} ({len(val)} held-out prompts)")
             if args.select == "best_val" and (best["val_score"] is None or row["val_score"] > best["val_score"]):
                 best = dict(step=step + 1, val_score=row["val_score"])
-                save_final(model, best_dir, ddp, args, init, selected=dict(select="best_val", **best, of_steps=steps))
+                policy.save_final(model, best_dir, ddp, args, init, selected=dict(select="best_val", **best, of_steps=steps))
         logger.log(row)
-        parallel.print0(f"[04] step {step + 1}/{steps} generated: reward {row['gen_reward']:.3f} acc "
-                      f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
-                      f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
-                      f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
-                      f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
-                      f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+        print_step(step + 1, steps, row, g)
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
-            rundir.save_checkpoint(ckpt_dir, step + 1, model, opt,
-                                   dict(stream=[stream.epoch, stream.pos], best=best), ddp.rank)
+            rundir.save_checkpoint(ckpt_dir, step + 1, model, opt, dict(stream=[stream.epoch, stream.pos], best=best),
+                                   ddp.rank)
     if args.select == "best_val" and best["step"] is not None and best_dir.exists():
         if ddp.master:
             rundir.commit_dir(best_dir, out)
         parallel.barrier()
     else:
-        save_final(model, out, ddp, args, init, selected=dict(select="last", step=steps, of_steps=steps))
+        policy.save_final(model, out, ddp, args, init, selected=dict(select="last", step=steps, of_steps=steps))
     logger.close()
     if ddp.master:
-        import shutil
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(best_dir, ignore_errors=True)
-        print(f"[04] wrote {out}: step {best['step'] if args.select == 'best_val' and best['step'] else steps} of {steps} "
+        print(f"[04] wrote {out}: step {best['step'] or steps if args.select == 'best_val' else steps} of {steps} "
               f"(--select {args.select})")
     parallel.cleanup_distributed()
 

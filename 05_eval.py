@@ -736,12 +736,12 @@ def main(args: Args):
             rundir.write_json_atomic(eval_dir / "scores" / name / f"{bench}.json",
                                      dict(result=result["benchmarks"][bench], skipped=skipped, file=tsv))
         parallel.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
-                      f"{len(skipped)} skipped)")
+                        f"{len(skipped)} skipped)")
     if (run / "data" / "scenes").exists():
         result["robustness"] = robustness(model, processor, run, args, ddp, name)
     else:
         parallel.print0(f"[05] {run / 'data' / 'scenes'} does not exist: no held-out scenes or attacks, robustness "
-                      f"not scored")
+                        f"not scored")
     if ddp.master:
         rundir.write_json_atomic(eval_dir / f"{name}.json", result)
         table = write_summary(eval_dir, args.paper_table)

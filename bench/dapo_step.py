@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import policy  # noqa: E402
 import tiny_world  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main(a: Args):
     args.micro_batch = a.micro_batch or args.micro_batch
     ddp = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
     torch.manual_seed(0)
-    model, proc, params = s04.setup_model(args, ddp, a.defender)
+    model, proc, params = policy.setup_model(args, ddp, a.defender)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     prompts = [dict(image=s["image"], question=s["question"], options=s["options"], answer=s["answer"])
                for s in (tiny_world.world_scene(i, seed=7) for i in range(32))]
@@ -52,7 +53,7 @@ def main(a: Args):
     for step in range(a.steps + 1):
         t0 = time.time()
         model.eval()
-        samples = s04.rollout(model, proc, prompts, args)
+        samples = policy.rollout(model, proc, prompts, args)
         t1 = time.time()
         for i, s in enumerate(samples):
             s["reward"], s["accuracy"], s["overlong"] = float(i % 3 == 0), float(i % 3 == 0), 0.0

@@ -15,7 +15,6 @@ per byte, but their count (layers x tokens) and the lock-step decoding stay.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import parallel  # noqa: E402
+import policy  # noqa: E402
 
 
 @dataclass
@@ -38,14 +38,6 @@ class Args:
     new_tokens: int = field(default=64, metadata={"help": "tokens decoded per sequence"})
     batch: int = field(default=8, metadata={"help": "sequences per generate call"})
     repeats: int = field(default=3, metadata={"help": "timed generate calls per mode"})
-
-
-def load_stage04():
-    spec = importlib.util.spec_from_file_location("train_defender", ROOT / "04_train_defender.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def build_model_dir(args, path: Path):
@@ -90,7 +82,6 @@ def main(args: Args):
     ddp = parallel.setup_distributed()
     if ddp.world < 2:
         raise SystemExit("run under torchrun --nproc_per_node 2 (or more): this measures FSDP2")
-    s04 = load_stage04()
     obj = [tempfile.mkdtemp(prefix="aot_bench_")] if ddp.master else [None]
     torch.distributed.broadcast_object_list(obj)
     path = Path(obj[0])
@@ -99,7 +90,7 @@ def main(args: Args):
     parallel.barrier()
     margs = SimpleNamespace(dtype="bf16", lora_rank=0, train_vision=True, grad_ckpt=False,
                             min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    model, processor, params = s04.setup_model(margs, ddp, str(path))
+    model, processor, params = policy.setup_model(margs, ddp, str(path))
     model.eval()
     n_params = sum(p.numel() for p in params)
     images = [Image.new("RGB", (56, 56), (40 * i % 255, 90, 160)) for i in range(args.batch)]
@@ -125,8 +116,8 @@ def main(args: Args):
         results[mode] = (time.time() - t0, gathers["n"] / args.repeats)
     tokens = args.repeats * args.batch * args.new_tokens
     parallel.print0(f"[bench] CPU, gloo, {ddp.world} ranks, bf16 compute: Qwen2.5-VL {args.layers} layers x hidden "
-                  f"{args.hidden} + 4 vision blocks ({n_params / 1e6:.0f}M params), {args.batch} sequences x "
-                  f"{args.new_tokens} new tokens per call")
+                    f"{args.hidden} + 4 vision blocks ({n_params / 1e6:.0f}M params), {args.batch} sequences x "
+                    f"{args.new_tokens} new tokens per call")
     for mode, (secs, n) in results.items():
         parallel.print0(f"[bench] {mode:>9}: {tokens / secs:7.1f} tokens/s per rank, {n:6.0f} all-gathers per generate call")
     parallel.print0(f"[bench] gather-once speed-up: {results['per_token'][0] / results['once'][0]:.2f}x")

@@ -8,6 +8,7 @@ from conftest import ROOT, load_script
 from PIL import Image
 
 import common
+import policy
 
 sys.path.insert(0, str(ROOT / "bench"))
 import paper_scale as ps  # noqa: E402
@@ -97,27 +98,26 @@ def test_memory_batches_hold_the_budget():
 
 
 def test_micro_batches_hold_the_token_budget():
-    s04 = load_script("04_train_defender.py")
 
     def sample(p, t, prompt=None):
         return dict(prompt_ids=torch.zeros(p) if prompt is None else prompt, completion=torch.zeros(t))
     samples = [sample(10, 5), sample(10, 20), sample(30, 10), sample(10, 5), sample(10, 5)]   # five prompts
-    mbs = s04.micro_batches(samples, max_seqs=8, max_tokens=80)
+    mbs = policy.micro_batches(samples, max_seqs=8, max_tokens=80)
     # a row each: 2 x (10 + 20) = 60 <= 80; + the third: 3 x (30 + 20) = 150 > 80 -> new batch, where
     # 2 x (30 + 10) = 80 fits and 3 x 40 = 120 does not
     assert [[len(r) for r in m] for m in mbs] == [[1, 1], [1, 1], [1]] and [s for m in mbs for r in m for s in r] == samples
-    assert [len(m) for m in s04.micro_batches(samples, max_seqs=2, max_tokens=0)] == [2, 2, 1]
-    assert [len(m) for m in s04.micro_batches([sample(100, 100)], max_seqs=8, max_tokens=10)] == [1]   # never empty
+    assert [len(m) for m in policy.micro_batches(samples, max_seqs=2, max_tokens=0)] == [2, 2, 1]
+    assert [len(m) for m in policy.micro_batches([sample(100, 100)], max_seqs=8, max_tokens=10)] == [1]   # never empty
     # a group of 4 answers (one prompt tensor) and another of 2: one row per prompt while the budget holds,
     # rows x (P + answers per row x T): [4 answers] = 10 + 4 x 5 = 30 <= 40; + a row for the second prompt:
     # 2 x (10 + 4 x 5) = 60 > 40 -> new micro-batch
     a, b = torch.zeros(10), torch.zeros(10)
     group = [sample(0, 5, a) for _ in range(4)] + [sample(0, 5, b) for _ in range(2)]
-    assert [[len(r) for r in m] for m in s04.micro_batches(group, max_seqs=8, max_tokens=40)] == [[4], [2]]
-    assert [[len(r) for r in m] for m in s04.micro_batches(group, max_seqs=8, max_tokens=0)] == [[4, 2]]
+    assert [[len(r) for r in m] for m in policy.micro_batches(group, max_seqs=8, max_tokens=40)] == [[4], [2]]
+    assert [[len(r) for r in m] for m in policy.micro_batches(group, max_seqs=8, max_tokens=0)] == [[4, 2]]
     # a budget below the whole group splits it into rows that repeat the prompt: 10 + 2 x 5 = 20 fits in 20,
     # 10 + 3 x 5 = 25 and two rows 2 x (10 + 2 x 5) = 40 do not
-    assert [[len(r) for r in m] for m in s04.micro_batches(group, max_seqs=8, max_tokens=20)] == [[2], [2], [2]]
+    assert [[len(r) for r in m] for m in policy.micro_batches(group, max_seqs=8, max_tokens=20)] == [[2], [2], [2]]
 
 
 def test_paper_preset_defaults_follow_the_estimate():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import common
 import editing
+import policy
 
 s02 = load_script("02_sft_attacker.py")
 s04 = load_script("04_train_defender.py")
@@ -85,11 +86,11 @@ def _args(dtype):
 def _sampler_vs_recomputed(model, proc, args):
     """Max |log-prob of the sampler - log-prob of a fresh forward| over every sampled token."""
     model.eval()
-    samples = s04.rollout(model, proc, _prompts(4, seed=1), args)
+    samples = policy.rollout(model, proc, _prompts(4, seed=1), args)
     worst = 0.0
-    for mb in s04.micro_batches(samples, 8, 0):
+    for mb in policy.micro_batches(samples, 8, 0):
         with torch.no_grad():
-            logp, _ = s04.token_logprobs(model, s04.pack(mb, 0, "cpu"), 1.0)
+            logp, _ = policy.token_logprobs(model, policy.pack(mb, 0, "cpu"), 1.0)
         for b, s in enumerate(s for row in mb for s in row):
             worst = max(worst, (logp[b, :len(s["completion"])] - s["rollout_logp"]).abs().max().item())
     return worst
@@ -104,11 +105,11 @@ def test_04_bf16_update_moves_fp32_master_weights_and_first_ratio_is_one():
     torch.manual_seed(0)
     ddp = SimpleNamespace(world=1, rank=0, device=torch.device("cpu"))
     args = _args("bf16")
-    model, proc, params = s04.setup_model(args, ddp, "tiny")
+    model, proc, params = policy.setup_model(args, ddp, "tiny")
     assert all(p.dtype == torch.float32 for p in params) and model._autocast_dtype == torch.bfloat16
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
     model.eval()
-    samples = s04.rollout(model, proc, _prompts(4), args)
+    samples = policy.rollout(model, proc, _prompts(4), args)
     for i, s in enumerate(samples):
         s["reward"] = float(i % 2)   # every group mixed: every sample has a non-zero advantage
     groups = [samples[i:i + args.group_size] for i in range(0, len(samples), args.group_size)]
