@@ -41,20 +41,12 @@ Our choices where the paper is silent:
      scene, or --curriculum_samples per train scene (each from its own initial noise);
   3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
      reward for checking that the RL loop learns (the tests use it).
-  4. precision as flow_grpo: transformer, text encoder, VAE and defender frozen in --dtype (bf16 on
-     GPU), the LoRA in fp32, the SDE step and its log-probs in fp32. The update recomputes each
-     log-prob with the rollout's own inputs and kernels, so the first ratio is 1 in bf16 too (tested
-     on CPU to 1e-5, inside the 1e-4 clip range; GPU kernels that depend on the batch size can
-     move it by bf16 rounding, as in flow_grpo).
-  5. memory (bench/paper_scale.py), as flow_grpo: under torchrun the 20B transformer with its LoRA,
-     the text encoder and the defender are FSDP2-sharded (each rank keeps 1/world of every weight,
-     every weight in its own dtype, LoRA gradients reduce-scattered in fp32); the defender is
-     gathered once per reward call to generate. Gradient checkpointing is on by default. Ranks
-     run the same number of forwards (zero-weight filler micro-batches and curriculum batches).
-  6. scenes whose question has no target box (an absent object: "Is there a dog?" -> No) are not attacked:
-     the gate protects the targets' pixels, and with none nothing stops the edit from adding the asked
-     object, which changes the true answer (the tiny world's attacker learnt exactly that: red blobs on
-     "Is there a red circle?" scenes; its defender could not be taught "No" without losing "Yes").
+  4. precision and memory as flow_grpo (bench/paper_scale.py): frozen models in --dtype (bf16 on GPU), the LoRA,
+     the SDE step and its log-probs in fp32 (the first ratio is 1 in bf16 too, tested to 1e-5); under
+     torchrun the transformer with its LoRA, the text encoder and the defender are FSDP2-sharded, the defender
+     gathered once per reward call; gradient checkpointing on; ranks run as many forwards (zero-weight fillers);
+  5. scenes whose question has no target box ("Is there a dog?" -> No) are not attacked: with no box to
+     protect, the edit could add the asked object and change the true answer (the tiny world's attacker did);
      --attack_targetless attacks them too, gated by the whole image's SSIM.
 """
 
@@ -100,23 +92,19 @@ class Args:
     defender: str | None = field(default=None, metadata={"help": "default defender/round_{k-1}"})
     reward: str = field(default="defender", metadata={"help": "'defender' or 'brightness' (sanity check)"})
     resolution: int = field(default=512, metadata={"help": "edit resolution (sqrt of pixel area)"})
-    cond_resolution: int = field(default=512, metadata={"help": "condition image (VAE latents + the image the text "
-                                                                  "encoder sees) at ~this^2 pixels: 512 as flow_grpo's "
-                                                                  "trainer, 1024 as the diffusers pipeline; 0 = at "
-                                                                  "--resolution"})
+    cond_resolution: int = field(default=512, metadata={"help": "condition image at ~this^2 pixels (flow_grpo's "
+                                                                  "trainer: 512; the pipeline: 1024; 0 = --resolution)"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
     attack_targetless: bool = field(default=False, metadata={"help": "also attack scenes without target boxes "
-                                                                     "(choice 6)"})
+                                                                     "(choice 5)"})
     curriculum_samples: int = field(default=1, metadata={"help": "attacks per train scene in the curriculum (each "
                                                                  "from its own noise; held-out: 1 per scene)"})
     curriculum_batch: int = field(default=0, metadata={"help": "scenes per curriculum batch and rank "
                                                                "(0 = --scenes_per_step)"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
-    sde_window: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: stochastic + trained steps per rollout, "
-                                                         "a window starting in the first half (0 = every step but "
-                                                         "the last); flow_grpo's fast edit config: 4, with "
-                                                         "--noise_level 1.5"})
+    sde_window: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: SDE + trained steps, a window in the first "
+                                                         "half (0 = all but the last; flow_grpo: 4 at noise 1.5)"})
     cfg: float = field(default=4.0, metadata={"help": "true CFG scale"})
     group_size: int = field(default=16, metadata={"help": "edits per scene (G)"})
     scenes_per_step: int = field(default=2, metadata={"help": "scenes per rollout batch and rank"})
@@ -148,7 +136,7 @@ class Args:
 
 
 # ---------------------------------------------------------------------------------------------
-# The SDE step (Flow-GRPO) and the rollout
+# Flow-GRPO: the SDE step, the rollout, the reward, the advantage, the clipped update
 # ---------------------------------------------------------------------------------------------
 def sde_std(s, noise_level, sigma_max):
     """flow_grpo's std_dev_t: noise_level * sqrt(s / (1 - s)), with sigmas[1] for s = 1."""
@@ -214,9 +202,6 @@ def rollout(pipe, ctx, sigmas, train_steps, noise_level, cfg, generator):
     return torch.stack(xs), torch.stack(logps), x
 
 
-# ---------------------------------------------------------------------------------------------
-# Reward
-# ---------------------------------------------------------------------------------------------
 def defender_failures(defender, processor, scenes, edits, args):
     """Wrong fraction over k sampled answers per edit. scenes[i] is the scene edited into edits[i]."""
     k = args.defender_k
@@ -260,9 +245,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: s
     return adv.clamp(-clip, clip).flatten().float()
 
 
-# ---------------------------------------------------------------------------------------------
-# Update
-# ---------------------------------------------------------------------------------------------
 def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, idx=None):
     """PPO-clip on every trained step of the samples ``idx`` (default: all); one optimizer step.
     Every (sample, step) term weighs the same, 1 / (samples of this update on all ranks x steps), also
@@ -336,7 +318,7 @@ def encode_scenes(pipe, scenes, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Curriculum
+# The curriculum: the trained attacker edits every scene once (ODE)
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
@@ -408,18 +390,12 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
 
 
 # ---------------------------------------------------------------------------------------------
-def main(args: Args):
-    common.quiet()
-    ddp = parallel.setup_distributed()
-    run = Path(args.run_dir)
-    out_lora, out_attacks = run / "attacker" / f"round_{args.round}", run / "attacks" / f"round_{args.round}"
-    if out_lora.exists() and out_attacks.exists():
-        parallel.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
-        return
+def load_scenes(run: Path, args):
+    """-> (every scene to attack, the train scenes). Choice 5: a question about an absent object has no box."""
     from datasets import load_from_disk
     scenes_ds = load_from_disk(str(run / "data" / "scenes"))
     n_all = len(scenes_ds)
-    if not args.attack_targetless:   # choice 6: a question about an absent object has no box to protect
+    if not args.attack_targetless:
         scenes_ds = scenes_ds.filter(lambda t: len(t) > 0, input_columns="targets")
         if n_all > len(scenes_ds):
             parallel.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
@@ -427,17 +403,20 @@ def main(args: Args):
     train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
     if not train_scenes:
         raise SystemExit(f"[03] no train scenes with target boxes in {run / 'data' / 'scenes'} ({n_all} scenes)")
-    init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
+    return scenes_ds, train_scenes
+
+
+def setup_models(args, ddp, run: Path, src: str):
+    """The editor with its LoRA from ``src`` (fp32, trainable) and the frozen defender; under torchrun all
+    three FSDP2-sharded as flow_grpo (1/world of the transformer with its LoRA, text encoder, defender)."""
     dtype = common.resolve_dtype(args.dtype, ddp.device)
     pipe = editing.load_attacker(args.model, device=ddp.device, dtype=dtype)
-    done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
-    src = str(out_lora) if done else init
     if Path(src).exists():
         params = editing.load_attacker_lora(pipe, src, trainable=True)
     elif args.init_lora:
-        raise SystemExit(f"[03] --init_lora {init} does not exist")
+        raise SystemExit(f"[03] --init_lora {src} does not exist")
     else:
-        parallel.print0(f"[03] no adapter at {init}: starting a fresh LoRA (r={args.lora_rank})")
+        parallel.print0(f"[03] no adapter at {src}: starting a fresh LoRA (r={args.lora_rank})")
         params = editing.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
     if args.grad_ckpt:
         pipe.transformer.enable_gradient_checkpointing()
@@ -448,7 +427,7 @@ def main(args: Args):
             raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round "
                              f"{args.round - 1})")
         defender, processor = common.load_defender(dpath, ddp.device, dtype=dtype)
-    if ddp.world > 1:   # FSDP2, as flow_grpo: 1/world of the transformer (+ LoRA), text encoder, defender
+    if ddp.world > 1:
         parallel.shard(pipe.transformer, pipe.transformer.transformer_blocks)
         parallel.shard_vl(pipe.text_encoder, pipe.tokenizer.pad_token_id)
         if defender is not None:
@@ -456,16 +435,70 @@ def main(args: Args):
         params = [p for p in pipe.transformer.parameters() if p.requires_grad]   # now DTensor shards
         parallel.print0(f"[03] FSDP2 over {ddp.world} ranks: transformer + LoRA, text encoder"
                         f"{', defender' if defender is not None else ''} sharded")
+    return pipe, params, defender, processor
+
+
+def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen) -> dict:
+    """One Flow-GRPO iteration: draw scenes, roll out G edits of each, reward, advantages, updates. -> log row."""
+    t0 = time.time()
+    picks = draw_scenes(rng, len(train_scenes), args.scenes_per_step * ddp.world)
+    scenes = [train_scenes[i] for i in picks[ddp.rank * args.scenes_per_step:(ddp.rank + 1) * args.scenes_per_step]]
+    size = editing.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
+    scenes = [s for s in scenes if editing.snap_size(s["image"], args.resolution) == size]
+    pipe.transformer.eval()
+    ctx = encode_scenes(pipe, scenes, args).repeat(args.group_size)   # (B*G, ...)
+    sigmas = editing.sigma_schedule(pipe.scheduler, args.num_steps, ctx.target_len)
+    steps = sde_steps(args, args.num_steps, rng)
+    xs, logps, x = rollout(pipe, ctx, sigmas, steps, args.noise_level, args.cfg, gen)
+    images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
+    group_scenes = [s for s in scenes for _ in range(args.group_size)]
+    edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group_scenes)]
+    t_roll = time.time() - t0
+    rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
+    adv = group_advantages(rewards, args.group_size, args.adv_clip, args.adv_std)
+    t1 = time.time()
+    pipe.transformer.train()
+    shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
+    st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle)
+    return iteration_row(it + 1, rewards, ssim, wrong, st, t_roll, time.time() - t1, args, ddp)
+
+
+def iteration_row(it, rewards, ssim, wrong, st, t_roll, t_train, args, ddp) -> dict:
+    """The iteration's log row, summed over ranks."""
+    zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
+    sums = parallel.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
+                                             float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
+                                             st["clip_frac"], st["approx_kl"], st["ratio"], st["kl"]],
+                                            dtype=torch.float64)).tolist()
+    n, mean = sums[2], sums[0] / sums[2]
+    return dict(iter=it, reward_mean=mean, reward_std=math.sqrt(max(sums[1] / n - mean**2, 0)),
+                attack_success=sums[3] / n, ssim_local=sums[4] / n, wrong_fraction=sums[5] / n,
+                zero_var_groups=int(sums[6]), clip_frac=sums[7] / ddp.world, approx_kl=sums[8] / ddp.world,
+                ratio_mean=sums[9] / ddp.world, kl_ref=sums[10] / ddp.world, grad_norm=st["grad_norm"],
+                rollout_s=t_roll, train_s=t_train, edits_per_s=n / max(t_roll, 1e-9),
+                peak_mem_gb=parallel.peak_memory_gb(ddp.device))
+
+
+def main(args: Args):
+    common.quiet()
+    ddp = parallel.setup_distributed()
+    run = Path(args.run_dir)
+    out_lora, out_attacks = run / "attacker" / f"round_{args.round}", run / "attacks" / f"round_{args.round}"
+    if out_lora.exists() and out_attacks.exists():
+        parallel.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
+        return
+    scenes_ds, train_scenes = load_scenes(run, args)
+    init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
+    done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
+    pipe, params, defender, processor = setup_models(args, ddp, run, str(out_lora) if done else init)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100)   # the same on every rank: disjoint scenes, one SDE window
     ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
-    start = 0
-    if done:
-        start = args.train_iters
-    elif resumed := rundir.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank):
+    start = args.train_iters if done else 0
+    if not done and (resumed := rundir.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
@@ -477,45 +510,12 @@ def main(args: Args):
 
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
                               desc="[03] iterations"):
-        t0 = time.time()
-        picks = draw_scenes(rng, len(train_scenes), args.scenes_per_step * ddp.world)
-        scenes = [train_scenes[i] for i in picks[ddp.rank * args.scenes_per_step:(ddp.rank + 1) * args.scenes_per_step]]
-        size = editing.snap_size(scenes[0]["image"], args.resolution)   # a batch shares one latent shape
-        scenes = [s for s in scenes if editing.snap_size(s["image"], args.resolution) == size]
-        pipe.transformer.eval()
-        ctx = encode_scenes(pipe, scenes, args).repeat(args.group_size)   # (B*G, ...)
-        sigmas = editing.sigma_schedule(pipe.scheduler, args.num_steps, ctx.target_len)
-        steps = sde_steps(args, args.num_steps, rng)
-        xs, logps, x = rollout(pipe, ctx, sigmas, steps, args.noise_level, args.cfg, gen)
-        images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
-        group_scenes = [s for s in scenes for _ in range(args.group_size)]
-        edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group_scenes)]
-        t_roll = time.time() - t0
-        rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
-        adv = group_advantages(rewards, args.group_size, args.adv_clip, args.adv_std)
-        zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
-        t1 = time.time()
-        pipe.transformer.train()
-        shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
-        st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle)
-        t_train = time.time() - t1
-        sums = parallel.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
-                                               float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
-                                               st["clip_frac"], st["approx_kl"], st["ratio"], st["kl"]], dtype=torch.float64))
-        n = sums[2].item()
-        mean = sums[0].item() / n
-        row = dict(iter=it + 1, reward_mean=mean, reward_std=math.sqrt(max(sums[1].item() / n - mean**2, 0)),
-                   attack_success=sums[3].item() / n, ssim_local=sums[4].item() / n, wrong_fraction=sums[5].item() / n,
-                   zero_var_groups=int(sums[6].item()), clip_frac=sums[7].item() / ddp.world,
-                   approx_kl=sums[8].item() / ddp.world, ratio_mean=sums[9].item() / ddp.world,
-                   kl_ref=sums[10].item() / ddp.world,
-                   grad_norm=st["grad_norm"], rollout_s=t_roll, train_s=t_train,
-                   edits_per_s=n / max(t_roll, 1e-9), peak_mem_gb=parallel.peak_memory_gb(ddp.device))
+        row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen)
         logger.log(row)
-        parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {mean:.3f}±{row['reward_std']:.3f} "
+        parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
                         f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
-                        f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} rollout {t_roll:.1f}s "
-                        f"train {t_train:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+                        f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} "
+                        f"rollout {row['rollout_s']:.1f}s train {row['train_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)

@@ -224,7 +224,6 @@ class PromptStream:
         return out
 
 
-
 def overlong_penalty(length: int, max_len: int, cache: int) -> float:
     """DAPO soft overlong punishment: 0 up to max_len - cache, linear to -1 at max_len, -1 past it."""
     if length <= max_len - cache:
@@ -232,7 +231,6 @@ def overlong_penalty(length: int, max_len: int, cache: int) -> float:
     if length <= max_len:
         return ((max_len - cache) - length) / cache
     return -1.0
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +314,6 @@ def collect_groups(model, processor, stream, per_rank, args):
                                                 gen_correct=gen["correct"], gen_reward=gen["reward"])
 
 
-
 def step_row(step, groups, g, st, step_s, ddp) -> dict:
     """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
     response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
@@ -341,7 +338,6 @@ def step_row(step, groups, g, st, step_s, ddp) -> dict:
 
 def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)   # None: nothing was kept this step
-
 
 
 def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, filler=None):

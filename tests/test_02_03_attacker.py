@@ -308,7 +308,7 @@ def test_stage03_python_torchrun_resume(tiny_run, boxed_defender, tmp_path):
             "train_s", "peak_mem_gb"} <= set(logs[0])
     att = load_from_disk(str(run / "attacks" / "round_1"))
     scenes = load_from_disk(str(run / "data" / "scenes"))
-    # questions about an absent object (no target box) are counted and not attacked (03's choice 6)
+    # questions about an absent object (no target box) are counted and not attacked (03's choice 5)
     absent = sum(1 for t in scenes["targets"] if not t)
     assert absent > 0 and f"{absent} of {len(scenes)} scenes have no target boxes" in p.stdout
     assert len(att["test"]) == sum(1 for s, t in zip(scenes["split"], scenes["targets"]) if s == "test" and t)

@@ -12,6 +12,9 @@ from datasets import load_from_disk
 from helpers import env, run_stage
 from PIL import Image
 
+import benchmarks
+import report
+
 s05 = load_script("05_eval.py")
 
 
@@ -71,7 +74,7 @@ def test_curves_from_the_logs(tmp_path):
         (logs / f"03_round_{k}.jsonl").write_text("\n".join(json.dumps({"iter": i, "reward_mean": 0.1 * i})
                                                              for i in (1, 2)))
     (logs / "04_round_0.jsonl").write_text(json.dumps({"step": 1, "gen_reward": 0.2, "entropy": None}))
-    drawn = s05.plot_curves(logs, tmp_path / "curves.png")
+    drawn = report.plot_curves(logs, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert drawn["02_sft:loss"] == 3 and drawn["03_round:reward_mean"] == 4 and drawn["04_round:gen_reward"] == 1
     assert drawn["04_round:entropy"] == 0 and drawn["03_round:ssim_local"] == 0   # None and absent: not drawn
@@ -91,7 +94,7 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     # clean there (94.0 on every scene): it takes 30 points; not yet scored on defender 2
     res(1, 94.0, a1=(73.0, {}), a2=(60.0, dict(clean_acc=90.0)))
     rounds = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
-    assert "By right answer" not in s05.write_summary(tmp_path, False)   # older results: no per-answer scores
+    assert "By right answer" not in report.write_summary(tmp_path, False)   # older results: no per-answer scores
     # the per-answer scores of the same rounds, from the predictions 05 saves (acc_by_answer): attacker 1 tips
     # defender 0 to "A" (A: 4 of 4 right, B: 1 of 6), defender 1 answers B where it should (B: 5 of 6)
     preds0 = [dict(answer="A", correct=True)] * 4 + [dict(answer="B", correct=i == 0) for i in range(6)]
@@ -101,13 +104,13 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
         r["robustness"]["attacker_round_1"]["by_answer"] = s05.acc_by_answer(preds)
         r["robustness"]["clean_by_answer"] = clean
         (tmp_path / f"round_{r['round']}.json").write_text(json.dumps(r))
-    c = s05.coevolution(rounds)
+    c = report.coevolution(rounds)
     assert [x["attacker"] for x in c] == [1, 2]
     assert c[0]["drop"] == 46.0 and c[0]["recovered"] == pytest.approx(0.5) and c[0]["clean_after"] == 94.0
     assert c[0]["gate_pass"] == 90.0
     assert c[1] == dict(attacker=2, clean_before=94.0, clean_items_before=90.0, n=10, attacked_before=60.0, drop=30.0,
                         gate_pass=90.0)   # no defender 2 yet
-    summary = s05.write_summary(tmp_path, False)
+    summary = report.write_summary(tmp_path, False)
     assert ("Round 1: attacker 1 takes 46.0 points from defender 0, the model it was trained to fool (96.0 clean, "
             "50.0 attacked, on the 10 attacked test scenes); defender 1 wins back 23.0 of them (50%: 73.0 attacked) at "
             "94.0 clean on every test scene (-2.0).") in summary
@@ -125,7 +128,7 @@ def test_coevolution_line_when_the_attacker_took_nothing(tmp_path):
         (tmp_path / f"round_{rnd}.json").write_text(json.dumps(dict(round=rnd, benchmarks={}, robustness=rob)))
     assert ("attacker 1 takes 0.0 points from defender 0, the model it was trained to fool (80.0 clean, 80.0 attacked, "
             "on the 3 attacked test scenes); defender 1 wins back 5.0 of them (no drop to win back: 85.0 attacked)"
-            ) in s05.write_summary(tmp_path, False)
+            ) in report.write_summary(tmp_path, False)
 
 
 def _b64(color):
@@ -148,7 +151,7 @@ def test_tiny_tsv_end_to_end_back_references_trials_and_rescoring(tmp_path):
     pope = ["index\timage\tquestion\tanswer\tcategory"] + \
         [f"{i}\t{_b64((0, i * 40, 0))}\tIs there a cat?\t{'yes' if i % 2 else 'no'}\trandom,popular" for i in range(4)]
     (tmp_path / "pope.tsv").write_text("\n".join(pope) + "\n")
-    items, skipped = s05.load_tsv(str(tmp_path / "vstar.tsv"))
+    items, skipped = benchmarks.load_tsv(str(tmp_path / "vstar.tsv"))
     assert [it["index"] for it in items] == ["0", "1", "2", "3", "4", "5"]
     assert items[5]["image"].getpixel((0, 0)) == items[2]["image"].getpixel((0, 0)) == (80, 0, 0)
     assert set(skipped) == {"6", "9"} and "'77'" in skipped["6"] and "unreadable" in skipped["9"]
@@ -248,7 +251,7 @@ def test_unscorable_rows_are_skipped_and_named(tmp_path):
     rows = _vstar_rows(2) + [f"7\t{_b64((1, 1, 1))}\tWhich side?\tleft\tright\tE\tattribute",   # E: no such option
                              f"8\t{_b64((1, 1, 1))}\t\tleft\tright\t\tattribute"]               # empty question + answer
     (tmp_path / "v.tsv").write_text("\n".join(rows) + "\n")
-    items, skipped = s05.load_tsv(str(tmp_path / "v.tsv"))
+    items, skipped = benchmarks.load_tsv(str(tmp_path / "v.tsv"))
     assert [it["index"] for it in items] == ["0", "1"]
     assert skipped == {"7": "answer 'E' is not among the options (A, B)", "8": "empty question"}
 

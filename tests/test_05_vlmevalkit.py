@@ -10,6 +10,7 @@ from conftest import load_script
 from helpers import run_stage
 from PIL import Image
 
+import benchmarks
 import common
 
 s05 = load_script("05_eval.py")
@@ -46,19 +47,19 @@ def _tsvs(tmp_path):
 
 def test_multi_image_rows_open_questions_and_skips(tmp_path):
     paths = _tsvs(tmp_path)
-    items, skipped = s05.load_tsv(str(paths["blink"]))
+    items, skipped = benchmarks.load_tsv(str(paths["blink"]))
     assert [it["index"] for it in items] == ["0", "1"]
     for it in items:   # both images, in the row's order (the back-reference too)
         assert [im.size for im in it["image"]] == [(112, 56), (56, 112)]
         assert it["image"][0].getpixel((0, 0)) == (255, 0, 0) and it["kind"] == "mcq"
     assert skipped == {"2": "image cell starts with '[' but is not a JSON list of base64 strings"}
-    items, skipped = s05.load_tsv(str(paths["mmmu"]))
+    items, skipped = benchmarks.load_tsv(str(paths["mmmu"]))
     assert [(it["index"], it["kind"], it["answer"]) for it in items] == [("m0", "mcq", "A"), ("m1", "open", "4")]
     assert skipped == {"m2": "question refers to <image 2>, the row has 1 image(s)"}
 
 
 def test_messages_images_first_in_order_then_the_text(tmp_path):
-    items, _ = s05.load_tsv(str(_tsvs(tmp_path)["mmmu"]))
+    items, _ = benchmarks.load_tsv(str(_tsvs(tmp_path)["mmmu"]))
     _, proc = common.load_defender("tiny")
     prompt = s05.item_prompt(items[0], "vlmevalkit")
     assert prompt == ("Question: Compare <image 1> and <image 2>: which is wider?\nOptions:\nA. wide\nB. tall\n"
@@ -140,13 +141,13 @@ def test_pandas_defaults_for_vlmevalkit_options_text_for_the_official_scripts(tm
             f"1\t{_b64((1, 2, 3))}\tHow many?\tcat\t\tNone\tA"]
     path = tmp_path / "mmstar.tsv"
     path.write_text("\n".join(rows) + "\n")
-    items, skipped = s05.load_tsv(str(path), vlmevalkit=True)
+    items, skipped = benchmarks.load_tsv(str(path), vlmevalkit=True)
     assert not skipped
     assert (items[0]["options"], items[0]["letters"]) == (["5.0", "red"], ["B", "C"])
     assert (items[1]["options"], items[1]["letters"]) == (["cat"], ["A"])
     assert s05.item_prompt(items[0], "vlmevalkit").splitlines()[2:4] == ["B. 5.0", "C. red"]
     assert s05.judge("C", items[0], "vlmevalkit") == ("C", True) and s05.judge("red", items[0], "vlmevalkit")[1]
-    text, skipped = s05.load_tsv(str(path))             # the official scripts' reading: text as it is
+    text, skipped = benchmarks.load_tsv(str(path))             # the official scripts' reading: text as it is
     assert text[0]["options"] == ["NA", "5", "red"] and len(text) == 1
     assert skipped == {"1": "options are not consecutive letters (A, C)"}   # B is empty: no letter to shift
 

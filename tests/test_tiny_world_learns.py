@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_script
+from conftest import ROOT
 from helpers import env
+
+import report
 
 WHERE = os.environ.get("AOT_LEARNING_TEST", "")
 
@@ -24,9 +26,8 @@ def test_tiny_world_co_evolution_meets_its_targets(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "run_rounds.sh")], cwd=ROOT, env=e, capture_output=True, text=True,
                        timeout=3 * 3600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    s05 = load_script("05_eval.py")
     rounds = [json.loads((run / "eval" / f"{n}.json").read_text()) for n in ("base", "round_0", "round_1")]
-    c = s05.coevolution(rounds)[0]      # attacker 1 (a ROUNDS=2 directory also has attacker 2 on defender 1)
+    c = report.coevolution(rounds)[0]      # attacker 1 (a ROUNDS=2 directory also has attacker 2 on defender 1)
     assert c["attacker"] == 1 and "recovered" in c, c
     assert c["clean_before"] >= 85.0, c                                       # 1. defender round 0, clean
     assert c["drop"] >= 25.0 and c["gate_pass"] >= 80.0, c                    # 2. attacker 1 vs defender 0, within the gate

@@ -1,0 +1,191 @@
+"""05_eval.py's report: eval/summary.md (every scored defender beside the paper's rows, the co-evolution
+lines), eval/robustness.png and eval/curves.png (the training curves of logs/*.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PAPER = {  # authors' table, Qwen2.5-VL-7B base -> clean-data DAPO (ablation) -> Defender Iter. 1..3
+    "base": dict(vstar=71.0, hrbench4k=64.1, hrbench8k=64.9, hallusionbench=67.5, pope=77.1, mmmu=20.7, mmstar=60.3,
+                 realworldqa=67.7, blink=54.1, ai2d=81.0),
+    "clean-data DAPO": dict(vstar=74.8, hrbench4k=71.8, hrbench8k=70.6, hallusionbench=67.9, pope=79.8, mmmu=21.3,
+                            mmstar=60.9, realworldqa=69.3, blink=54.5, ai2d=80.7),
+    "Iter. 1": dict(vstar=75.6, hrbench4k=71.4, hrbench8k=69.4, hallusionbench=67.8, pope=80.1, mmmu=20.0,
+                    mmstar=61.3, realworldqa=69.3, blink=54.5, ai2d=81.1),
+    "Iter. 2": dict(vstar=77.3, hrbench4k=72.0, hrbench8k=69.9, hallusionbench=68.2, pope=80.3, mmmu=23.3,
+                    mmstar=61.4, realworldqa=69.3, blink=54.8, ai2d=81.2),
+    "Iter. 3": dict(vstar=80.2, hrbench4k=72.4, hrbench8k=71.5, hallusionbench=69.2, pope=80.0, mmmu=25.3,
+                    mmstar=61.5, realworldqa=70.1, blink=55.9, ai2d=81.3),
+}
+
+
+COLUMNS = ["vstar", "hrbench4k", "hrbench8k", "hallusionbench", "pope", "mmmu", "mmstar", "realworldqa", "blink",
+           "ai2d"]
+
+
+def row_label(r) -> str:
+    """The paper's row names: the untouched base, the clean warm-up (its clean-data ablation), Iter. k."""
+    if r.get("round") is None:   # a defender scored on its own (--name)
+        return r["name"]
+    return "base" if r["round"] < 0 else "clean warm-up (round 0)" if r["round"] == 0 else f"Iter. {r['round']}"
+
+
+PAPER_ROW = {"base": "base", "clean warm-up (round 0)": "clean-data DAPO"}
+
+
+def write_summary(eval_dir: Path, paper_table: bool):
+    """Every scored defender, in the paper's row order; with --paper_table each row is followed by the
+    paper's row of the same name."""
+    rounds = sorted((json.loads(p.read_text()) for p in eval_dir.glob("*.json")),
+                    key=lambda r: (r.get("round") is None, r.get("round") or 0, r.get("name", "")))
+    benches = [c for c in COLUMNS if any(c in r["benchmarks"] for r in rounds)]
+    benches += sorted({b for r in rounds for b in r["benchmarks"]} - set(benches))
+    attackers = sorted({k for r in rounds for k in r["robustness"] if k.startswith("attacker_")},
+                       key=lambda k: int(k.rsplit("_", 1)[1]))
+    head = ["defender"] + benches + (["Avg"] if benches else []) + ["clean (test scenes)"] + \
+        [f"vs {a.replace('attacker_round_', 'attacker ')}" for a in attackers]
+    lines = ["# AOT evaluation summary", "",
+             "Benchmarks: the official headline metric (%; POPE strict accuracy, HallusionBench aAcc, HR-Bench and V* "
+             "correct / total). Robustness: accuracy on the run's held-out test scenes, clean and attacked by each "
+             "attacker round (attack success rate in parentheses).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rounds:
+        vals = [r["benchmarks"][b]["overall"] if b in r["benchmarks"] else float("nan") for b in benches]
+        main = [v for v in vals if not math.isnan(v)]
+        cells = [row_label(r)] + [f"{v:.1f}" for v in vals] + ([f"{sum(main) / len(main):.1f}"] if benches else [])
+        clean = r["robustness"].get("clean_acc")
+        cells.append("" if clean is None else f"{clean:.1f}")
+        for a in attackers:
+            x = r["robustness"].get(a)
+            cells.append(f"{x['acc']:.1f} ({x['attack_success']:.1f})" if x else "")
+        lines.append("| " + " | ".join(cells) + " |")
+        paper = PAPER.get(PAPER_ROW.get(row_label(r), row_label(r)))
+        if paper_table and paper and benches:
+            pv = [paper.get(b, float("nan")) for b in benches]
+            known = [v for v in pv if not math.isnan(v)]
+            lines.append(f"| *paper: {PAPER_ROW.get(row_label(r), row_label(r))}* | " +
+                         " | ".join("" if math.isnan(v) else f"*{v:.1f}*" for v in pv) +
+                         f" | *{sum(known) / len(known):.1f}* |" + " |" * (1 + len(attackers)))
+    for a in attackers:   # the held-out attacks themselves (the same rows for every defender)
+        x = next((r["robustness"][a] for r in rounds if "ssim_pass" in r["robustness"].get(a, {})), None)
+        if x:
+            n_all = x.get("all", x)["n"]
+            line = (f"\n{a.replace('attacker_round_', 'Attacker ')}: {n_all} held-out attacks, local SSIM on the "
+                    f"targets {x['ssim_local']:.3f} on average, {x['ssim_pass']:.1f}% pass the gate (>= {x['tau']})")
+            if "all" in x:
+                line += (f": the table counts those {x['n']}; on all {n_all}, the defender it attacked scores "
+                         f"{x['all']['acc']:.1f} ({x['all']['attack_success']:.1f} attack success)")
+            if "changed_area" in x:
+                q = x["changed_area"]
+                line += (f"; changed area (pixels whose summed |RGB| difference exceeds 60) median "
+                         f"{100 * q['median']:.1f}% of the image (p25 {100 * q['p25']:.1f}%, p75 {100 * q['p75']:.1f}%)")
+            lines.append(line + ".")
+    for c in coevolution(rounds):
+        k = c["attacker"]
+        line = (f"\nRound {k}: attacker {k} takes {c['drop']:.1f} points from defender {k - 1}, the model it was trained "
+                f"to fool ({c['clean_items_before']:.1f} clean, {c['attacked_before']:.1f} attacked, on the "
+                f"{c['n']} attacked test scenes)")
+        if "recovered" in c:
+            share = "no drop to win back" if math.isnan(c["recovered"]) else f"{100 * c['recovered']:.0f}%"
+            line += (f"; defender {k} wins back {c['attacked_after'] - c['attacked_before']:.1f} of them "
+                     f"({share}: {c['attacked_after']:.1f} attacked) at "
+                     f"{c['clean_after']:.1f} clean on every test scene ({c['clean_after'] - c['clean_before']:+.1f})")
+        lines.append(line + ".")
+        if "by_answer_after" in c:   # is it seeing, or a tip towards other answers? (acc_by_answer)
+            line = f"\nBy right answer, defender {k - 1} -> {k}: attacked {_arrows(c['by_answer_before'], c['by_answer_after'])}"
+            if "clean_by_answer_after" in c:
+                line += f"; clean {_arrows(c['clean_by_answer_before'], c['clean_by_answer_after'])}"
+            lines.append(line + ".")
+    (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    plot_robustness(rounds, attackers, eval_dir / "robustness.png")
+    return "\n".join(lines)
+
+
+def _arrows(before: dict, after: dict) -> str:
+    return ", ".join(f"{a} {v:.1f} -> {after.get(a, float('nan')):.1f}" for a, v in before.items())
+
+
+def coevolution(rounds) -> list[dict]:
+    """What each co-evolution round did, on the held-out test scenes: attacker k against defender k-1, the model
+    it was trained to fool (clean_before on every test scene; clean_items_before on the attacked ones,
+    attacked_before, drop = the difference of these two; gate_pass: % of its attacks
+    passing its local-SSIM gate), then defender k, trained on its curriculum, on the same attacks (attacked_after,
+    clean_after, recovered = the share of the drop won back; by_answer_before / _after: the attacked accuracy per
+    right answer, clean_by_answer_before / _after the same clean, where scored). One dict per attacker round
+    scored on defender k-1; the "after" keys only once defender k is scored."""
+    by = {r["round"]: r["robustness"] for r in rounds if r.get("round") is not None}
+    out = []
+    for k in sorted({int(a.rsplit("_", 1)[1]) for r in by.values() for a in r if a.startswith("attacker_")}):
+        a, before, after = f"attacker_round_{k}", by.get(k - 1, {}), by.get(k, {})
+        if a not in before or "clean_acc" not in before:
+            continue
+        same = before[a].get("clean_acc", before["clean_acc"])   # older eval/*.json: every scene was attacked
+        c = dict(attacker=k, clean_before=before["clean_acc"], clean_items_before=same, n=before[a].get("n"),
+                 attacked_before=before[a]["acc"], drop=same - before[a]["acc"],
+                 gate_pass=before[a].get("ssim_pass", float("nan")))
+        if a in after and "clean_acc" in after:
+            c.update(attacked_after=after[a]["acc"], clean_after=after["clean_acc"],
+                     recovered=(after[a]["acc"] - c["attacked_before"]) / c["drop"] if c["drop"] > 0 else float("nan"))
+            if "by_answer" in before[a] and "by_answer" in after[a]:
+                c.update(by_answer_before=before[a]["by_answer"], by_answer_after=after[a]["by_answer"])
+            if "clean_by_answer" in before and "clean_by_answer" in after:
+                c.update(clean_by_answer_before=before["clean_by_answer"], clean_by_answer_after=after["clean_by_answer"])
+        out.append(c)
+    return out
+
+
+CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),
+          ("03_round", "ratio_mean"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
+          ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy"),
+          ("04_round", "val_attack_acc"), ("04_round", "val_clean_acc")]
+
+
+def plot_curves(logs: Path, path: Path) -> dict:
+    """eval/curves.png: the training curves of logs/*.jsonl, one panel per metric, one line per round.
+    Returns {panel: number of points drawn}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 6, figsize=(20, 6))
+    drawn = {}
+    for ax, (stage, key) in zip(axes.flat, CURVES):
+        n = 0
+        for f in sorted(logs.glob(f"{stage}*.jsonl")):
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            pts = [(r.get("step", r.get("iter")), r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), ".-", label=f.stem.replace(f"{stage}_", "round ") if stage.endswith("round") else f.stem)
+                n += len(pts)
+        ax.set_title(f"{stage.split('_')[0]}: {key}", fontsize=9)
+        ax.set_xlabel("step" if stage != "03_round" else "iteration", fontsize=8)
+        if n:
+            ax.legend(fontsize=6)
+        drawn[f"{stage}:{key}"] = n
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def plot_robustness(rounds, attackers, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rounds = [r for r in rounds if r.get("round") is not None]   # the run's rounds, not defenders scored alone
+    if not rounds:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [r["robustness"].get("clean_acc", float("nan")) for r in rounds], "o-", label="clean")
+    for a in attackers:
+        ax.plot(xs, [r["robustness"].get(a, {}).get("acc", float("nan")) for r in rounds], "s--",
+                label=a.replace("attacker_round_", "attacks of attacker "))
+    ax.set_xlabel("defender round")
+    ax.set_ylabel("accuracy on test scenes (%)")
+    ax.set_xticks(xs, ["base" if x < 0 else str(x) for x in xs])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
