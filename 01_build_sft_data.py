@@ -13,11 +13,8 @@ Reads seed VQA items with target boxes and writes, under the run directory:
   torchrun --nproc_per_node 8 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl
 
 Seeds: --seed_data synthetic (coloured shapes), coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances:
-the paper's kind of spatial and existence questions derived from the boxes; seeds.py), or a JSONL,
-one object per line (image path relative to the file):
-  {"id": "v1", "image": "img/1.jpg", "question": "Is the bottle left or right of the cup?",
-   "options": ["left", "right"], "answer": "A", "targets": [{"name": "bottle", "bbox": [x1,y1,x2,y2]}],
-   "split": "train"}          # options [] and answer "Yes"/"No" for yes/no questions
+the paper's kind of spatial and existence questions derived from the boxes), or a JSONL (seeds.py; the
+formats: docs/seeds.md).
 
 Mechanism (docs/paper_notes.md, "Stage 01"):
   1. scene extension: pad the canvas by --pad_ratio per side, outpaint the border with the editor
@@ -40,10 +37,8 @@ Our choices where the paper is silent:
   3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker;
   4. one distractor per scene in AOT-SFT: of the first --implants_per_scene valid proposals (default 1;
      up to --num_proposals are checked), each implanted on its own, the first that fools the target.
-Memory (bench/paper_scale.py): the editor (20.4B transformer + 8.3B text encoder) and the judge
-(8.3B) do not fit one 80 GB GPU together with their activations. With --offload (default) the
-models that take turns, the editor's text encoder and the judge / target, wait in CPU memory and
-only the one in use sits on the GPU (diffusers' enable_model_cpu_offload idea, per model).
+Memory (bench/paper_scale.py): the editor and the judge do not fit one 80 GB GPU together; with --offload
+(default) the MLLMs that take turns wait in CPU memory, the one in use on the GPU (parallel.OneOnDevice).
 """
 
 from __future__ import annotations
@@ -56,7 +51,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -71,8 +65,7 @@ PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
                  resolution=64, cond_resolution=0, outpaint_steps=4, inpaint_steps=4, chunk_size=8, proposer="random",
                  require_correct_before=False, max_duplication=0.6, max_new_tokens=8),
-    # tiny_world.py's trained models and scenes (run_rounds.sh builds them first). Its judge is trained on
-    # the world's questions only: the three checks run and are counted but cannot fail (thresholds 0 / 1).
+    # tiny_world.py's models and scenes; its judge knows the world's questions only: the checks cannot fail
     "tiny_world": dict(judge="{run_dir}/models/defender", target="{run_dir}/models/defender",
                        editor="{run_dir}/models/editor", seed_data="tiny_world",
                        num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
@@ -88,9 +81,8 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (tiny_world.world_scene), "
-                                                                   "a seed JSONL path, or coco:ANNOTATIONS.json:IMAGE_DIR "
-                                                                   "(COCO-format instances)"})
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world', a seed JSONL, or "
+                                                                   "coco:ANNOTATIONS.json:IMAGE_DIR (docs/seeds.md)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
     coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap between two boxes along the asked "
                                                                 "axis, as a share of the image side"})
@@ -136,55 +128,6 @@ class Args:
     gallery_rows: int = field(default=4, metadata={"help": "rows in data/gallery_01.png"})
 
 
-class OneOnDevice:
-    """--offload: of the frozen MLLMs that take turns (the editor's text encoder, the judge, the
-    target), only the one in use is on the GPU; the others wait in CPU memory (~16.6 GB each way
-    over PCIe, ~1 s per swap at paper size, a few swaps per chunk). A no-op on the CPU."""
-
-    def __init__(self, device, enabled: bool):
-        self.device, self.current = device, None
-        self.enabled = enabled and torch.device(device).type != "cpu"
-
-    def use(self, module):
-        if self.enabled and module is not self.current:
-            if self.current is not None:
-                self.current.to("cpu")
-            module.to(self.device)
-            self.current = module
-        return module
-
-
-# ---------------------------------------------------------------------------------------------
-# Masked editing (outpainting and implantation share it)
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolution, cond_resolution=0):
-    """Edit only where mask == 1 (PIL 'L' masks, image size). Flow-matching inpainting: after
-    each Euler step the unmasked region is reset to the original latents noised to the next
-    sigma, so the model fills the hole consistently with what surrounds it."""
-    ctx = editing.encode_edit(pipe, images, instructions, resolution, cond_resolution=cond_resolution)
-    w, h = ctx.width, ctx.height
-    x0 = editing.encode_images(pipe, editing.images_to_tensor(images, w, h)).float()   # (B, L, 64) original latents
-    m = torch.stack([torch.from_numpy(np.asarray(mk.resize((w // 8, h // 8), Image.BILINEAR),
-                                                 dtype=np.float32) / 255.0) for mk in masks])
-    m = editing.pack_latents((m > 0.01).float()[:, None, None].expand(-1, 16, 1, -1, -1).contiguous())
-    sigmas = editing.sigma_schedule(pipe.scheduler, steps, x0.shape[1])
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    x = noise.clone()
-    for i in range(steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v = editing.predict_velocity(pipe.transformer, x, s.view(1).to(x.device), ctx, cfg)
-        x = x + (s_next - s) * v
-        known = (1 - s_next) * x0 + s_next * noise
-        x = m * x + (1 - m) * known
-    out = editing.tensor_to_images(editing.decode_latents(pipe, x, h, w))
-    results = []
-    for orig, edited, mk in zip(images, out, masks):  # paste the original back outside the mask
-        edited = edited.resize(orig.size, Image.BICUBIC)
-        results.append(Image.composite(edited, orig.convert("RGB"), mk))
-    return results
-
-
 def extend_canvas(image: Image.Image, targets, pad_ratio: float, resolution: int):
     """Pad (edge colours, blurred) -> canvas, border mask, boxes in canvas coords, all resized
     to the edit size."""
@@ -214,19 +157,6 @@ CHECKS = {
 
 
 @torch.no_grad()
-def defender_p_yes(model, processor, images, questions, batch_size=16) -> torch.Tensor:
-    """P(Yes) / (P(Yes) + P(No)) at the first answer position: one forward, always defined."""
-    tok = processor.tokenizer
-    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
-    out = []
-    for i in range(0, len(questions), batch_size):
-        inputs = common.defender_inputs(processor, images[i:i + batch_size],
-                                        [common.yes_no_prompt(q) for q in questions[i:i + batch_size]], model.device)
-        logits = model(**inputs).logits[:, -1].float()  # left padding: last position is the answer's
-        out.append(torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def check_decisions(p_comp, p_dup_per_row, p_real, args) -> list[dict]:
     """Per row: pass/fail of each check from P(Yes) (duplication: every target must pass)."""
     return [{"composition": pc >= args.min_composition,
@@ -356,16 +286,25 @@ def new_counts() -> dict:
 
 
 def process_chunk(rows, chunk_idx, models, args):
+    """The paper's two stages on a chunk of seed rows: scene extension (outpaint, three checks), then
+    adversarial implantation (propose, validate, inpaint, keep the effective). -> (scenes, AOT-SFT rows, counts)."""
     judge, judge_proc, target, target_proc, editor, swap = models
     counts = new_counts()
     counts["seed_rows"] = len(rows)
     gen = torch.Generator().manual_seed(args.seed * 7919 + chunk_idx)
     rng = random.Random(args.seed * 7919 + chunk_idx)
     torch.manual_seed(args.seed * 7919 + chunk_idx)   # the proposer's sampled retries: a chunk's own, as on resume
-
-    # 1. scene extension (grouped by edit size so a batch shares one latent shape)
     canvases = [extend_canvas(r["image"], r["targets"], args.pad_ratio, args.resolution) for r in rows]
-    extended = [None] * len(rows)
+    extended = outpaint(canvases, editor, swap, gen, args, counts)
+    scenes = check_scenes(rows, canvases, extended, judge, judge_proc, swap, args, counts)
+    chosen = propose_distractors([s for s in scenes if s["split"] == "train"], judge, judge_proc, swap, rng, args, counts)
+    implanted = implant(chosen, editor, swap, gen, args, counts)
+    return scenes, keep_effective(implanted, target, target_proc, swap, args, counts), counts
+
+
+def outpaint(canvases, editor, swap, gen, args, counts) -> list:
+    """1. Scene extension: outpaint each padded canvas's border (batched by size: one latent shape)."""
+    extended = [None] * len(canvases)
     by_size: dict = {}
     for i, (canvas, _, _) in enumerate(canvases):
         by_size.setdefault(canvas.size, []).append(i)
@@ -373,38 +312,41 @@ def process_chunk(rows, chunk_idx, models, args):
     for idx in by_size.values():
         for j in range(0, len(idx), args.batch_size):
             b = idx[j:j + args.batch_size]
-            outs = masked_edit(editor, [canvases[i][0] for i in b],
+            outs = editing.masked_edit(editor, [canvases[i][0] for i in b],
                                ["Extend the scene naturally beyond its borders."] * len(b),
                                [canvases[i][1] for i in b], args.outpaint_steps, args.cfg, gen, args.resolution,
                                args.cond_resolution)
             for i, o in zip(b, outs):
                 extended[i] = o
-    counts["extended"] = len(rows)
+    counts["extended"] = len(canvases)
+    return extended
 
-    # 2. the three checks, P(Yes) from one forward each
+
+def check_scenes(rows, canvases, extended, judge, judge_proc, swap, args, counts) -> list[dict]:
+    """2. The three MLLM checks (P(Yes) from one forward each): composition, duplication per target, realism."""
     swap.use(judge)
-    imgs = extended
-    p_comp = defender_p_yes(judge, judge_proc, imgs, [CHECKS["composition"].format(question=r["question"])
-                                                             for r in rows], args.batch_size).tolist()
+    p_comp = common.defender_p_yes(judge, judge_proc, extended, [CHECKS["composition"].format(question=r["question"])
+                                                          for r in rows], args.batch_size).tolist()
     dup_q = [(i, CHECKS["duplication"].format(name=t["name"])) for i, (_, _, boxes) in enumerate(canvases)
              for t in boxes]
-    p_dup_flat = defender_p_yes(judge, judge_proc, [imgs[i] for i, _ in dup_q], [q for _, q in dup_q],
-                                       args.batch_size).tolist()
+    p_dup_flat = common.defender_p_yes(judge, judge_proc, [extended[i] for i, _ in dup_q], [q for _, q in dup_q],
+                                args.batch_size).tolist()
     p_dup = [[p for (i, _), p in zip(dup_q, p_dup_flat) if i == k] for k in range(len(rows))]
-    p_real = defender_p_yes(judge, judge_proc, imgs, [CHECKS["realism"]] * len(rows),
-                                   args.batch_size).tolist()
-    decisions = check_decisions(p_comp, p_dup, p_real, args)
+    p_real = common.defender_p_yes(judge, judge_proc, extended, [CHECKS["realism"]] * len(rows), args.batch_size).tolist()
     scenes = []
-    for r, (_, _, boxes), img, d in zip(rows, canvases, extended, decisions):
+    for r, (_, _, boxes), img, d in zip(rows, canvases, extended, check_decisions(p_comp, p_dup, p_real, args)):
         counts["passed_composition"] += d["composition"]
         counts["passed_duplication"] += d["composition"] and d["duplication"]
         if d["composition"] and d["duplication"] and d["realism"]:
             counts["passed_realism"] += 1
             scenes.append({**r, "image": img, "targets": boxes})
     counts["scenes"] = len(scenes)
+    return scenes
 
-    # 3. distractor proposals + validation (train scenes only feed AOT-SFT)
-    train = [s for s in scenes if s["split"] == "train"]
+
+def propose_distractors(train, judge, judge_proc, swap, rng, args, counts) -> list[tuple]:
+    """3. Distractor proposals for the train scenes (only they feed AOT-SFT), validated: up to
+    --implants_per_scene valid (scene, proposal) pairs per scene."""
     if args.proposer == "mllm":
         swap.use(judge)
         proposals = mllm_proposals(judge, judge_proc, train, args, counts)
@@ -427,15 +369,17 @@ def process_chunk(rows, chunk_idx, models, args):
                 break
         chosen += valid
         counts["scenes_with_valid_proposal"] += bool(valid)
+    return chosen
 
-    # 4. implantation: masked edit inside the distractor box
+
+def implant(chosen, editor, swap, gen, args, counts) -> list[tuple]:
+    """4. Implantation: a masked edit inside each distractor's box. -> (scene, proposal, implanted image)."""
     implanted = []
     if chosen:
         swap.use(editor.text_encoder)
     for j in range(0, len(chosen), args.batch_size):
-        batch = chosen[j:j + args.batch_size]
         by = {}
-        for s, p in batch:
+        for s, p in chosen[j:j + args.batch_size]:
             by.setdefault(s["image"].size, []).append((s, p))
         for group in by.values():
             masks = []
@@ -443,93 +387,54 @@ def process_chunk(rows, chunk_idx, models, args):
                 mk = Image.new("L", s["image"].size, 0)
                 ImageDraw.Draw(mk).rectangle([int(v) for v in p["bbox"]], fill=255)
                 masks.append(mk)
-            outs = masked_edit(editor, [s["image"] for s, _ in group],
+            outs = editing.masked_edit(editor, [s["image"] for s, _ in group],
                                [common.implant_instruction(p["object"], p["bbox"], *s["image"].size) for s, p in group],
-                               masks,
-                               args.inpaint_steps, args.cfg, gen, args.resolution,
-                               args.cond_resolution)
+                               masks, args.inpaint_steps, args.cfg, gen, args.resolution, args.cond_resolution)
             implanted += [(s, p, o) for (s, p), o in zip(group, outs)]
     counts["implanted"] = len(implanted)
-
-    # 5. effectiveness: the target answers on the scene and on the implanted scene
-    sft = []
-    if implanted:
-        swap.use(target)
-        prompts = [common.defender_prompt(s["question"], s["options"]) for s, _, _ in implanted]
-        before = common.defender_generate(target, target_proc, [s["image"] for s, _, _ in implanted], prompts,
-                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        after = common.defender_generate(target, target_proc, [o for _, _, o in implanted], prompts,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        kept = set()
-        for (s, p, o), a0, a1 in zip(implanted, before, after):
-            right0 = common.extract_answer(a0, s["options"]) == s["answer"]
-            wrong1 = common.extract_answer(a1, s["options"]) != s["answer"]
-            counts["correct_before"] += right0
-            counts["wrong_after"] += wrong1
-            if wrong1 and (right0 or not args.require_correct_before):
-                counts["effective_implants"] += 1
-                if s["id"] in kept:                         # one triple per scene: its first effective implant
-                    continue
-                kept.add(s["id"])
-                counts["effective"] += 1
-                sft.append({**s, "edited_image": o, "instruction": common.attack_instruction(s["question"]),
-                            "distractor": {"name": p["object"], "bbox": p["bbox"]},
-                            "defender_answer_clean": a0, "defender_answer_edited": a1})
-    return scenes, sft, counts
+    return implanted
 
 
-# ---------------------------------------------------------------------------------------------
-# Datasets on disk
-# ---------------------------------------------------------------------------------------------
-def features(kind: str):
-    from datasets import Features, List, Value
-    from datasets import Image as DImage
-    box = {"name": Value("string"), "bbox": List(Value("float32"))}
-    f = {"id": Value("string"), "image": DImage(), "question": Value("string"),
-         "options": List(Value("string")), "answer": Value("string"), "targets": List(box),
-         "split": Value("string")}
-    if kind == "aot_sft":
-        f.update(edited_image=DImage(), instruction=Value("string"), distractor=box,
-                 defender_answer_clean=Value("string"), defender_answer_edited=Value("string"))
-    return Features(f)
-
-
-def save_rows(rows, kind, path):
-    from datasets import Dataset
-    keys = list(features(kind))
-    Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features(kind)).save_to_disk(str(path))
+def keep_effective(implanted, target, target_proc, swap, args, counts) -> list[dict]:
+    """5. Effectiveness: the target answers the scene and the implanted scene; an implant is effective when
+    the second answer is wrong (and, with --require_correct_before, the first right). One row per scene."""
+    if not implanted:
+        return []
+    swap.use(target)
+    prompts = [common.defender_prompt(s["question"], s["options"]) for s, _, _ in implanted]
+    before = common.defender_generate(target, target_proc, [s["image"] for s, _, _ in implanted], prompts,
+                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    after = common.defender_generate(target, target_proc, [o for _, _, o in implanted], prompts,
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    sft, kept = [], set()
+    for (s, p, o), a0, a1 in zip(implanted, before, after):
+        right0 = common.extract_answer(a0, s["options"]) == s["answer"]
+        wrong1 = common.extract_answer(a1, s["options"]) != s["answer"]
+        counts["correct_before"] += right0
+        counts["wrong_after"] += wrong1
+        if wrong1 and (right0 or not args.require_correct_before):
+            counts["effective_implants"] += 1
+            if s["id"] in kept:                         # one triple per scene: its first effective implant
+                continue
+            kept.add(s["id"])
+            counts["effective"] += 1
+            sft.append({**s, "edited_image": o, "instruction": common.attack_instruction(s["question"]),
+                        "distractor": {"name": p["object"], "bbox": p["bbox"]},
+                        "defender_answer_clean": a0, "defender_answer_edited": a1})
+    return sft
 
 
 # ---------------------------------------------------------------------------------------------
-def main(args: Args):
-    from datasets import concatenate_datasets, load_from_disk
-
-    if (why := seeds.check_seed_source(args.seed_data)) is not None:
-        raise SystemExit(f"[01] --seed_data {args.seed_data}: {why}")
-    if args.check_inputs:
-        print(f"[01] --seed_data {args.seed_data}: readable")
-        return
-    if not 1 <= args.implants_per_scene <= args.num_proposals:
-        raise SystemExit(f"[01] --implants_per_scene {args.implants_per_scene}: needs 1 <= it <= --num_proposals "
-                         f"({args.num_proposals})")
-    common.quiet()
-    ddp = parallel.setup_distributed()
-    run = Path(args.run_dir)
-    data = run / "data"
-    work = data / ".tmp_01_chunks"
-    if (data / "scenes").exists() and (data / "aot_sft").exists():
-        parallel.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
-        return
-    t0 = time.time()
-
-    # seeds (every rank reads them identically; rank 0 writes data/seed for synthetic data)
+def read_seeds(args, ddp, data: Path):
+    """-> (seed rows, skipped items by name, rejected question candidates by reason). Every rank reads them
+    identically; rank 0 writes data/seed for generated seeds."""
     if args.seed_data in ("synthetic", "tiny_world"):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
                 else tiny_world.world_seed_item(i, args.test_fraction, args.seed)
                 for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
-            save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))
+            rundir.save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))
             rundir.commit_dir(rundir.tmp_dir_for(data / "seed"), data / "seed")
     elif args.seed_data.startswith("coco:"):
         rows, skipped, rejected = seeds.read_coco(args.seed_data, args)
@@ -542,6 +447,73 @@ def main(args: Args):
             parallel.print0(f"[01] skipped seed row: {s}")
     if not rows:
         raise SystemExit(f"[01] no usable seed rows in {args.seed_data} ({len(skipped)} skipped): nothing to build")
+    return rows, skipped, rejected
+
+
+def load_models(args, ddp):
+    """The judge, the target (the same model unless named apart) and the editor; with --offload the MLLMs
+    start in CPU memory and take turns on the GPU."""
+    dtype = common.resolve_dtype(args.dtype, ddp.device)
+    swap = parallel.OneOnDevice(ddp.device, args.offload)
+    parked = "cpu" if swap.enabled else ddp.device
+    judge, judge_proc = common.load_defender(args.judge, parked, dtype=dtype)
+    target, target_proc = (judge, judge_proc) if args.target == args.judge else \
+        common.load_defender(args.target, parked, dtype=dtype)
+    editor = editing.load_attacker(args.editor, device=ddp.device, dtype=dtype)
+    if swap.enabled:
+        editor.text_encoder.to("cpu")
+    return judge, judge_proc, target, target_proc, editor, swap
+
+
+def merge_chunks(work: Path, data: Path, n_chunks: int, skipped, rejected, args) -> dict:
+    """Rank 0: the chunks in order -> data/scenes, data/aot_sft, data/funnel.json, data/gallery_01.png."""
+    from datasets import concatenate_datasets, load_from_disk
+    total = new_counts()
+    parts = {"scenes": [], "aot_sft": []}
+    for c in range(n_chunks):
+        d = work / f"chunk_{c:05d}"
+        counts = json.loads((d / "counts.json").read_text())
+        for k, v in counts.items():
+            total[k] += v
+        for kind, n in (("scenes", counts["scenes"]), ("aot_sft", counts["effective"])):
+            if n:   # a saved 0-row dataset does not load back (datasets' empty Arrow table)
+                parts[kind].append(load_from_disk(str(d / kind)))
+    for kind, dsets in parts.items():
+        if not dsets:
+            raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
+        ds = concatenate_datasets(dsets)
+        assert len(set(ds["id"])) == len(ds), f"duplicate ids in {kind}"
+        ds.save_to_disk(str(rundir.tmp_dir_for(data / kind)))
+    funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
+              "seed_candidates_rejected": rejected, "args": {k: v for k, v in vars(args).items()}}
+    (data / "funnel.json").write_text(json.dumps(funnel, indent=2))
+    sft = load_from_disk(str(rundir.tmp_dir_for(data / "aot_sft")))
+    rundir.save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
+                        data / "gallery_01.png")
+    for kind in ("scenes", "aot_sft"):
+        rundir.commit_dir(rundir.tmp_dir_for(data / kind), data / kind)
+    shutil.rmtree(work, ignore_errors=True)
+    return total
+
+
+def main(args: Args):
+    if (why := seeds.check_seed_source(args.seed_data)) is not None:
+        raise SystemExit(f"[01] --seed_data {args.seed_data}: {why}")
+    if args.check_inputs:
+        print(f"[01] --seed_data {args.seed_data}: readable")
+        return
+    if not 1 <= args.implants_per_scene <= args.num_proposals:
+        raise SystemExit(f"[01] --implants_per_scene {args.implants_per_scene}: needs 1 <= it <= --num_proposals "
+                         f"({args.num_proposals})")
+    common.quiet()
+    ddp = parallel.setup_distributed()
+    data = Path(args.run_dir) / "data"
+    work = data / ".tmp_01_chunks"
+    if (data / "scenes").exists() and (data / "aot_sft").exists():
+        parallel.print0(f"[01] {data}/scenes and aot_sft exist: nothing to do")
+        return
+    t0 = time.time()
+    rows, skipped, rejected = read_seeds(args, ddp, data)
     n_chunks = math.ceil(len(rows) / args.chunk_size)
     mine = [c for c in range(n_chunks) if c % ddp.world == ddp.rank]
     done = [c for c in mine if (work / f"chunk_{c:05d}" / "counts.json").exists()]
@@ -549,59 +521,23 @@ def main(args: Args):
                     f"over {ddp.world} rank(s); judge={args.judge} target={args.target} editor={args.editor}")
     if done:
         print(f"[01] rank {ddp.rank}: resuming, {len(done)}/{len(mine)} chunk(s) already done", flush=True)
-
     todo = [c for c in mine if c not in done]
-    if todo:
-        dtype = common.resolve_dtype(args.dtype, ddp.device)
-        swap = OneOnDevice(ddp.device, args.offload)
-        parked = "cpu" if swap.enabled else ddp.device   # --offload: MLLMs start in CPU memory
-        judge, judge_proc = common.load_defender(args.judge, parked, dtype=dtype)
-        target, target_proc = (judge, judge_proc) if args.target == args.judge else \
-            common.load_defender(args.target, parked, dtype=dtype)
-        editor = editing.load_attacker(args.editor, device=ddp.device, dtype=dtype)
-        if swap.enabled:
-            editor.text_encoder.to("cpu")
-        models = (judge, judge_proc, target, target_proc, editor, swap)
-        for c in common.progress(todo, desc=f"[01] rank {ddp.rank} chunks"):
-            tc = time.time()
-            scenes, sft, counts = process_chunk(rows[c * args.chunk_size:(c + 1) * args.chunk_size], c, models, args)
-            tmp = work / f".tmp_chunk_{c:05d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_rows(scenes, "scenes", tmp / "scenes")
-            save_rows(sft, "aot_sft", tmp / "aot_sft")
-            (tmp / "counts.json").write_text(json.dumps(counts))
-            rundir.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
-            print(f"[01] rank {ddp.rank} chunk {c + 1}/{n_chunks}: {counts['scenes']} scenes, "
-                  f"{counts['effective']} effective ({len(sft) / max(1, time.time() - tc):.2f} rows/s)", flush=True)
+    models = load_models(args, ddp) if todo else None
+    for c in common.progress(todo, desc=f"[01] rank {ddp.rank} chunks"):
+        tc = time.time()
+        scenes, sft, counts = process_chunk(rows[c * args.chunk_size:(c + 1) * args.chunk_size], c, models, args)
+        tmp = work / f".tmp_chunk_{c:05d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        rundir.save_rows(scenes, "scenes", tmp / "scenes")
+        rundir.save_rows(sft, "aot_sft", tmp / "aot_sft")
+        (tmp / "counts.json").write_text(json.dumps(counts))
+        rundir.commit_dir(tmp, work / f"chunk_{c:05d}")  # a chunk is done only once renamed
+        print(f"[01] rank {ddp.rank} chunk {c + 1}/{n_chunks}: {counts['scenes']} scenes, "
+              f"{counts['effective']} effective ({len(sft) / max(1, time.time() - tc):.2f} rows/s)", flush=True)
     parallel.barrier()
-
-    if ddp.master:  # merge chunks in order -> data/scenes, data/aot_sft, funnel, gallery
-        total = new_counts()
-        parts = {"scenes": [], "aot_sft": []}
-        for c in range(n_chunks):
-            d = work / f"chunk_{c:05d}"
-            counts = json.loads((d / "counts.json").read_text())
-            for k, v in counts.items():
-                total[k] += v
-            for kind, n in (("scenes", counts["scenes"]), ("aot_sft", counts["effective"])):
-                if n:   # a saved 0-row dataset does not load back (datasets' empty Arrow table)
-                    parts[kind].append(load_from_disk(str(d / kind)))
-        for kind, dsets in parts.items():
-            if not dsets:
-                raise SystemExit(f"[01] {kind} is empty: see the funnel {total}")
-            ds = concatenate_datasets(dsets)
-            assert len(set(ds["id"])) == len(ds), f"duplicate ids in {kind}"
-            ds.save_to_disk(str(rundir.tmp_dir_for(data / kind)))
-        funnel = {"counts": total, "skipped_seed_rows": skipped, "num_skipped_seed_rows": len(skipped),
-                  "seed_candidates_rejected": rejected, "args": {k: v for k, v in vars(args).items()}}
-        (data / "funnel.json").write_text(json.dumps(funnel, indent=2))
-        sft = load_from_disk(str(rundir.tmp_dir_for(data / "aot_sft")))
-        rundir.save_gallery([(r["image"], r["edited_image"]) for r in sft.select(range(min(args.gallery_rows, len(sft))))],
-                     data / "gallery_01.png")
-        for kind in ("scenes", "aot_sft"):
-            rundir.commit_dir(rundir.tmp_dir_for(data / kind), data / kind)
-        shutil.rmtree(work, ignore_errors=True)
+    if ddp.master:
+        total = merge_chunks(work, data, n_chunks, skipped, rejected, args)
         print("[01] funnel: " + " -> ".join(f"{k} {total[k]}" for k in
               ["seed_rows", "extended", "passed_composition", "passed_duplication", "passed_realism",
                "scenes_with_valid_proposal", "implanted", "effective"]) + f" | skipped seed rows {len(skipped)}")

@@ -353,19 +353,10 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
     return rows
 
 
-def attack_features():
-    from datasets import Features, Image, List, Value
-    box = {"name": Value("string"), "bbox": List(Value("float32"))}
-    return Features({"id": Value("string"), "image": Image(), "question": Value("string"),
-                     "options": List(Value("string")), "answer": Value("string"), "targets": List(box),
-                     "split": Value("string"), "attacked_image": Image(), "instruction": Value("string"),
-                     "ssim_local": Value("float32"), "defender_wrong_fraction": Value("float32")})
-
-
 def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
     shard_dir = run / "attacks" / f".tmp_shards_round_{args.round}"
-    feats = attack_features()
+    feats = rundir.features("attacks")
     mine = [scenes_ds[i] for i in range(ddp.rank, len(scenes_ds), ddp.world)]
     rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank, scenes_ds[0])
     (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,19 @@ def defender_generate(model, processor, images, prompts, max_new_tokens=64, temp
     return out
 
 
+def defender_p_yes(model, processor, images, questions, batch_size=16) -> torch.Tensor:
+    """P(Yes) / (P(Yes) + P(No)) at the first answer position: one forward, always defined."""
+    tok = processor.tokenizer
+    yes, no = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+    out = []
+    for i in range(0, len(questions), batch_size):
+        inputs = defender_inputs(processor, images[i:i + batch_size],
+                                        [yes_no_prompt(q) for q in questions[i:i + batch_size]], model.device)
+        logits = model(**inputs).logits[:, -1].float()  # left padding: last position is the answer's
+        out.append(torch.softmax(logits[:, [yes, no]], dim=-1)[:, 0].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Prompts
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """torchrun and FSDP2, in one place: rank / world / device from torchrun's environment, rank-0 printing,
-collectives that are the identity in one process, FSDP2 sharding of the large models, and the one
-all-gather per generate call that lets ranks decode without collectives. Every stage runs as
+collectives that are the identity in one process, FSDP2 sharding of the large models, the one
+all-gather per generate call that lets ranks decode without collectives, and 01's model offloading. Every stage runs as
 ``python script.py`` (one process) or under ``torchrun``; nothing here changes what one process computes."""
 
 from __future__ import annotations
@@ -138,3 +138,21 @@ def peak_memory_gb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+
+
+class OneOnDevice:
+    """--offload: of the frozen MLLMs that take turns (the editor's text encoder, the judge, the
+    target), only the one in use is on the GPU; the others wait in CPU memory (~16.6 GB each way
+    over PCIe, ~1 s per swap at paper size, a few swaps per chunk). A no-op on the CPU."""
+
+    def __init__(self, device, enabled: bool):
+        self.device, self.current = device, None
+        self.enabled = enabled and torch.device(device).type != "cpu"
+
+    def use(self, module):
+        if self.enabled and module is not self.current:
+            if self.current is not None:
+                self.current.to("cpu")
+            module.to(self.device)
+            self.current = module
+        return module

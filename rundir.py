@@ -219,3 +219,26 @@ def parse_args(args_cls, presets: dict, argv=None):
             if k not in given:   # a preset may name paths inside the run directory: "{run_dir}/models/..."
                 setattr(args, k, v.format(run_dir=args.run_dir) if isinstance(v, str) else v)
     return args
+
+
+def features(kind: str):
+    """The data contracts on disk (docs: the run directory): seed / scenes rows, + AOT-SFT's or attacks' columns."""
+    from datasets import Features, List, Value
+    from datasets import Image as DImage
+    box = {"name": Value("string"), "bbox": List(Value("float32"))}
+    f = {"id": Value("string"), "image": DImage(), "question": Value("string"),
+         "options": List(Value("string")), "answer": Value("string"), "targets": List(box),
+         "split": Value("string")}
+    if kind == "aot_sft":
+        f.update(edited_image=DImage(), instruction=Value("string"), distractor=box,
+                 defender_answer_clean=Value("string"), defender_answer_edited=Value("string"))
+    if kind == "attacks":
+        f.update(attacked_image=DImage(), instruction=Value("string"), ssim_local=Value("float32"),
+                 defender_wrong_fraction=Value("float32"))
+    return Features(f)
+
+
+def save_rows(rows, kind, path):
+    from datasets import Dataset
+    keys = list(features(kind))
+    Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features(kind)).save_to_disk(str(path))

@@ -9,6 +9,7 @@ from datasets import load_from_disk
 from helpers import kill_when_exists, run_stage, start_stage
 from PIL import Image, ImageDraw
 
+import parallel
 import seeds
 
 s01 = load_script("01_build_sft_data.py")
@@ -287,7 +288,7 @@ def test_a_chunk_samples_the_same_whatever_ran_before_it(monkeypatch):
     monkeypatch.setattr(s01, "mllm_proposals", proposals)
     args = s01.Args(**{**s01.PRESETS["tiny"], "proposer": "mllm"})
     judge, proc = common.load_defender("tiny")
-    models = (judge, proc, judge, proc, editing.load_attacker("tiny"), s01.OneOnDevice(torch.device("cpu"), False))
+    models = (judge, proc, judge, proc, editing.load_attacker("tiny"), parallel.OneOnDevice(torch.device("cpu"), False))
     rows = [seeds.synthetic_item(i, args.synthetic_size, 0.0, 0) for i in range(4)]
     for chunk, before in ((1, 0), (1, 5), (2, 0)):
         torch.manual_seed(before)          # what ran before this chunk (other chunks, a killed process)

@@ -247,7 +247,7 @@ def test_tiny_defender_generates_and_is_deterministic():
     out = common.defender_generate(m1, proc, imgs, ["Is it red?", "A longer question here?"],
                                    max_new_tokens=6)
     assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
-    p = s01.defender_p_yes(m1, proc, imgs, ["q?", "q?"])
+    p = common.defender_p_yes(m1, proc, imgs, ["q?", "q?"])
     assert p.shape == (2,) and torch.all((p > 0) & (p < 1))
 
 

@@ -51,3 +51,13 @@ def test_no_cpu_model_issue_number_or_outside_path_in_the_code():
         if p.suffix != ".md":
             assert not history.search(text), p
         assert not outside.search(text), p
+
+
+def test_stages_are_short_enough_to_read():
+    """A stage <= 550 lines, its main <= 80, no function of a stage over 80 (the design card's budgets)."""
+    for p in STAGES:
+        text = p.read_text()
+        assert len(text.splitlines()) <= 550, p.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno + 1 <= 80, (p.name, node.name)
