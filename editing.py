@@ -206,7 +206,7 @@ def sigma_schedule(scheduler, num_steps: int, seq_len: int) -> torch.Tensor:
     return scheduler.sigmas.float().cpu().clone()  # (num_steps + 1,)
 
 
-@torch.no_grad()@torch.no_grad()
+@torch.no_grad()
 def masked_edit(pipe, images, instructions, masks, steps, cfg, generator, resolution, cond_resolution=0):
     """Edit only where mask == 1 (PIL 'L' masks, image size). Flow-matching inpainting: after
     each Euler step the unmasked region is reset to the original latents noised to the next
