@@ -59,7 +59,8 @@ def write_summary(eval_dir: Path, paper_table: bool):
         cells.append("" if clean is None else f"{clean:.1f}")
         for a in attackers:
             x = r["robustness"].get(a)
-            cells.append(f"{x['acc']:.1f} ({x['attack_success']:.1f})" if x else "")
+            cells.append("" if not x else f"{x['acc']:.1f} ({x['attack_success']:.1f})" if x.get("n", 1) else
+                         "- (none passes the gate)")
         lines.append("| " + " | ".join(cells) + " |")
         paper = PAPER.get(PAPER_ROW.get(row_label(r), row_label(r)))
         if paper_table and paper and benches:
@@ -84,6 +85,10 @@ def write_summary(eval_dir: Path, paper_table: bool):
             lines.append(line + ".")
     for c in coevolution(rounds):
         k = c["attacker"]
+        if c["n"] == 0:
+            lines.append(f"\nRound {k}: none of attacker {k}'s held-out attacks passes its local-SSIM gate: "
+                         f"nothing to measure.")
+            continue
         line = (f"\nRound {k}: attacker {k} takes {c['drop']:.1f} points from defender {k - 1}, the model it was trained "
                 f"to fool ({c['clean_items_before']:.1f} clean, {c['attacked_before']:.1f} attacked, on the "
                 f"{c['n']} attacked test scenes)")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # AOT end to end: build AOT-SFT, cold-start the attacker, warm up the defender, then co-evolve.
 #
-#   PRESET=tiny_world ROUNDS=2 bash run_rounds.sh  # the paper's effect in miniature, offline on CPU (README: results, time)
-#   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~3 min)
-#   PRESET=paper NPROC=8 bash run_rounds.sh        # the paper's setting on 8 GPUs
-#   PRESET=paper NPROC=8 bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
+#   bash run_rounds.sh                             # the tiny world, 2 rounds: the paper's effect in miniature, offline on CPU
+#   PRESET=tiny bash run_rounds.sh                 # plumbing only: random tiny models (~2 min)
+#   PRESET=paper NPROC=8 SEED_DATA=seeds.jsonl bash run_rounds.sh   # the paper's setting on 8 GPUs (SEED_DATA required)
+#   PRESET=paper NPROC=8 SEED_DATA=seeds.jsonl bash run_rounds.sh --nnodes 2 --node_rank 0 --master_addr HOST   # extra torchrun args
 #
-# Env: PRESET (tiny_world|tiny|paper), ROUNDS (3, the paper's iterations), RUN_DIR (runs/$PRESET), NPROC (1),
+# Env: PRESET (tiny_world|tiny|paper; tiny_world), ROUNDS (2; paper: 3, its iterations), RUN_DIR (runs/$PRESET), NPROC (1),
+#      WORLD (tiny_world's models: shipped, build, or a built world's directory),
 #      SEED_DATA (synthetic, tiny_world, coco:..., or a seed JSONL; default the preset's), BENCH ("name=path.tsv name=path.tsv" for stage 05),
 #      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
 #      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).
@@ -14,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=${PRESET:-tiny}
-ROUNDS=${ROUNDS:-3}
+PRESET=${PRESET:-tiny_world}
+if [ "$PRESET" = "paper" ]; then ROUNDS=${ROUNDS:-3}; else ROUNDS=${ROUNDS:-2}; fi   # the paper's 3 iterations
 RUN_DIR=${RUN_DIR:-runs/$PRESET}
 NPROC=${NPROC:-1}
 SEED_DATA=${SEED_DATA:-}   # empty: the preset's (tiny_world: its scenes, tiny: synthetic); required for paper
@@ -63,9 +64,14 @@ echo "   seeds: $SEEDS; models: $MODELS; benchmarks: ${BENCH:-none (robustness o
 if [ ! -e "$RUN_DIR/data/aot_sft" ]; then $PY 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}" --check_inputs >/dev/null; fi
 if [ -n "$BENCH" ]; then $PY 05_eval.py --run_dir "$RUN_DIR" "${BENCH_ARGS[@]}" --check_inputs >/dev/null; fi
 
-# 0. the tiny world's trained defender, VAE and editor (built once per run directory, then reused)
+# 0. the tiny world's defender, VAE and editor: the shipped ones (models/tiny_world, checked against their
+#    manifest), WORLD=build to train them here (tens of minutes), or WORLD=DIR for a world built elsewhere
 if [ "$PRESET" = "tiny_world" ]; then
-  EXTRA="" NPROC=1 stage "00 tiny world models" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models"
+  case "${WORLD:-shipped}" in
+    build) EXTRA="" NPROC=1 stage "00 tiny world models (built)" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models" ;;
+    shipped) EXTRA="" NPROC=1 stage "00 tiny world models (shipped)" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models" --install models/tiny_world ;;
+    *) EXTRA="" NPROC=1 stage "00 tiny world models ($WORLD)" "$RUN_DIR/models/world.json" tiny_world.py --out "$RUN_DIR/models" --install "$WORLD" ;;
+  esac
 fi
 # 1. AOT-SFT: extended scenes + effective distractors
 stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}"

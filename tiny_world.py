@@ -1,9 +1,15 @@
-"""The tiny world (PRESET=tiny_world; `python tiny_world.py --out DIR`): a defender, VAE and editor of the
-``tiny`` architectures (tiny_models.py) trained on scenes the generator draws exactly (world_scene below,
-also stage 01's seed rows), saved as ordinary model directories that the stages load by path. The build is deterministic on one CPU,
-but not across CPUs: floating point differs between kernels (AVX-512 or AVX2), and the small models land
-elsewhere; the defender and the editor train on in top-ups while they fall short of a validation bar.
-Build times, worlds, CPUs and recipes: bench/tiny_world.md.
+"""The tiny world (PRESET=tiny_world): a defender, VAE and editor of the ``tiny`` architectures (tiny_models.py)
+trained on scenes the generator draws exactly (world_scene below, also stage 01's seed rows), saved as ordinary
+model directories that the stages load by path.
+
+  python tiny_world.py --out runs/tiny_world/models                           # build it (tens of minutes on 2 cores)
+  python tiny_world.py --out runs/tiny_world/models --install models/tiny_world   # the shipped one (run_rounds.sh)
+  python tiny_world.py --out runs/new/models --ship_to models/tiny_world       # build, then ship it (with a manifest)
+
+The repository ships one built world (models/tiny_world, every file's sha256 in its manifest.json), so that a
+run's numbers do not depend on the CPU that built the models: the build is deterministic on one CPU, not
+across CPUs (AVX-512 and AVX2 kernels round differently, and small models amplify it); the defender and the
+editor train on in top-ups while they fall short of a validation bar. Times, worlds, CPUs: bench/tiny_world.md.
 The VAE starts as an exact 8x mean pool (``thumbnail_init``: 28.0 dB untrained, 28.4 dB after 200 steps, where
 default-initialised training stalled at 16-18 dB) but its blur caps the local SSIM of untouched targets at
 ~0.66, so the world's attacker gate (03 preset) sits at 0.55, not the paper's 0.85.
@@ -600,6 +606,10 @@ class Args:
     editor_max_more: int = field(default=1, metadata={"help": "at most this many editor top-ups"})
     check_items: int = field(default=48, metadata={"help": "held-out scenes / pairs in the checks (world.json)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    install: str = field(default="", metadata={"help": "install this shipped (manifest.json) or built world into "
+                                                        "--out instead of building one"})
+    ship_to: str = field(default="", metadata={"help": "then copy the world in --out here with its manifest "
+                                                        "(models/tiny_world: the world run_rounds.sh installs)"})
 
 
 def add_hit(condition, target, output, min_diff: int = 30) -> bool | None:
@@ -705,7 +715,91 @@ def build(args: Args) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The shipped world: the models built once, committed with a manifest, installed into a run
+# ---------------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parent / "models" / "tiny_world"
+# the editor's text encoder is the defender: its weights are stored once, under defender/
+SAME_FILE = {"editor/text_encoder/model.safetensors": "defender/model.safetensors"}
+NOT_SHIPPED = ("editor_samples.png",)
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ship(src: str | Path, dst: str | Path = SHIPPED) -> Path:
+    """A built world (``--out`` of a build) -> ``dst`` with manifest.json (every file's sha256), the
+    editor's text encoder stored once (it is the defender), the sample gallery left out."""
+    import rundir
+    src, dst = Path(src), Path(dst)
+    if not (src / "world.json").exists():
+        raise SystemExit(f"[world] {src} holds no built world (no world.json)")
+    for copy, original in SAME_FILE.items():
+        if sha256(src / copy) != sha256(src / original):
+            raise SystemExit(f"[world] {src / copy} differs from {src / original}: cannot store it once")
+    tmp = rundir.tmp_dir_for(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = {}
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src).as_posix()
+        if rel in SAME_FILE or rel in NOT_SHIPPED:
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, tmp / rel)
+        files[rel] = sha256(f)
+    info = json.loads((tmp / "world.json").read_text())
+    info["args"].pop("out", None)   # a path of the machine that built it
+    (tmp / "world.json").write_text(json.dumps(info, indent=2))
+    files["world.json"] = sha256(tmp / "world.json")
+    (tmp / "manifest.json").write_text(json.dumps(dict(files=files, same_file=SAME_FILE), indent=2))
+    rundir.commit_dir(tmp, dst)
+    return dst
+
+
+def install(src: str | Path, out: str | Path) -> Path:
+    """A shipped world (checked against its manifest) or a built one -> ``out``, the run's models/."""
+    import rundir
+    src, out = Path(src), Path(out)
+    if (out / "world.json").exists():
+        print(f"[world] {out} exists: installed earlier")
+        return out
+    manifest = src / "manifest.json"
+    if not manifest.exists() and not (src / "world.json").exists():
+        raise SystemExit(f"[world] {src} is neither a shipped world (manifest.json) nor a built one (world.json)")
+    tmp = rundir.tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        bad = [rel for rel, digest in m["files"].items() if not (src / rel).is_file() or sha256(src / rel) != digest]
+        if bad:
+            raise SystemExit(f"[world] {src}: {len(bad)} file(s) missing or not as in manifest.json: {', '.join(bad[:3])} "
+                             f"(git lfs or a partial checkout? rebuild with WORLD=build)")
+        for rel in m["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, tmp / rel)
+        for copy, original in m["same_file"].items():
+            shutil.copy2(tmp / original, tmp / copy)
+    else:
+        shutil.copytree(src, tmp)
+    rundir.commit_dir(tmp, out)
+    print(f"[world] installed {src} -> {out}")
+    return out
+
+
 if __name__ == "__main__":
+    import common
     import rundir
     common.quiet()
-    build(rundir.parse_args(Args, {}))
+    args = rundir.parse_args(Args, {})
+    if args.install:
+        install(args.install, args.out)
+    else:
+        build(args)
+    if args.ship_to:
+        print(f"[world] shipped {args.out} -> {ship(args.out, args.ship_to)}")

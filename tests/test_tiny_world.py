@@ -331,3 +331,30 @@ def test_sft_bound_counts_dapo_groups_by_right_answer(monkeypatch):
     answers = [texts[it["answer"] if j < n else wrong[it["answer"]]] for it, n in zip(items, right) for j in range(16)]
     monkeypatch.setattr(common, "defender_generate", lambda *a, **k: answers)
     assert world_sft_bound.group_counts(None, None, items) == {"A": [1, 1, 0], "B": [0, 1, 1], "Yes": [1, 0, 0]}
+
+
+def test_the_shipped_world_matches_its_manifest_and_loads(tmp_path):
+    """run_rounds.sh installs models/tiny_world: every file as its manifest's sha256 says, the editor's text
+    encoder restored from the defender's weights, both models loading through from_pretrained and the
+    defender answering the world's scenes; a file that differs from the manifest is refused by name."""
+    import shutil
+    shipped = tiny_world.SHIPPED
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert sum((shipped / rel).stat().st_size for rel in manifest["files"]) < 16e6
+    out = tiny_world.install(shipped, tmp_path / "models")
+    for rel, digest in manifest["files"].items():
+        assert tiny_world.sha256(out / rel) == digest, rel
+    assert tiny_world.sha256(out / "editor/text_encoder/model.safetensors") == manifest["files"]["defender/model.safetensors"]
+    info = json.loads((out / "world.json").read_text())
+    model, processor = common.load_defender(str(out / "defender"))
+    assert sum(p.numel() for p in model.parameters()) == info["defender_params"]
+    scenes = [tiny_world.world_scene(i, seed=11) for i in range(48)]
+    assert tiny_world.world_accuracy(model, processor, scenes) >= 80.0   # the world's defender, not a random one
+    pipe = editing.load_attacker(str(out / "editor"))
+    assert pipe.transformer.config.num_layers == 2
+    bad = tmp_path / "bad"
+    shutil.copytree(shipped, bad)
+    (bad / "editor/vae/config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="editor/vae/config.json"):
+        tiny_world.install(bad, tmp_path / "models2")
+    assert not (tmp_path / "models2").exists()
