@@ -234,7 +234,7 @@ def overlong_penalty(length: int, max_len: int, cache: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rewards, advantages, dynamic sampling, loss
+# DAPO: reward, group advantage, dynamic sampling, clipped loss, one update
 # ---------------------------------------------------------------------------------------------
 def score(samples, args):
     for s in samples:
@@ -312,32 +312,6 @@ def collect_groups(model, processor, stream, per_rank, args):
     return policy.balance_groups(kept, per_rank), dict(tries=tries, groups_seen=seen, gen_tokens=gen_tokens,
                                                 gen_s=time.time() - t0, filler=filler, gen_samples=gen["samples"],
                                                 gen_correct=gen["correct"], gen_reward=gen["reward"])
-
-
-def step_row(step, groups, g, st, step_s, ddp) -> dict:
-    """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
-    response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
-    samples = [s for grp in groups for s in grp]
-    sums = parallel.all_reduce(torch.tensor([
-        sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
-        len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
-        st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples),
-        g["gen_samples"], g["gen_correct"], g["gen_reward"]], dtype=torch.float64)).tolist()
-    n, tok, n_gen = sums[2], sums[7], max(sums[12], 1)
-
-    def kept(x, d):
-        return x / d if d > 0 else None
-    return dict(step=step, gen_samples=int(sums[12]), gen_reward=sums[14] / n_gen, gen_accuracy=sums[13] / n_gen,
-                gen_response_len=sums[6] / n_gen, kept_group_frac=sums[3] / max(sums[4], 1), kept_samples=int(n),
-                reward=kept(sums[0], n), accuracy=kept(sums[1], n), response_len=kept(sums[5], n),
-                overlong=kept(sums[11], n), clip_frac=kept(sums[8], tok), ratio_mean=kept(sums[9], tok),
-                entropy=kept(sums[10], tok), grad_norm=st["grad_norm"], tries=g["tries"],
-                gen_tok_per_s=sums[6] / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7] / max(st["train_s"], 1e-9),
-                step_s=step_s, peak_mem_gb=parallel.peak_memory_gb(ddp.device))
-
-
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)   # None: nothing was kept this step
 
 
 def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, filler=None):
@@ -447,6 +421,32 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
                val_clean_acc=100 * counts[2] / counts[3] if counts[3] else None)
     parts = [v for v in row.values() if v is not None]
     return dict(row, val_score=sum(parts) / len(parts) if parts else None)
+
+
+def step_row(step, groups, g, st, step_s, ddp) -> dict:
+    """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
+    response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
+    samples = [s for grp in groups for s in grp]
+    sums = parallel.all_reduce(torch.tensor([
+        sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
+        len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
+        st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples),
+        g["gen_samples"], g["gen_correct"], g["gen_reward"]], dtype=torch.float64)).tolist()
+    n, tok, n_gen = sums[2], sums[7], max(sums[12], 1)
+
+    def kept(x, d):
+        return x / d if d > 0 else None
+    return dict(step=step, gen_samples=int(sums[12]), gen_reward=sums[14] / n_gen, gen_accuracy=sums[13] / n_gen,
+                gen_response_len=sums[6] / n_gen, kept_group_frac=sums[3] / max(sums[4], 1), kept_samples=int(n),
+                reward=kept(sums[0], n), accuracy=kept(sums[1], n), response_len=kept(sums[5], n),
+                overlong=kept(sums[11], n), clip_frac=kept(sums[8], tok), ratio_mean=kept(sums[9], tok),
+                entropy=kept(sums[10], tok), grad_norm=st["grad_norm"], tries=g["tries"],
+                gen_tok_per_s=sums[6] / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7] / max(st["train_s"], 1e-9),
+                step_s=step_s, peak_mem_gb=parallel.peak_memory_gb(ddp.device))
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)   # None: nothing was kept this step
 
 
 def round_schedule(args):
