@@ -59,7 +59,7 @@ import editing
 import parallel
 import rundir
 import seeds
-import tiny_world
+import world
 
 PRESETS = {
     "tiny": dict(judge="tiny", target="tiny", editor="tiny", num_synthetic=32, synthetic_size=48,
@@ -430,7 +430,7 @@ def read_seeds(args, ddp, data: Path):
     identically; rank 0 writes data/seed for generated seeds."""
     if args.seed_data in ("synthetic", "tiny_world"):
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else tiny_world.world_seed_item(i, args.test_fraction, args.seed)
+                else world.seed_item(i, args.test_fraction, args.seed)
                 for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():

@@ -3,7 +3,7 @@
    targets [{name, bbox [x1, y1, x2, y2] in pixels}], split ("train"/"test")}
 
 1. synthetic_item: coloured shapes with exact boxes, a spatial MCQ or an existence yes/no (the tiny preset);
-2. the tiny world's scenes (tiny_world.world_seed_item; PRESET=tiny_world), in the same row format;
+2. the tiny world's scenes (world.seed_item; PRESET=tiny_world), in the same row format;
 3. read_coco: COCO-format instance annotations -> the paper's kind of spatial / existence questions;
 4. read_seed_jsonl: hand-written rows (README, "Seed JSONL").
 Each reader returns the rows and names every item it skipped, with the reason.

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import policy  # noqa: E402
-import tiny_world  # noqa: E402
+import world  # noqa: E402
 
 
 @dataclass
@@ -48,7 +48,7 @@ def main(a: Args):
     model, proc, params = policy.setup_model(args, ddp, a.defender)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     prompts = [dict(image=s["image"], question=s["question"], options=s["options"], answer=s["answer"])
-               for s in (tiny_world.world_scene(i, seed=7) for i in range(32))]
+               for s in (world.scene(i, seed=7) for i in range(32))]
     times = []
     for step in range(a.steps + 1):
         t0 = time.time()

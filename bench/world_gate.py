@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import editing  # noqa: E402
-import tiny_world  # noqa: E402
+import world  # noqa: E402
 
 VERSIONS = ("untouched", "recoloured", "erased")
 
@@ -45,13 +45,13 @@ def versions(index: int, seed: int = 5) -> tuple[dict, list]:
     from PIL import Image, ImageDraw
 
     from seeds import COLORS, draw_shape
-    s = tiny_world.world_scene(index, seed)
+    s = world.scene(index, seed)
     t = s["targets"][0]
     box = [int(v) for v in t["bbox"]]
     recoloured = s["image"].copy()
     draw_shape(ImageDraw.Draw(recoloured), t["name"].split()[1], box, COLORS["green"])
     erased = np.asarray(s["image"]).copy()                          # the scene's own background, noise and all
-    background = tiny_world.world_background(s["image"].width, seed * 1_000_003 + index)
+    background = world.background(s["image"].width, seed * 1_000_003 + index)
     x1, y1, x2, y2 = box
     erased[y1:y2, x1:x2] = background[y1:y2, x1:x2]
     return s, [s["image"], recoloured, Image.fromarray(erased)]
@@ -76,9 +76,9 @@ def main(a: Args):
         out = []
         for i in range(0, len(images), 16):
             part = images[i:i + 16]
-            out += tiny_world.world_edit(pipe, part, [tiny_world.KEEP] * len(part), steps=8, cfg=4.0, seed=i)
+            out += world.edit_images(pipe, part, [world.KEEP] * len(part), steps=8, cfg=4.0, seed=i)
         return out
-    items = [versions(i) for i in range(a.scenes) if tiny_world.world_scene(i, 5)["targets"]]
+    items = [versions(i) for i in range(a.scenes) if world.scene(i, 5)["targets"]]
     r = gate_table(items, keep, a.taus)
     print(f"{r['n']} held-out scenes with targets, the world's editor ({a.models}), 'keep', 8 Euler steps, CFG 4")
     print("| tau | " + " | ".join(f"{n} pass (%)" for n in VERSIONS) + " |")

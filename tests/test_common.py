@@ -12,7 +12,7 @@ import common
 import editing
 import rundir
 import tiny_models
-import tiny_world
+import world
 
 s01 = load_script("01_build_sft_data.py")
 
@@ -200,7 +200,7 @@ def test_tiny_world_tokenizer_spells_the_stages_prompts_in_words():
     its template's first 64 tokens (prompt_template_encode_start_idx, set for Qwen's tokenizer: the system
     turn and "<|im_start|>user\n") ends where it is meant to: the kept embeddings start at the image."""
     from diffusers import QwenImageEditPipeline
-    tok = tiny_models.build_tiny_tokenizer(extra_corpus=tiny_world.stage_wordings())
+    tok = tiny_models.build_tiny_tokenizer(extra_corpus=world.stage_wordings())
     question, options = "Is the red circle above or below the blue square?", ["above", "below"]
     text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
                                    tokenize=False, add_generation_prompt=True)
@@ -217,14 +217,14 @@ def test_tiny_world_tokenizer_gives_each_fixed_sentence_one_token():
     """The world's defender prompts: the system turn, the templates' fixed sentences and the world's three
     questions are one token each (a left/right prompt without its image: 30 tokens, 84 spelled a word a
     token); the option lines stay words; the edit template's 64-token drop is where it was."""
-    questions = [q for q, _ in tiny_world.WORLD_QUESTIONS.values()]
-    sentences = tiny_world.fixed_sentences(questions)
+    questions = [q for q, _ in world.QUESTIONS.values()]
+    sentences = world.fixed_sentences(questions)
     assert len(sentences) == 8 and sentences[1].startswith("Please answer the following multiple-choice")
     assert "Answer with \\boxed{Yes} or \\boxed{No}." in sentences      # the template's {{ }} unescaped
-    tok = tiny_models.build_tiny_tokenizer(extra_corpus=tiny_world.stage_wordings(), sentences=sentences)
+    tok = tiny_models.build_tiny_tokenizer(extra_corpus=world.stage_wordings(), sentences=sentences)
     for s in sentences:
         assert tok.tokenize(s) == [s]
-    question, options = tiny_world.WORLD_QUESTIONS["horizontal"]
+    question, options = world.QUESTIONS["horizontal"]
     text = tok.apply_chat_template([{"role": "user", "content": common.defender_prompt(question, options)}],
                                    tokenize=False, add_generation_prompt=True)
     pieces = tok.tokenize(text)

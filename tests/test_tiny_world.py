@@ -1,4 +1,4 @@
-"""The tiny world: its scenes (tiny_world.world_scene) and edit pairs are what they claim (checked against their own
+"""The tiny world: its scenes (world.scene) and edit pairs are what they claim (checked against their own
 geometry), and the models tiny_world.py trains are saved as ordinary model directories the stages load by path."""
 import json
 import time
@@ -11,7 +11,8 @@ import common
 import editing
 import rundir
 import tiny_world
-from tiny_world import WORLD_SIZE
+import world
+from world import SIZE as WORLD_SIZE
 
 
 def centre(box, axis):
@@ -21,7 +22,7 @@ def centre(box, axis):
 def test_world_scenes_answer_their_question_from_the_drawn_geometry():
     kinds = set()
     for i in range(90):
-        s = tiny_world.world_scene(i, seed=7)
+        s = world.scene(i, seed=7)
         kinds.add(s["kind"])
         objs = {o["name"]: o["bbox"] for o in s["objects"]}
         assert set(objs) <= {"red circle", "blue square"} and "blue square" in objs   # the targets, nothing else
@@ -42,24 +43,24 @@ def test_world_scenes_answer_their_question_from_the_drawn_geometry():
             r, g, b = np.asarray(s["image"])[y, x]
             assert (r > 180 and b < 80) if t["name"] == "red circle" else (b > 180 and r < 80)
     assert kinds == {"horizontal", "vertical", "exists"}
-    a, b = tiny_world.world_scene(5, seed=7), tiny_world.world_scene(5, seed=7)
+    a, b = world.scene(5, seed=7), world.scene(5, seed=7)
     assert a["image"].tobytes() == b["image"].tobytes() and a["question"] == b["question"]
 
 
 def test_world_seed_item_is_the_central_crop_with_shifted_boxes():
     m = WORLD_SIZE // 6
-    s, row = tiny_world.world_scene(3, seed=0), tiny_world.world_seed_item(3, 0.2, 0)
+    s, row = world.scene(3, seed=0), world.seed_item(3, 0.2, 0)
     assert row["image"].size == (WORLD_SIZE - 2 * m,) * 2
     assert row["image"].tobytes() == s["image"].crop((m, m, WORLD_SIZE - m, WORLD_SIZE - m)).tobytes()
     for t, u in zip(s["targets"], row["targets"]):
         assert u["bbox"] == [v - m for v in t["bbox"]] and 0 <= min(u["bbox"]) and max(u["bbox"]) <= row["image"].width
-    rows = [tiny_world.world_seed_item(i, 0.25, 0) for i in range(600)]
+    rows = [world.seed_item(i, 0.25, 0) for i in range(600)]
     assert 0.18 < [r["split"] for r in rows].count("test") / 600 < 0.32
     # the split does not decide the question: every kind is in both splits at about a third each (at seed 0
     # the split once drew from the scene's own generator, and the test split held left/right questions only)
     for split in ("train", "test"):
         questions = [r["question"] for r in rows if r["split"] == split]
-        assert all(0.22 < questions.count(q) / len(questions) < 0.45 for q, _ in tiny_world.WORLD_QUESTIONS.values())
+        assert all(0.22 < questions.count(q) / len(questions) < 0.45 for q, _ in world.QUESTIONS.values())
 
 
 def test_place_name_and_implant_instruction():
@@ -75,12 +76,12 @@ def test_place_name_and_implant_instruction():
 def test_edit_pairs_change_only_what_the_instruction_names():
     seen = set()
     for i in range(40):
-        cond, instr, target = tiny_world.world_edit_pair(i, seed=9)
+        cond, instr, target = world.edit_pair(i, seed=9)
         a, b = np.asarray(cond, dtype=int), np.asarray(target, dtype=int)
-        if instr == tiny_world.KEEP:
+        if instr == world.KEEP:
             seen.add("keep")
             assert (a == b).all()
-        elif instr == tiny_world.EXTEND:
+        elif instr == world.EXTEND:
             seen.add("extend")
             m = WORLD_SIZE // 6
             assert (a[m:-m, m:-m] == b[m:-m, m:-m]).all() and not (a == b).all()
@@ -110,28 +111,28 @@ def test_add_hit_asks_whether_the_drawn_shape_appeared():
     scene = Image.new("RGB", (32, 32), (100, 100, 100))
     target = scene.copy()
     ImageDraw.Draw(target).rectangle([4, 4, 11, 11], fill=(230, 30, 30))      # 64 drawn pixels
-    assert tiny_world.add_hit(scene, target, target) is True
-    assert tiny_world.add_hit(scene, target, scene) is False
-    assert tiny_world.add_hit(scene, scene, target) is None                  # nothing to add
+    assert world.add_hit(scene, target, target) is True
+    assert world.add_hit(scene, target, scene) is False
+    assert world.add_hit(scene, scene, target) is None                  # nothing to add
     half = np.asarray(scene).copy()
     half[4:12, 4:12] = (170, 60, 60)           # 4/7 of the way to the red: closer to the target
-    assert tiny_world.add_hit(scene, target, Image.fromarray(half)) is True
+    assert world.add_hit(scene, target, Image.fromarray(half)) is True
     half[4:12, 4:12] = (150, 80, 80)           # 3/7 of the way: still closer to the unedited scene
-    assert tiny_world.add_hit(scene, target, Image.fromarray(half)) is False
+    assert world.add_hit(scene, target, Image.fromarray(half)) is False
     moved = scene.copy()
     ImageDraw.Draw(moved).rectangle([20, 20, 27, 27], fill=(230, 30, 30))     # right shape, wrong place
-    assert tiny_world.add_hit(scene, target, moved) is False
+    assert world.add_hit(scene, target, moved) is False
     # change elsewhere: 0 for the exact target; the moved square's 64 pixels of |130|+|70|+|70| / 3 = 90
     # over the 32 x 32 - 27 x 27 pixels away from the asked box (dilated by 8: [0, 19] x [0, 19] -> 400)
-    assert tiny_world.change_elsewhere(scene, target, target) == 0.0
-    assert abs(tiny_world.change_elsewhere(scene, target, moved) - 64 * 90 / (1024 - 400)) < 1e-4
+    assert world.change_elsewhere(scene, target, target) == 0.0
+    assert abs(world.change_elsewhere(scene, target, moved) - 64 * 90 / (1024 - 400)) < 1e-4
 
 
 def test_oracle_distractor_sits_beyond_the_square_and_touches_nothing():
     n_far = n_relations = 0
     for i in range(24):
-        s = tiny_world.world_scene(i, seed=2)
-        image, name, box = tiny_world.oracle_distractor(s, i)
+        s = world.scene(i, seed=2)
+        image, name, box = world.oracle_distractor(s, i)
         assert box is not None and name == "red triangle"
         assert box[2] - box[0] == WORLD_SIZE // 4
         for o in s["objects"]:       # disjoint from every object, which are all still drawn as they were
@@ -187,7 +188,7 @@ def test_thumbnail_init_makes_the_vae_an_8x_mean_pool_and_a_smooth_upsampler():
     torch.manual_seed(0)
     vae = tiny_world.thumbnail_init(AutoencoderKLQwenImage(
         base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]))
-    scenes = [tiny_world.world_scene(i, seed=3)["image"] for i in range(4)]
+    scenes = [world.scene(i, seed=3)["image"] for i in range(4)]
     x = editing.images_to_tensor(scenes, WORLD_SIZE, WORLD_SIZE)
     with torch.no_grad():
         z = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]
@@ -219,10 +220,10 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
         assert k in info
     assert (out / "editor_samples.png").exists() and (out / "build_log.jsonl").read_text().count("\n") >= 3
     model, processor = common.load_defender(str(out / "defender"))
-    img = tiny_world.world_scene(0)["image"]
+    img = world.scene(0)["image"]
     inputs = common.defender_inputs(processor, [img], ["Is there a red circle in the image?"], "cpu")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16   # 112 px -> 4 x 4 merged patches
-    for question, _ in tiny_world.WORLD_QUESTIONS.values():          # the saved tokenizer kept its added sentences
+    for question, _ in world.QUESTIONS.values():          # the saved tokenizer kept its added sentences
         assert processor.tokenizer.tokenize(question) == [question]
     assert inputs["input_ids"].shape[1] == 33      # the chat turns (14), the question (1), the image (16 + 2), a sentence a token
     pipe = editing.load_attacker(str(out / "editor"))
@@ -231,7 +232,7 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     assert all(torch.equal(p, te[n]) for n, p in model.named_parameters())   # the defender is the text encoder
     assert len(pipe.vae.config.latents_mean) == 16 and min(pipe.vae.config.latents_std) > 0
     assert pipe.vae.config.latents_std != [1.0] * 16
-    ctx = editing.encode_edit(pipe, [img], [tiny_world.KEEP], WORLD_SIZE)
+    ctx = editing.encode_edit(pipe, [img], [world.KEEP], WORLD_SIZE)
     assert ctx.cond_latents.shape == (1, 49, 64)
     # cached: a second build returns at once and leaves the directory as it was
     stamp = (out / "world.json").stat().st_mtime
@@ -295,7 +296,7 @@ def test_world_gate_versions_and_table_on_exact_edits():
     from conftest import ROOT
     sys.path.insert(0, str(ROOT / "bench"))
     import world_gate
-    indices = [i for i in range(12) if tiny_world.world_scene(i, 5)["targets"]]
+    indices = [i for i in range(12) if world.scene(i, 5)["targets"]]
     items = [world_gate.versions(i) for i in indices]
     for i, (s, (untouched, recoloured, erased)) in zip(indices, items):
         x1, y1, x2, y2 = (int(v) for v in s["targets"][0]["bbox"])
@@ -304,7 +305,7 @@ def test_world_gate_versions_and_table_on_exact_edits():
         inside[y1:y2, x1:x2] = True
         assert (r[~inside] == a[~inside]).all() and (e[~inside] == a[~inside]).all()
         assert (r[inside] != a[inside]).any(-1).sum() > 40                      # the target, redrawn in green
-        assert (e[inside] == tiny_world.world_background(WORLD_SIZE, 5 * 1_000_003 + i)[inside]).all()
+        assert (e[inside] == world.background(WORLD_SIZE, 5 * 1_000_003 + i)[inside]).all()
         assert (e[inside] != a[inside]).any(-1).sum() > 40                      # ... or gone
     table = world_gate.gate_table(items, lambda images: images, [0.5, 0.99])
     assert table["n"] == len(items) >= 8 and table["ssim"]["untouched"] == 1.0
@@ -348,7 +349,7 @@ def test_the_shipped_world_matches_its_manifest_and_loads(tmp_path):
     info = json.loads((out / "world.json").read_text())
     model, processor = common.load_defender(str(out / "defender"))
     assert sum(p.numel() for p in model.parameters()) == info["defender_params"]
-    scenes = [tiny_world.world_scene(i, seed=11) for i in range(48)]
+    scenes = [world.scene(i, seed=11) for i in range(48)]
     assert tiny_world.world_accuracy(model, processor, scenes) >= 80.0   # the world's defender, not a random one
     pipe = editing.load_attacker(str(out / "editor"))
     assert pipe.transformer.config.num_layers == 2
