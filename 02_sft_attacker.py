@@ -142,6 +142,7 @@ def main(args: Args):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
+        logger.resume(lambda row: row["step"] <= start, start)
         parallel.print0(f"[02] resumed at step {start}")
 
     for step in common.progress(range(start, steps), initial=start, total=steps, desc="[02] steps"):

@@ -3,7 +3,8 @@
 Attacker round k starts from attacker k-1 (round 1: the SFT adapter) and attacks defender k-1.
 Reads:  data/scenes/, attacker/sft/ or attacker/round_{k-1}/, defender/round_{k-1}/
 Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (DatasetDict: train =
-        the defender's curriculum, test = held-out attacks for 05), attacks/round_k/gallery.png,
+        the defender's curriculum, test = held-out attacks for 05; each attack's strategy: census.py),
+        attacks/round_k/gallery.png,
         logs/03_round_k.jsonl
 
   python 03_train_attacker.py --preset tiny --run_dir runs/tiny --round 1
@@ -61,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+import census
 import common
 import editing
 import parallel
@@ -68,7 +70,7 @@ import rundir
 
 PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_steps=4, eval_steps=4, group_size=4, scenes_per_step=2,
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
-                        defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3),
+                        defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3, census="pixels"),
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
@@ -79,7 +81,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere
                               sde_window=2,
                               # the gate at 0.55: the world's VAE caps untouched targets' local SSIM at ~0.66
-                              tau=0.55)}
+                              tau=0.55, census="pixels")}
 
 
 @dataclass
@@ -133,6 +135,10 @@ class Args:
     report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N iterations"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    census: str = field(default="judge", metadata={"help": "label each attack's strategy (census.py) by its 'pixels' "
+                                                           "(a plain background) or by asking the 'judge' (the "
+                                                           "defender this stage holds, Qwen2.5-VL as 01's judge)",
+                                                   "choices": ["pixels", "judge"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +365,10 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
     feats = rundir.features("attacks")
     mine = [scenes_ds[i] for i in range(ddp.rank, len(scenes_ds), ddp.world)]
     rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank, scenes_ds[0])
+    judge = {"pixels": None, "judge": census.mllm_judge(defender, processor)}[args.census]
+    found = census.census([(r["image"], r["attacked_image"], [t["bbox"] for t in r["targets"]]) for r in rows], judge=judge)
+    for r, c in zip(rows, found):
+        r["strategy"] = c["strategy"]
     (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats).save_to_disk(
         str(shard_dir / f"rank_{ddp.rank}"))
@@ -493,6 +503,7 @@ def main(args: Args):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
+        logger.resume(lambda row: row["iter"] <= start, start)
         parallel.print0(f"[03] resumed at iteration {start}")
     parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
                     f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "

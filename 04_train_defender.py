@@ -72,7 +72,7 @@ PRESETS = {
     # of 8 prompts, lr 1e-4, one pass over the pool; micro-batches of a whole update (bench/tiny_world.md)
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
                        max_new_tokens=8, overlong_cache=0, epochs=1, lr=1e-4, save_every=4,
-                       min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False),
+                       min_pixels=112 * 112, max_pixels=112 * 112, max_tries=4, grad_ckpt=False, probe_every=4),
 }
 
 
@@ -141,6 +141,9 @@ class Args:
     select: str = field(default="last", metadata={"help": "which step becomes defender/round_k: 'last' or "
                                                           "'best_val' (the best validation score)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    probe_every: int = field(default=0, metadata={"help": "every N steps (and before training) log answer_margin: "
+                                                          "mean log P(B) - log P(A) on 64 fixed clean two-option "
+                                                          "scenes, the defender's letter prior (0 = off)"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,32 +426,6 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
     return dict(row, val_score=sum(parts) / len(parts) if parts else None)
 
 
-def step_row(step, groups, g, st, step_s, ddp) -> dict:
-    """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy,
-    response_len, clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept."""
-    samples = [s for grp in groups for s in grp]
-    sums = parallel.all_reduce(torch.tensor([
-        sum(s["reward"] for s in samples), sum(s["accuracy"] > 0 for s in samples), len(samples),
-        len(groups), g["groups_seen"], sum(len(s["completion"]) for s in samples), g["gen_tokens"],
-        st["tokens"], st["clip_frac"], st["ratio_sum"], st["entropy_sum"], sum(s["overlong"] for s in samples),
-        g["gen_samples"], g["gen_correct"], g["gen_reward"]], dtype=torch.float64)).tolist()
-    n, tok, n_gen = sums[2], sums[7], max(sums[12], 1)
-
-    def kept(x, d):
-        return x / d if d > 0 else None
-    return dict(step=step, gen_samples=int(sums[12]), gen_reward=sums[14] / n_gen, gen_accuracy=sums[13] / n_gen,
-                gen_response_len=sums[6] / n_gen, kept_group_frac=sums[3] / max(sums[4], 1), kept_samples=int(n),
-                reward=kept(sums[0], n), accuracy=kept(sums[1], n), response_len=kept(sums[5], n),
-                overlong=kept(sums[11], n), clip_frac=kept(sums[8], tok), ratio_mean=kept(sums[9], tok),
-                entropy=kept(sums[10], tok), grad_norm=st["grad_norm"], tries=g["tries"],
-                gen_tok_per_s=sums[6] / max(g["gen_s"], 1e-9), train_tok_per_s=sums[7] / max(st["train_s"], 1e-9),
-                step_s=step_s, peak_mem_gb=parallel.peak_memory_gb(ddp.device))
-
-
-def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)   # None: nothing was kept this step
-
-
 def round_schedule(args):
     """--rollout_batch / --epochs / --mini_rollout_batch at 0: the authors' values for this round."""
     rollout_batch, epochs, mini = ROUND_SCHEDULE[min(args.round, max(ROUND_SCHEDULE))]
@@ -456,18 +433,6 @@ def round_schedule(args):
         args.mini_rollout_batch = args.mini_rollout_batch or mini
     args.rollout_batch, args.epochs = args.rollout_batch or rollout_batch, args.epochs or epochs
     args.mini_rollout_batch = args.mini_rollout_batch or args.rollout_batch
-
-
-def print_step(step, steps, row, g):
-    parallel.print0(f"[04] step {step}/{steps} generated: reward {row['gen_reward']:.3f} acc "
-                    f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
-                    f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
-                    f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
-                    f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
-                    f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
-    if "val_score" in row:
-        parallel.print0(f"[04] step {step} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
-                        f"{fmt(row['val_clean_acc'], '.1f')}")
 
 
 def main(args: Args):
@@ -492,6 +457,8 @@ def main(args: Args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     pool, val = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
+    probe = [p for p in pool + val if p["source"] == "clean" and len(p["options"]) == 2][:64] if args.probe_every else []
+    probe = probe[:len(probe) // ddp.world * ddp.world][ddp.rank::ddp.world]   # equal shares: lock-step forwards
     per_rank, steps = max(1, args.rollout_batch // ddp.world), step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
     logger = rundir.JsonlLogger(run / "logs" / f"04_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
@@ -501,9 +468,11 @@ def main(args: Args):
         stream.epoch, stream.pos = extra["stream"]
         stream._order()
         best = extra.get("best", best)
+        logger.resume(lambda row: row["step"] <= start, start)
         parallel.print0(f"[04] resumed from {ckpt_dir} at step {start}")
-    elif val:   # before training, as the authors' val_before_train
-        logger.log(dict(step=0, **validate(model, processor, val, args, ddp)))
+    elif val or probe:   # before training, as the authors' val_before_train
+        logger.log(dict(step=0, **(validate(model, processor, val, args, ddp) if val else {}),
+                        **(dict(answer_margin=policy.answer_margin(model, processor, probe, args)) if probe else {})))
     parallel.print0(f"[04] round {args.round}: init {init}, {len(pool)} prompts "
                     f"({sum(p['source'] == 'attack' for p in pool)} attacked), {len(val)} held out for validation, "
                     f"{steps} steps x {args.rollout_batch} prompts x {args.group_size} answers, updates of "
@@ -516,14 +485,16 @@ def main(args: Args):
         groups, g = collect_groups(model, processor, stream, per_rank, args)
         model.train()
         st = train_on_groups(model, params, opt, groups, args, ddp, ref_model, g["filler"])
-        row = step_row(step + 1, groups, g, st, time.time() - t0, ddp)
+        row = policy.step_row(step + 1, groups, g, st, time.time() - t0, ddp)
         if val and (step + 1 == steps or args.val_every and (step + 1) % args.val_every == 0):
             row.update(validate(model, processor, val, args, ddp))
             if args.select == "best_val" and (best["val_score"] is None or row["val_score"] > best["val_score"]):
                 best = dict(step=step + 1, val_score=row["val_score"])
                 policy.save_final(model, best_dir, ddp, args, init, selected=dict(select="best_val", **best, of_steps=steps))
+        if probe and (step + 1) % args.probe_every == 0:
+            row["answer_margin"] = policy.answer_margin(model, processor, probe, args)
         logger.log(row)
-        print_step(step + 1, steps, row, g)
+        policy.print_step(step + 1, steps, row, g)
         if (step + 1) % args.save_every == 0 and step + 1 < steps:
             rundir.save_checkpoint(ckpt_dir, step + 1, model, opt, dict(stream=[stream.epoch, stream.pos], best=best),
                                    ddp.rank)

@@ -60,13 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import benchmarks
+import census
 import common
 import parallel
 import report
 import rundir
 
-PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False),
-           "tiny_world": dict(model="{run_dir}/models/defender", max_new_tokens=8, trials=1, paper_table=False)}
+PRESETS = {"tiny": dict(model="tiny", max_new_tokens=8, trials=1, paper_table=False, census="pixels"),
+           "tiny_world": dict(model="{run_dir}/models/defender", max_new_tokens=8, trials=1, paper_table=False,
+                              census="pixels")}
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "model dtype: bf16, fp32, auto (bf16 on GPU)"})
     paper_table: bool = field(default=True, metadata={"help": "print the paper's numbers beside ours"})
     check_inputs: bool = field(default=False, metadata={"help": "only check the --bench files, then exit"})
+    census: str = field(default="judge", metadata={"help": "AOT-SFT's strategies (census.py) by the 'pixels' or "
+                                                           "by asking the 'judge' (the first defender scored)",
+                                                   "choices": ["pixels", "judge"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +342,42 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
                                          ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
                                          ssim_pass=acc(s >= tau for s in test["ssim_local"]),
                                          changed_area=quartiles(areas))
+        if "strategy" in test.column_names:
+            out[f"attacker_{d.name}"]["strategies"] = strategies(test, preds, clean_ok)
+            if ddp.master and not (run / "eval" / f"strategies_{d.name}.png").exists():
+                report.strategy_gallery(test, run / "eval" / f"strategies_{d.name}.png")
     out["clean_by_answer"] = acc_by_answer(clean)
+    if (run / "data" / "aot_sft").exists():
+        out["aot_sft_strategies"] = aot_sft_census(model, processor, run, args, ddp)
+    return out
+
+
+def strategies(test, preds, clean_ok: dict) -> dict:
+    """Per attack strategy (census.py; the column 03 wrote): its share of the held-out attacks, the share that
+    fooled the defender it was trained against (03's sampled wrong fraction >= 0.5) and, against this
+    defender, the attack success (clean-correct turned wrong), gate or not."""
+    wrong = {p["index"]: not p["correct"] for p in preds}
+    out = {}
+    for s in sorted(set(test["strategy"])):
+        rows = [(i, w) for i, w, k in zip(test["id"], test["defender_wrong_fraction"], test["strategy"]) if k == s]
+        out[s] = dict(n=len(rows), share=100 * len(rows) / len(test), fooled_attacked=acc(w >= 0.5 for _, w in rows),
+                      attack_success=acc(wrong[i] for i, _ in rows if clean_ok.get(i)))
+    return out
+
+
+def aot_sft_census(model, processor, run: Path, args, ddp) -> dict:
+    """AOT-SFT's strategies (01's effective implants: the paper says additions only), once per run."""
+    from datasets import load_from_disk
+    path = run / "eval" / "census" / "aot_sft.json"   # not eval/*.json: those are scored defenders
+    if path.exists():
+        return json.loads(path.read_text())
+    sft = load_from_disk(str(run / "data" / "aot_sft"))
+    judge = {"pixels": None, "judge": census.mllm_judge(model, processor)}[args.census]
+    found = census.census([(r["image"], r["edited_image"], [t["bbox"] for t in r["targets"]]) for r in sft], judge=judge)
+    kinds = [f["strategy"] for f in found]
+    out = {s: dict(n=kinds.count(s), share=100 * kinds.count(s) / len(kinds)) for s in sorted(set(kinds))}
+    if ddp.master:
+        rundir.write_json_atomic(path, out)
     return out
 
 

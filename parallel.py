@@ -68,6 +68,26 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return x
 
 
+def sum_dict(d: dict) -> dict:
+    """{name: number} summed over ranks, one all-reduce (every rank passes the same names)."""
+    keys = sorted(d)
+    total = all_reduce(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)).tolist()
+    return dict(zip(keys, total))
+
+
+def merge_counts(d: dict) -> dict:
+    """{name: number} summed over ranks where the names differ between ranks (all_gather_object)."""
+    parts = [d]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, d)
+    out = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
 def all_reduce_grads(params):
     """Average gradients across ranks with one flat all-reduce (DDP's result, minus overlap)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -98,14 +98,7 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
                                         model.device)
         with parallel.gathered_for_generation(model), compute_dtype(model):
             comp, logp = sample_groups(model, inputs, args.group_size, args, eos_t, tok.pad_token_id)
-        patches = inputs["image_grid_thw"].prod(-1).tolist()
-        offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
-        for b, p in enumerate(prompts[call]):
-            keep = inputs["attention_mask"][b].bool()
-            shared = dict(prompt=p, prompt_ids=inputs["input_ids"][b][keep].cpu(),
-                          mm_types=inputs["mm_token_type_ids"][b][keep].cpu(),
-                          pixel_values=inputs["pixel_values"][offsets[b]:offsets[b + 1]].cpu(),
-                          grid=inputs["image_grid_thw"][b:b + 1].cpu())
+        for b, shared in enumerate(prompt_parts(inputs, prompts[call])):
             for r in range(b * args.group_size, (b + 1) * args.group_size):
                 ids = comp[r].tolist()
                 end = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
@@ -113,6 +106,20 @@ def rollout(model, processor, prompts: list[dict], args) -> list[dict]:
                                     truncated=end == len(ids) and ids[-1] not in eos,
                                     text=tok.decode(ids[:end], skip_special_tokens=True)))
     return samples
+
+
+def prompt_parts(inputs: dict, prompts: list[dict]) -> list[dict]:
+    """Each prompt of a padded batch on its own, unpadded, on the CPU: what ``pack`` puts before its answers."""
+    patches = inputs["image_grid_thw"].prod(-1).tolist()
+    offsets = [0] + list(torch.tensor(patches).cumsum(0).tolist())
+    parts = []
+    for b, p in enumerate(prompts):
+        keep = inputs["attention_mask"][b].bool()
+        parts.append(dict(prompt=p, prompt_ids=inputs["input_ids"][b][keep].cpu(),
+                          mm_types=inputs["mm_token_type_ids"][b][keep].cpu(),
+                          pixel_values=inputs["pixel_values"][offsets[b]:offsets[b + 1]].cpu(),
+                          grid=inputs["image_grid_thw"][b:b + 1].cpu()))
+    return parts
 
 
 def media_token_ids(model) -> list[int]:
@@ -298,3 +305,84 @@ def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = N
             (tmp / "args.json").write_text(json.dumps(dict(saved, selected=selected), indent=2, default=str))
         rundir.commit_dir(tmp, out)
     parallel.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# A step's log row (summed over ranks), and a probe of the defender's answer prior
+# ---------------------------------------------------------------------------------------------
+def step_row(step: int, groups: list, g: dict, st: dict, step_s: float, ddp) -> dict:
+    """One log row, summed over ranks. gen_*: every answer generated this step; reward, accuracy, response_len,
+    clip_frac, ratio_mean, entropy: the kept (trained) ones only, None when none was kept. kept_by: kept groups
+    by source and right answer ("attack/B"); adv_by_answer: the advantage summed over the kept answers that
+    chose each option (where the update pushes the answer prior: a letter's total > 0 makes it likelier)."""
+    samples = [s for grp in groups for s in grp]
+    t = parallel.sum_dict(dict(
+        reward=sum(s["reward"] for s in samples), correct=sum(s["accuracy"] > 0 for s in samples), n=len(samples),
+        groups=len(groups), seen=g["groups_seen"], length=sum(len(s["completion"]) for s in samples),
+        gen_tokens=g["gen_tokens"], tokens=st["tokens"], clip=st["clip_frac"], ratio=st["ratio_sum"],
+        entropy=st["entropy_sum"], overlong=sum(s["overlong"] for s in samples), gen_samples=g["gen_samples"],
+        gen_correct=g["gen_correct"], gen_reward=g["gen_reward"]))
+    kept_by, adv_by = {}, {}
+    for grp in groups:
+        p = grp[0]["prompt"]
+        key = f"{p.get('source', 'clean')}/{p['answer']}"
+        kept_by[key] = kept_by.get(key, 0) + 1
+        for s in grp:
+            chosen = common.extract_answer(s["text"], p["options"]) or "none"
+            adv_by[chosen] = adv_by.get(chosen, 0.0) + s.get("adv", 0.0)
+    n, tok, n_gen = t["n"], t["tokens"], max(t["gen_samples"], 1)
+
+    def kept(x, d):
+        return x / d if d > 0 else None
+    return dict(step=step, gen_samples=int(t["gen_samples"]), gen_reward=t["gen_reward"] / n_gen,
+                gen_accuracy=t["gen_correct"] / n_gen, gen_response_len=t["gen_tokens"] / n_gen,
+                kept_group_frac=t["groups"] / max(t["seen"], 1), kept_samples=int(n), reward=kept(t["reward"], n),
+                accuracy=kept(t["correct"], n), response_len=kept(t["length"], n), overlong=kept(t["overlong"], n),
+                clip_frac=kept(t["clip"], tok), ratio_mean=kept(t["ratio"], tok), entropy=kept(t["entropy"], tok),
+                grad_norm=st["grad_norm"], tries=g["tries"], gen_tok_per_s=t["gen_tokens"] / max(g["gen_s"], 1e-9),
+                train_tok_per_s=tok / max(st["train_s"], 1e-9), step_s=step_s,
+                peak_mem_gb=parallel.peak_memory_gb(ddp.device), kept_by=parallel.merge_counts(kept_by),
+                adv_by_answer={k: round(v, 4) for k, v in parallel.merge_counts(adv_by).items()})
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)   # None: nothing was kept this step
+
+
+def print_step(step, steps, row, g):
+    parallel.print0(f"[04] step {step}/{steps} generated: reward {row['gen_reward']:.3f} acc "
+                    f"{row['gen_accuracy']:.3f} len {row['gen_response_len']:.1f} | kept {row['kept_group_frac']:.2f} "
+                    f"({g['tries']} tries): reward {fmt(row['reward'], '.3f')} acc {fmt(row['accuracy'], '.3f')} len "
+                    f"{fmt(row['response_len'], '.1f')} clip {fmt(row['clip_frac'], '.3f')} "
+                    f"ent {fmt(row['entropy'], '.3f')} | gen {row['gen_tok_per_s']:.0f} tok/s "
+                    f"train {row['train_tok_per_s']:.0f} tok/s {row['step_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+    if "val_score" in row:
+        parallel.print0(f"[04] step {step} validation: attacked {fmt(row['val_attack_acc'], '.1f')} clean "
+                        f"{fmt(row['val_clean_acc'], '.1f')}")
+    if "answer_margin" in row:
+        parallel.print0(f"[04] step {step} answer prior: log P(B) - log P(A) {row['answer_margin']:+.3f}")
+
+
+@torch.no_grad()
+def answer_margin(model, processor, prompts: list[dict], args, first: str = "A", second: str = "B") -> float:
+    """Mean log P("\\boxed{second}") - log P("\\boxed{first}") (each with its end token, teacher-forced at
+    temperature 1) over ``prompts``, this rank's share of a fixed probe set (equal shares: the ranks' forwards
+    run in lock-step). A prior that drifts towards one letter whatever the scene shows here."""
+    tok = processor.tokenizer
+    completions = [torch.tensor(tok(f"\\boxed{{{x}}}<|im_end|>")["input_ids"]) for x in (first, second)]
+    inputs = common.defender_inputs(processor, [p["image"] for p in prompts],
+                                    [common.defender_prompt(p["question"], p["options"]) for p in prompts], "cpu")
+    samples = [dict(part, completion=c) for part in prompt_parts(inputs, prompts) for c in completions]
+    mbs = micro_batches(samples, args.micro_batch, args.micro_tokens)
+    pad = model.generation_config.pad_token_id or 0
+    sums = []
+    model.eval()
+    for j in range(global_max(len(mbs))):          # a rank with fewer micro-batches repeats its last one
+        mb = mbs[min(j, len(mbs) - 1)]
+        lp = token_logprobs(model, pack(mb, pad, model.device), 1.0)[0]
+        if j < len(mbs):
+            sums += [lp[b, :len(s["completion"])].sum().item() for b, s in enumerate(s for row in mb for s in row)]
+    model.train()
+    d = torch.tensor(sums).view(len(prompts), 2)
+    total = parallel.all_reduce(torch.tensor([float((d[:, 1] - d[:, 0]).sum()), float(len(prompts))]))
+    return float(total[0] / total[1])

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import census
+
 PAPER = {  # authors' table, Qwen2.5-VL-7B base -> clean-data DAPO (ablation) -> Defender Iter. 1..3
     "base": dict(vstar=71.0, hrbench4k=64.1, hrbench8k=64.9, hallusionbench=67.5, pope=77.1, mmmu=20.7, mmstar=60.3,
                  realworldqa=67.7, blink=54.1, ai2d=81.0),
@@ -103,9 +105,46 @@ def write_summary(eval_dir: Path, paper_table: bool):
             if "clean_by_answer_after" in c:
                 line += f"; clean {_arrows(c['clean_by_answer_before'], c['clean_by_answer_after'])}"
             lines.append(line + ".")
+    lines += strategy_table(rounds, attackers)
     (eval_dir / "summary.md").write_text("\n".join(lines) + "\n")
     plot_robustness(rounds, attackers, eval_dir / "robustness.png")
     return "\n".join(lines)
+
+
+def strategy_table(rounds, attackers) -> list[str]:
+    """What the attacks do (census.py), AOT-SFT and every attacker round: the share of each strategy and, per
+    attacker, in parentheses: the share that fooled the defender it was trained against / the attack success
+    against the newest defender scored."""
+    last = next((r for r in reversed(rounds) if r.get("round") is not None
+                 and any("strategies" in r["robustness"].get(a, {}) for a in attackers)), None)
+    if last is None:
+        return []
+    newest = last["robustness"]
+    sets = ([("AOT-SFT", newest["aot_sft_strategies"])] if "aot_sft_strategies" in newest else []) + \
+        [(a.replace("attacker_round_", "attacker "), newest[a]["strategies"]) for a in attackers
+         if "strategies" in newest.get(a, {})]
+    kinds = [k for k in census.STRATEGIES if any(k in s for _, s in sets)]
+    lines = ["", "Attack strategies (census.py): % of each set's attacks (held-out ones for an attacker); in "
+             "parentheses, % of them that fooled the defender the attacker trained against / % attack success "
+             f"against the newest defender scored ({row_label(last)}).", "",
+             "| strategy | " + " | ".join(n for n, _ in sets) + " |", "|" + "---|" * (len(sets) + 1)]
+    for k in kinds:
+        cells = []
+        for n, s in sets:
+            x = s.get(k)
+            cells.append("0" if not x else f"{x['share']:.1f}" if n == "AOT-SFT" else
+                         f"{x['share']:.1f} ({x['fooled_attacked']:.0f} / {x['attack_success']:.0f})")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def strategy_gallery(test, path: Path, per: int = 2):
+    """eval/strategies_round_k.png: up to ``per`` held-out attacks of each strategy (scene | attack | difference),
+    in census.STRATEGIES order."""
+    import rundir
+    kinds = test["strategy"]
+    picked = [i for k in census.STRATEGIES for i in [i for i, s in enumerate(kinds) if s == k][:per]]
+    rundir.save_gallery([(test[i]["image"], test[i]["attacked_image"]) for i in picked], path)
 
 
 def _arrows(before: dict, after: dict) -> str:

@@ -114,7 +114,7 @@ class JsonlLogger:
     only when asked for, as transformers' and TRL's --report_to."""
 
     def __init__(self, path: str | Path, enabled: bool = True, report_to: str = "none", config=None):
-        self.path, self.enabled, self.tb, self.wandb = Path(path), enabled, None, None
+        self.path, self.enabled, self.tb, self.wandb, self.resumed_from = Path(path), enabled, None, None, None
         if report_to not in REPORT_TO:
             raise SystemExit(f"--report_to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
         if not enabled:
@@ -132,13 +132,23 @@ class JsonlLogger:
         except ImportError as e:
             raise SystemExit(f"--report_to {report_to} needs `pip install {report_to}` ({e})") from e
 
+    def resume(self, keep, at: int):
+        """A stage resumed at step ``at``: drop the rows it will log again (those ``keep(row)`` rejects: a killed
+        run logged past its last checkpoint), and mark the next row with ``resumed_from``."""
+        self.resumed_from = at
+        if self.enabled and self.path.exists():
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+
     def log(self, row: dict):
         if not self.enabled:
             return
+        if self.resumed_from is not None:
+            row, self.resumed_from = dict(row, resumed_from=self.resumed_from), None
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         step = row.get("step", row.get("iter", 0))
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "iter")}
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "iter", "resumed_from")}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{self.path.stem}/{k}", v, step)
@@ -188,13 +198,17 @@ def commit_dir(tmp: str | Path, final: str | Path):
     os.replace(tmp, final)
 
 
-def write_json_atomic(path: str | Path, obj):
-    """Write a JSON file whole or not at all (a temporary sibling, then a rename)."""
+def write_text_atomic(path: str | Path, text: str):
+    """Write a file whole or not at all (a temporary sibling, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def save_args(args, out_dir: str | Path):
@@ -234,7 +248,7 @@ def features(kind: str):
                  defender_answer_clean=Value("string"), defender_answer_edited=Value("string"))
     if kind == "attacks":
         f.update(attacked_image=DImage(), instruction=Value("string"), ssim_local=Value("float32"),
-                 defender_wrong_fraction=Value("float32"))
+                 defender_wrong_fraction=Value("float32"), strategy=Value("string"))
     return Features(f)
 
 

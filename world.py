@@ -130,8 +130,7 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
     misleading, drawn exactly, never touching an object: a red triangle, for left/right and above/below on
     the far side of the blue square from the red circle ("the red thing" now straddles the square), for
     existence anywhere. The defender's accuracy on these (world.json "defender_oracle_acc") is a reference
-    for what an attacker that adds one such shape could reach; stage 03 has to find it. (Measured on the
-    world's defender, 192 scenes, 28 px: a red triangle there 58.9%, a blue one beyond the circle 85.9%.)"""
+    for what an attacker that adds one such shape could reach; stage 03 has to find it."""
     rng = random.Random(seed)
     side, taken = int(SIZE * side_frac), [o["bbox"] for o in scene["objects"]]
     named = {o["name"]: o["bbox"] for o in scene["objects"]}
@@ -150,6 +149,50 @@ def oracle_distractor(scene: dict, seed: int, side_frac: float = 0.25) -> tuple:
     if box is not None:
         draw_shape(ImageDraw.Draw(image), "triangle", box, COLORS["red"])
     return image, "red triangle", box
+
+
+CRAFTED = ("none", "perturbation", "addition", "removal", "replacement", "hybrid")
+HYBRIDS = [("addition", "removal"), ("addition", "replacement"), ("addition", "perturbation"),
+           ("removal", "perturbation"), ("replacement", "perturbation")]
+
+
+def crafted_pair(index: int, kind: str, seed: int = 0) -> dict:
+    """An attack of a known strategy, drawn exactly (census.py's test): a world scene with one more object (a
+    shape of another colour), then ``kind``: add a shape on the background, erase the extra object (the
+    background back), recolour and reshape it, add uniform noise of +-16 per channel everywhere, two of these
+    (hybrid), or nothing but +-2 noise (none). -> {scene, attacked, boxes (the targets), edits: [(kind, box)]}."""
+    rng = random.Random(f"crafted {seed} {index} {kind}")
+    s = scene(index, seed)
+    noise_seed = seed * 1_000_003 + index
+    taken = [o["bbox"] for o in s["objects"]]
+    side = int(SIZE * rng.uniform(0.18, 0.24))
+    extra = free_box(rng, side, 0, SIZE, taken, gap=8)
+    taken.append(extra)
+    others = [c for c in COLORS if c not in ("red", "blue")]
+    color = rng.choice(others)
+    before = s["image"].copy()
+    draw_shape(ImageDraw.Draw(before), rng.choice(SHAPES), extra, COLORS[color])
+    after, edits = np.asarray(before).astype(np.int32), []
+    for part in (rng.choice(HYBRIDS) if kind == "hybrid" else [] if kind == "none" else [kind]):
+        box = extra
+        if part in ("removal", "replacement"):
+            x1, y1, x2, y2 = extra
+            after[y1:y2, x1:x2] = background(SIZE, noise_seed)[y1:y2, x1:x2]
+        if part in ("addition", "replacement"):
+            box = free_box(rng, side, 0, SIZE, taken, gap=8) if part == "addition" else extra
+            taken.append(box)
+            image = Image.fromarray(after.astype(np.uint8))
+            draw_shape(ImageDraw.Draw(image), rng.choice(SHAPES), box,
+                       COLORS[rng.choice([c for c in others if c != color])])
+            after = np.asarray(image).astype(np.int32)
+        if part == "perturbation":
+            after = after + np.random.default_rng(noise_seed).integers(-16, 17, after.shape)
+            box = [0, 0, SIZE, SIZE]
+        edits.append((part, box))
+    if kind == "none":
+        after = after + np.random.default_rng(noise_seed).integers(-2, 3, after.shape)
+    return dict(scene=before, attacked=Image.fromarray(np.clip(after, 0, 255).astype(np.uint8)),
+                boxes=[t["bbox"] for t in s["targets"]], edits=edits)
 
 
 # ---------------------------------------------------------------------------------------------

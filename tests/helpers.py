@@ -87,3 +87,18 @@ def same_safetensors(a: Path, b: Path) -> list[str]:
     x, y = load_file(str(a)), load_file(str(b))
     assert x.keys() == y.keys()
     return [k for k in x if not (x[k].dtype == y[k].dtype and x[k].shape == y[k].shape and bool((x[k] == y[k]).all()))]
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    import json
+    return json.loads((Path(ckpt_dir) / "latest.json").read_text())["step"]
+
+
+def assert_resumed_log(path: Path, at: int, key: str = "step", first: int = 1):
+    """A resumed stage's log: every step once, in order (the killed run's rows past its checkpoint dropped),
+    and the first row after the checkpoint marked ``resumed_from``."""
+    import json
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    numbers = [r[key] for r in rows]
+    assert numbers == list(range(numbers[0], numbers[0] + len(rows))), numbers
+    assert [(r[key], r["resumed_from"]) for r in rows if "resumed_from" in r] == [(at + first, at)], rows

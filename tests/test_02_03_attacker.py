@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import load_script
 from datasets import load_from_disk
-from helpers import kill_when_exists, run_stage, same_safetensors, start_stage
+from helpers import assert_resumed_log, checkpoint_step, kill_when_exists, run_stage, same_safetensors, start_stage
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -287,8 +287,9 @@ def test_stage02_python_torchrun_resume(tiny_run, tmp_path):
     proc = start_stage("02_sft_attacker.py", *flags, "--run_dir", run3)
     assert kill_when_exists(proc, run3 / "attacker" / ".ckpt_sft" / "latest.json")
     assert not (run3 / "attacker" / "sft").exists(), "killed too late to test resume"
-    p = run_stage("02_sft_attacker.py", *flags, "--run_dir", run3)
-    assert "resumed at step" in p.stdout
+    at = checkpoint_step(run3 / "attacker" / ".ckpt_sft")
+    run_stage("02_sft_attacker.py", *flags, "--run_dir", run3)
+    assert_resumed_log(run3 / "logs" / "02_sft.jsonl", at)
     lora = "attacker/sft/pytorch_lora_weights.safetensors"
     assert same_safetensors(run / lora, run3 / lora) == []
 
@@ -350,8 +351,10 @@ def test_stage03_python_torchrun_resume(tiny_run, boxed_defender, tmp_path):
     args = ["--preset", "tiny", "--run_dir", run3, "--round", "1", "--defender", "tiny", "--train_iters", "400"]
     proc = start_stage("03_train_attacker.py", *args)
     assert kill_when_exists(proc, run3 / "attacker" / ".ckpt_round_1" / "latest.json")
-    p = run_stage("03_train_attacker.py", *args[:-2], "--train_iters", "6")
-    assert "resumed at iteration" in p.stdout and (run3 / "attacks" / "round_1").exists()
+    at = checkpoint_step(run3 / "attacker" / ".ckpt_round_1")
+    run_stage("03_train_attacker.py", *args[:-2], "--train_iters", "6")
+    assert_resumed_log(run3 / "logs" / "03_round_1.jsonl", at, key="iter")
+    assert (run3 / "attacks" / "round_1").exists()
 
 
 def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxed_defender, tmp_path):
@@ -366,8 +369,8 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     assert kill_when_exists(proc, killed / "attacker" / ".ckpt_round_1" / "latest.json")
     ckpt = json.loads((killed / "attacker" / ".ckpt_round_1" / "latest.json").read_text())
     assert ckpt["step"] < 6
-    p = run_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
-    assert f"resumed at iteration {ckpt['step']}" in p.stdout
+    run_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
+    assert_resumed_log(killed / "logs" / "03_round_1.jsonl", ckpt["step"], key="iter")
     a = killed / "attacker" / "round_1" / "pytorch_lora_weights.safetensors"
     b = whole / "attacker" / "round_1" / "pytorch_lora_weights.safetensors"
     assert same_safetensors(a, b) == []

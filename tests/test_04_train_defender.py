@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import load_script
 from datasets import DatasetDict, load_from_disk
-from helpers import kill_when_exists, run_stage, same_safetensors, start_stage
+from helpers import assert_resumed_log, checkpoint_step, kill_when_exists, run_stage, same_safetensors, start_stage
 from PIL import Image
 
 import common
@@ -232,11 +232,56 @@ def test_step_row_when_every_group_was_dropped():
     """Generated answers are logged even when dynamic sampling kept nothing; kept metrics are None."""
     g = dict(groups_seen=4, gen_tokens=48, gen_s=2.0, tries=2, gen_samples=16, gen_correct=4, gen_reward=3.2)
     st = dict(updates=0, tokens=0.0, clip_frac=0.0, ratio_sum=0.0, entropy_sum=0.0, grad_norm=0.0, train_s=0.0)
-    row = s04.step_row(3, [], g, st, 2.5, SimpleNamespace(device=torch.device("cpu")))
+    row = policy.step_row(3, [], g, st, 2.5, SimpleNamespace(device=torch.device("cpu")))
     assert row["gen_samples"] == 16 and row["gen_accuracy"] == 0.25 and row["gen_reward"] == pytest.approx(0.2)
     assert row["gen_response_len"] == 3.0 and row["kept_group_frac"] == 0.0 and row["kept_samples"] == 0
     assert all(row[k] is None for k in ("reward", "accuracy", "response_len", "clip_frac", "ratio_mean", "entropy"))
+    assert row["kept_by"] == {} and row["adv_by_answer"] == {}
     json.dumps(row)   # None -> null in the JSONL
+
+
+def test_step_row_breaks_kept_groups_down_by_source_and_answer_and_sums_advantages_per_chosen_option():
+    """Two kept groups: an attacked "B" scene answered A, B (advantages -1, +1) and a clean "A" scene answered
+    A, A, "none" (+0.5, +0.5, -1): kept_by counts the groups, adv_by_answer sums the advantages per chosen
+    letter (A: -1 + 0.5 + 0.5 = 0, B: +1, none: -1)."""
+    mcq = dict(question="q", options=["left", "right"])
+
+    def sample(prompt, text, adv):
+        return dict(prompt=prompt, text=text, adv=adv, reward=0.0, accuracy=0.0, completion=[1, 2], overlong=0.0)
+    attack, clean = dict(mcq, answer="B", source="attack"), dict(mcq, answer="A", source="clean")
+    groups = [[sample(attack, "\\boxed{A}", -1.0), sample(attack, "\\boxed{B}", 1.0)],
+              [sample(clean, "\\boxed{A}", 0.5), sample(clean, "\\boxed{A}", 0.5), sample(clean, "no idea", -1.0)]]
+    g = dict(groups_seen=4, gen_tokens=10, gen_s=1.0, tries=1, gen_samples=5, gen_correct=2, gen_reward=2.0)
+    st = dict(updates=1, tokens=10.0, clip_frac=0.0, ratio_sum=10.0, entropy_sum=1.0, grad_norm=0.1, train_s=1.0)
+    row = policy.step_row(1, groups, g, st, 1.0, SimpleNamespace(device=torch.device("cpu")))
+    assert row["kept_by"] == {"attack/B": 1, "clean/A": 1}
+    assert row["adv_by_answer"] == {"A": 0.0, "B": 1.0, "none": -1.0}
+    assert row["kept_samples"] == 5 and row["kept_group_frac"] == 0.5
+
+
+def test_answer_margin_is_the_mean_log_prob_difference_of_the_two_boxed_answers():
+    """policy.answer_margin against a plain forward of [prompt | "\\boxed{X}<|im_end|>"] per prompt and letter."""
+    torch.manual_seed(0)
+    model, proc = common.load_defender("tiny")
+    prompts = [p for p in _prompts(8) if p["options"]]
+    got = policy.answer_margin(model, proc, prompts, _tiny_args())
+    want = []
+    for p in prompts:
+        lp = {}
+        for x in ("A", "B"):
+            inputs = common.defender_inputs(proc, [p["image"]], [common.defender_prompt(p["question"], p["options"])], "cpu")
+            comp = torch.tensor(proc.tokenizer(f"\\boxed{{{x}}}<|im_end|>")["input_ids"])
+            n = len(comp)
+            ids = torch.cat([inputs["input_ids"][0], comp])[None]
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                               mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"][0],
+                                                            torch.zeros(n, dtype=torch.int)])[None],
+                               image_grid_thw=inputs["image_grid_thw"]).logits[0, -n - 1:-1].float()
+            logits[:, policy.media_token_ids(model)] = -float("inf")
+            lp[x] = logits.log_softmax(-1).gather(-1, comp[:, None]).sum().item()
+        want.append(lp["B"] - lp["A"])
+    assert len(prompts) == 4 and abs(got - sum(want) / len(want)) < 1e-4 and abs(got) > 1e-3
 
 
 def _tiny_args(**kw):
@@ -394,10 +439,11 @@ def test_stage04_round0_python_torchrun_and_resume(tiny_run, boxed_defender, tmp
     proc = start_stage("04_train_defender.py", *flags, "--run_dir", run3)
     assert kill_when_exists(proc, run3 / "defender" / ".ckpt_round_0" / "latest.json")
     assert not (run3 / "defender" / "round_0").exists(), "killed too late to test resume"
-    p = run_stage("04_train_defender.py", *flags, "--run_dir", run3)
-    assert "resumed from" in p.stdout
+    at = checkpoint_step(run3 / "defender" / ".ckpt_round_0")
+    run_stage("04_train_defender.py", *flags, "--run_dir", run3)
+    assert_resumed_log(run3 / "logs" / "04_round_0.jsonl", at)
     steps = [json.loads(x)["step"] for x in (run3 / "logs" / "04_round_0.jsonl").read_text().splitlines()]
-    assert steps[-1] == 4 and sorted(set(steps)) == [0, 1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]                                   # step 0: validation before training
     assert same_safetensors(out / "model.safetensors", run3 / "defender" / "round_0" / "model.safetensors") == []
     assert json.loads((run3 / "defender" / "round_0" / "args.json").read_text())["selected"] == selected
     assert not (run3 / "defender" / ".best_round_0").exists()

@@ -13,6 +13,7 @@ from helpers import env, run_stage
 from PIL import Image
 
 import benchmarks
+import census
 import report
 
 s05 = load_script("05_eval.py")
@@ -232,8 +233,19 @@ def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     assert x["n"] == sum(s >= 0.3 for s in ssim) and 0 <= x["changed_area"]["median"] <= 1
     assert abs(x["ssim_local"] - sum(ssim) / len(ssim)) < 1e-6
     assert f"Attacker 1: {n_test} held-out attacks" in summary
+    # the census: every held-out attack labelled by 03, its shares (05) summing to 100 over the test split's labels
+    r1 = json.loads((tmp_path / "loop" / "eval" / "round_1.json").read_text())["robustness"]
+    labels = load_from_disk(str(tmp_path / "loop" / "attacks" / "round_1"))["test"]["strategy"]
+    st = r1["attacker_round_1"]["strategies"]
+    assert set(labels) <= set(census.STRATEGIES) and {k: v["n"] for k, v in st.items()} == \
+        {k: labels.count(k) for k in set(labels)}
+    assert abs(sum(v["share"] for v in st.values()) - 100) < 1e-9
+    sft = json.loads((tmp_path / "loop" / "eval" / "census" / "aot_sft.json").read_text())
+    assert sum(v["n"] for v in sft.values()) == len(load_from_disk(str(tmp_path / "loop" / "data" / "aot_sft")))
+    assert r1["aot_sft_strategies"] == sft and "| strategy | AOT-SFT | attacker 1 |" in summary
     for d in ["data/aot_sft", "attacker/sft", "attacker/round_1", "attacks/round_1", "defender/round_0",
-              "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png", "eval/curves.png"]:
+              "defender/round_1", "eval/base.json", "eval/round_1.json", "eval/robustness.png", "eval/curves.png",
+              "eval/strategies_round_1.png"]:
         assert (tmp_path / "loop" / d).exists(), d
     t0 = time.time()
     p = subprocess.run(["bash", str(ROOT / "run_rounds.sh")], cwd=ROOT, env=e, capture_output=True, text=True,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import load_script
-from helpers import kill_when_exists, run_stage, same_safetensors, start_stage
+from helpers import assert_resumed_log, checkpoint_step, kill_when_exists, run_stage, same_safetensors, start_stage
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -146,8 +146,9 @@ def test_04_fsdp2_bf16_two_processes_checkpoint_kill_resume_is_bit_identical(tin
     shard = ckpt / json.loads((ckpt / "latest.json").read_text())["name"]
     assert sorted(f.name for f in shard.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank
     assert (shard / "rank_0.safetensors").is_file() and (shard / "rank_1.safetensors").is_file()
-    p = run_stage("04_train_defender.py", *flags, "--run_dir", runs["killed"], nproc=2)
-    assert "resumed from" in p.stdout
+    at = checkpoint_step(ckpt)
+    run_stage("04_train_defender.py", *flags, "--run_dir", runs["killed"], nproc=2)
+    assert_resumed_log(runs["killed"] / "logs" / "04_round_0.jsonl", at)
     final = {k: v / "defender" / "round_0" / "model.safetensors" for k, v in runs.items()}
     assert same_safetensors(final["whole"], final["killed"]) == []
     assert not ckpt.exists()   # checkpoints are removed once the output is complete
