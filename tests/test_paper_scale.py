@@ -120,10 +120,29 @@ def test_micro_batches_hold_the_token_budget():
     assert [[len(r) for r in m] for m in policy.micro_batches(group, max_seqs=8, max_tokens=20)] == [[2], [2], [2]]
 
 
-def test_paper_preset_defaults_follow_the_estimate():
-    """The flags the table assumes: gradient checkpointing on, budgets instead of fixed counts."""
-    a02, a03 = load_script("02_sft_attacker.py").Args(), load_script("03_train_attacker.py").Args()
-    a04, a05 = load_script("04_train_defender.py").Args(), load_script("05_eval.py").Args()
-    assert a02.grad_ckpt and a03.grad_ckpt and a04.grad_ckpt
-    assert a04.gen_batch == 0 and a04.gen_memory_gb > 0 and a04.micro_tokens > 0 and a05.gen_memory_gb > 0
-    assert load_script("01_build_sft_data.py").Args().offload
+def test_the_estimate_follows_the_stages_flags(reduced, monkeypatch):
+    """compose reads each stage's Args: 03 without gradient checkpointing keeps every layer's activations
+    (L x A.saved, where checkpointing keeps L x A.saved_ckpt plus one layer's A.saved for the recompute), and
+    only 03's update phase changes."""
+    args, P, short, long, A, E = reduced
+    default = ps.compose(P, A, A, short, E, args, reduced=True)
+    real = ps.stage_module
+
+    def stage_module(file):
+        mod = real(file)
+        if file.startswith("03"):
+            base = mod.Args
+
+            class Args(base):
+                def __init__(self, **kw):
+                    super().__init__(**kw)
+                    self.grad_ckpt = False
+            mod.Args = Args
+        return mod
+    monkeypatch.setattr(ps, "stage_module", stage_module)
+    off = ps.compose(P, A, A, short, E, args, reduced=True)
+    grew = off[2].phases["update"]["activations"] - default[2].phases["update"]["activations"]
+    micro = load_script("03_train_attacker.py").Args().micro_batch
+    L = P["mmdit_layers"]
+    assert grew == pytest.approx(micro * 2 * ((L - 1) * A.saved - L * A.saved_ckpt), rel=1e-6) and grew > 0
+    assert [s.phases for i, s in enumerate(off) if i != 2] == [s.phases for i, s in enumerate(default) if i != 2]
