@@ -467,15 +467,14 @@ def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, dd
 def iteration_row(it, rewards, ssim, wrong, st, t_roll, t_train, args, ddp) -> dict:
     """The iteration's log row, summed over ranks."""
     zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
-    sums = parallel.all_reduce(torch.tensor([rewards.sum(), (rewards ** 2).sum(), float(len(rewards)),
-                                             float((rewards > 0).sum()), ssim.sum(), wrong.sum(), float(zero_var),
-                                             st["clip_frac"], st["approx_kl"], st["ratio"], st["kl"]],
-                                            dtype=torch.float64)).tolist()
-    n, mean = sums[2], sums[0] / sums[2]
-    return dict(iter=it, reward_mean=mean, reward_std=math.sqrt(max(sums[1] / n - mean**2, 0)),
-                attack_success=sums[3] / n, ssim_local=sums[4] / n, wrong_fraction=sums[5] / n,
-                zero_var_groups=int(sums[6]), clip_frac=sums[7] / ddp.world, approx_kl=sums[8] / ddp.world,
-                ratio_mean=sums[9] / ddp.world, kl_ref=sums[10] / ddp.world, grad_norm=st["grad_norm"],
+    t = parallel.sum_dict(dict(reward=rewards.sum(), reward_sq=(rewards ** 2).sum(), n=len(rewards),
+                               success=(rewards > 0).sum(), ssim=ssim.sum(), wrong=wrong.sum(), zero_var=zero_var,
+                               clip_frac=st["clip_frac"], approx_kl=st["approx_kl"], ratio=st["ratio"], kl=st["kl"]))
+    n, mean, w = t["n"], t["reward"] / t["n"], ddp.world
+    return dict(iter=it, reward_mean=mean, reward_std=math.sqrt(max(t["reward_sq"] / n - mean**2, 0)),
+                attack_success=t["success"] / n, ssim_local=t["ssim"] / n, wrong_fraction=t["wrong"] / n,
+                zero_var_groups=int(t["zero_var"]), clip_frac=t["clip_frac"] / w, approx_kl=t["approx_kl"] / w,
+                ratio_mean=t["ratio"] / w, kl_ref=t["kl"] / w, grad_norm=st["grad_norm"],
                 rollout_s=t_roll, train_s=t_train, edits_per_s=n / max(t_roll, 1e-9),
                 peak_mem_gb=parallel.peak_memory_gb(ddp.device))
 

@@ -360,7 +360,7 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
             real = i < len(chunk_mbs)
             packed = policy.pack(chunk_mbs[i] if real else fill, pad, device)
             mb = [s for row in (chunk_mbs[i] if real else fill) for s in row]
-            T = packed[4]
+            T = packed.T
             cmask = torch.zeros(len(mb), T, device=device)
             old = torch.zeros_like(cmask)
             ref = torch.zeros_like(cmask) if args.kl_coef > 0 else None
@@ -416,12 +416,10 @@ def validate(model, processor, val: list[dict], args, ddp) -> dict:
                                          memory_gb=args.gen_memory_gb)
     model.train()
     right = [common.extract_answer(t, p["options"]) == p["answer"] for t, p in zip(texts, mine)]
-    counts = parallel.all_reduce(torch.tensor([
-        sum(r for r, p in zip(right, mine) if p["source"] == "attack"), sum(p["source"] == "attack" for p in mine),
-        sum(r for r, p in zip(right, mine) if p["source"] == "clean"), sum(p["source"] == "clean" for p in mine)],
-        dtype=torch.float64)).tolist()
-    row = dict(val_attack_acc=100 * counts[0] / counts[1] if counts[1] else None,
-               val_clean_acc=100 * counts[2] / counts[3] if counts[3] else None)
+    c = parallel.sum_dict({f"{k}_{src}": sum(r if k == "right" else 1 for r, p in zip(right, mine) if p["source"] == src)
+                           for k in ("right", "n") for src in ("attack", "clean")})
+    row = dict(val_attack_acc=100 * c["right_attack"] / c["n_attack"] if c["n_attack"] else None,
+               val_clean_acc=100 * c["right_clean"] / c["n_clean"] if c["n_clean"] else None)
     parts = [v for v in row.values() if v is not None]
     return dict(row, val_score=sum(parts) / len(parts) if parts else None)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -127,12 +128,21 @@ def media_token_ids(model) -> list[int]:
     return [model.config.image_token_id, model.config.video_token_id]
 
 
-def pack(rows: list[list[dict]], pad_id: int, device):
+class Packed(NamedTuple):
+    batch: dict               # the model's inputs, with a 4D attention mask
+    prompt_mask: torch.Tensor  # (R, P): the real prompt tokens (left padding excluded)
+    P: int                    # prompt positions
+    k: int                    # answer slots per row
+    T: int                    # positions per slot (the longest completion)
+    slots: torch.Tensor       # sample i sits in slot slots[i] (row * k + j)
+
+
+def pack(rows: list[list[dict]], pad_id: int, device) -> Packed:
     """A micro-batch of rows (``micro_batches``), each one copy of a prompt and k of its answers:
     [pad.. prompt | answer 1 ..pad | ... | answer k ..pad], slots of the longest completion T. An answer
     sees the prompt and itself only, at the positions it was sampled at, so its log-probs are those of
     [prompt | answer] alone (tested); the tiny world's 136-token prompts with 16 answers of ~5 tokens cost
-    10x fewer tokens. -> (batch, prompt_mask, P, k, T, slots): sample i is in slot ``slots[i]`` (row k + j)."""
+    10x fewer tokens."""
     P = max(len(r[0]["prompt_ids"]) for r in rows)
     T = max(len(s["completion"]) for r in rows for s in r)
     k = max(len(r) for r in rows)
@@ -155,7 +165,8 @@ def pack(rows: list[list[dict]], pad_id: int, device):
     batch = dict(input_ids=ids, attention_mask=mask[:, None], mm_token_type_ids=mm,
                  pixel_values=torch.cat([r[0]["pixel_values"] for r in rows]),
                  image_grid_thw=torch.cat([r[0]["grid"] for r in rows]))
-    return {k_: v.to(device) for k_, v in batch.items()}, real[:, :P].long().to(device), P, k, T, torch.tensor(slots)
+    return Packed({k_: v.to(device) for k_, v in batch.items()}, real[:, :P].long().to(device), P, k, T,
+                  torch.tensor(slots))
 
 
 def token_logprobs(model, packed, temperature, with_entropy=False):
