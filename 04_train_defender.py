@@ -176,6 +176,17 @@ def load_prompt_pool(args, run: Path) -> tuple[list[dict], list[dict]]:
     return adv + clean_share(clean, len(adv), args.clean_ratio, random.Random(args.seed)), val
 
 
+def probe_scenes(run: Path, n: int = 64) -> list[dict]:
+    """The letter probe's scenes: the first n clean two-option train scenes by id, the same for every seed."""
+    from datasets import load_from_disk
+    scenes = load_from_disk(str(run / "data" / "scenes"))
+    ids = scenes["id"]
+    picked = sorted((i for i, s, o in zip(range(len(ids)), scenes["split"], scenes["options"]) if s == "train"
+                     and len(o) == 2), key=ids.__getitem__)[:n]
+    rows = scenes.select(picked)
+    return [dict(image=r["image"], question=r["question"], options=r["options"], answer=r["answer"]) for r in rows]
+
+
 def validating(args) -> bool:
     return args.val_every > 0 or args.select == "best_val"
 
@@ -455,7 +466,7 @@ def main(args: Args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     pool, val = load_prompt_pool(args, run)
     stream = PromptStream(pool, ddp.rank, ddp.world, args.seed)
-    probe = [p for p in pool + val if p["source"] == "clean" and len(p["options"]) == 2][:64] if args.probe_every else []
+    probe = probe_scenes(run) if args.probe_every else []
     probe = probe[:len(probe) // ddp.world * ddp.world][ddp.rank::ddp.world]   # equal shares: lock-step forwards
     per_rank, steps = max(1, args.rollout_batch // ddp.world), step_count(args, len(pool))
     ckpt_dir = run / "defender" / f".ckpt_round_{args.round}"
