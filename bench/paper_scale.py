@@ -179,8 +179,8 @@ class Layer:
     other_flops_train: int = 0
 
 
-def measure(model, make_loss, regions: dict, params, tokens: int = 0) -> dict[str, Layer]:
-    """One no-grad forward (live working set, forward FLOPs, layer inputs) and one forward +
+def measure(model, make_loss, regions: dict, params, tokens: int = 0, train: bool = True) -> dict[str, Layer]:
+    """One no-grad forward (live working set, forward FLOPs, layer inputs) and, with ``train``, one forward +
     backward (saved bytes, FLOPs, time) of ``make_loss()`` -> a Layer per region."""
     from torch.utils.flop_counter import FlopCounterMode
     res = {n: Layer(name=n, tokens=tokens) for n in regions}
@@ -195,6 +195,11 @@ def measure(model, make_loss, regions: dict, params, tokens: int = 0) -> dict[st
         for h in handles:
             h.remove()
     fwd = region_flops(fc, model, regions)
+    if not train:   # inference only (01's editor): no backward to measure
+        for n, r in res.items():
+            r.saved_ckpt, r.live, r.flops_fwd = ins.get(n, 0), lb.peak.get(n, 0), fwd[n]
+        next(iter(res.values())).other_live = lb.peak.get("other", 0)
+        return res
     t0 = time.time()
     with FlopCounterMode(display=False) as fc:
         saved, loss = saved_bytes(model, make_loss, regions, params)
@@ -280,8 +285,9 @@ def attacker_tokens(reduced: bool, cond_resolution: int = 512) -> dict:
     return dict(target=(32, 32), cond=(side, side), text=vl_side * vl_side + 48)
 
 
-def measure_mmdit(reduced: bool, cond_resolution: int) -> Layer:
-    """One MMDiT block with the r64 LoRA of 02/03 (fp32 adapter, bf16 base) at one sample's tokens."""
+def measure_mmdit(reduced: bool, cond_resolution: int, train: bool = True) -> Layer:
+    """One MMDiT block with the r64 LoRA of 02/03 (fp32 adapter, bf16 base) at one sample's tokens; without
+    ``train`` the inference measurements only (01 never trains the editor)."""
     from diffusers import QwenImageTransformer2DModel
     from peft import LoraConfig
     tok = attacker_tokens(reduced, cond_resolution)
@@ -303,7 +309,7 @@ def measure_mmdit(reduced: bool, cond_resolution: int) -> Layer:
                   encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False)[0][:, :th * tw]
         return v.float().pow(2).mean()
 
-    res = measure(model, loss, {"block": model.transformer_blocks[0]}, params, tokens=n_img + tok["text"])
+    res = measure(model, loss, {"block": model.transformer_blocks[0]}, params, tokens=n_img + tok["text"], train=train)
     return res["block"]
 
 
@@ -621,7 +627,7 @@ def main(args: Args):
     r01 = stage_module("01_build_sft_data.py").Args().cond_resolution
     r03 = stage_module("03_train_attacker.py").Args().cond_resolution
     A = measure_mmdit(args.reduced, r03)
-    A01 = A if r01 == r03 or args.reduced else measure_mmdit(args.reduced, r01)
+    A01 = A if r01 == r03 or args.reduced else measure_mmdit(args.reduced, r01, train=False)
     stages = compose(P, A01, A, V, E, args, args.reduced)
     md = table(stages, P, A01, A, V, args, time.time() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,12 @@ def test_the_estimate_follows_the_stages_flags(reduced, monkeypatch):
     L = P["mmdit_layers"]
     assert grew == pytest.approx(micro * 2 * ((L - 1) * A.saved - L * A.saved_ckpt), rel=1e-6) and grew > 0
     assert [s.phases for i, s in enumerate(off) if i != 2] == [s.phases for i, s in enumerate(default) if i != 2]
+
+
+def test_an_inference_only_measurement_matches_the_training_one_where_both_measure(reduced):
+    """01's editor is measured without a backward: its working set, layer inputs and forward FLOPs are those of
+    the full measurement, and nothing of the backward is reported."""
+    A = reduced[4]
+    fwd = ps.measure_mmdit(True, 512, train=False)
+    assert (fwd.live, fwd.saved_ckpt, fwd.flops_fwd, fwd.other_live) == (A.live, A.saved_ckpt, A.flops_fwd, A.other_live)
+    assert fwd.saved == 0 and fwd.flops_train == 0 and fwd.live > 0
