@@ -45,7 +45,9 @@ Departures / our choices:
   7. rollouts under FSDP2 all-gather the weights once per generate call, so ranks decode independently
      (EasyR1 syncs them into vLLM instead); memory at paper size: policy.py, bench/paper_scale.py;
   8. the old-log-prob and update forwards pack each group's answers behind one copy of its prompt
-     (policy.pack: exact, tested; verl / EasyR1 run every [prompt | answer] whole; sdpa or eager attention).
+     (policy.pack: exact, tested; verl / EasyR1 run every [prompt | answer] whole; sdpa or eager attention);
+  9. --balance_answers (off; not the authors'): each kept group's advantages rescaled so that every right
+     answer ("A", "B", ...) carries the same advantage mass in a step (balance_answers).
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ class Args:
     mask_truncated: bool = field(default=False, metadata={"help": "drop truncated answers from the loss"})
     dyn_low: float = field(default=0.01, metadata={"help": "keep groups with mean reward > this"})
     dyn_high: float = field(default=0.99, metadata={"help": "... and < this"})
+    balance_answers: bool = field(default=False, metadata={"help": "rescale advantages so every right answer carries "
+                                                                   "the same mass in a step (departure 9)"})
     max_tries: int = field(default=-1, metadata={"help": "generation rounds per step to fill the batch (-1 = until "
                                                             "full, official max_try_make_batch)"})
     mini_rollout_batch: int = field(default=0, metadata={"help": "prompts generated per try, all ranks (0 = the "
@@ -264,6 +268,20 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
 
 
+def balance_answers(adv: torch.Tensor, answers: list[str]) -> torch.Tensor:
+    """(G, n) advantages of G kept groups with right answers ``answers`` -> rescaled per group so that each
+    answer's groups carry the same total mass (the sum of their positive advantages, over all ranks). A kept
+    group pushes its right letter up and the wrong ones down by that mass: with more kept groups of one
+    right letter the letter prior moves, whatever the images show; balanced, it does not."""
+    mine = {}
+    for a, m in zip(answers, adv.clamp(min=0).sum(1).tolist()):
+        mine[a] = mine.get(a, 0.0) + m
+    total = parallel.merge_counts(mine)
+    target = sum(total.values()) / max(1, len(total))
+    scale = torch.tensor([target / total[a] if total[a] > 0 else 1.0 for a in answers], dtype=adv.dtype)
+    return adv * scale[:, None]
+
+
 def dynamic_filter(rewards: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """(G, n) -> (G,) bool: groups whose mean accuracy lies strictly inside (low, high)."""
     m = rewards.mean(1)
@@ -338,10 +356,11 @@ def train_on_groups(model, params, opt, groups, args, ddp, ref_model=None, fille
     pad = model.generation_config.pad_token_id or 0
     device = ddp.device
     samples = [s for g in groups for s in g]
-    if groups:
-        adv = group_advantages(torch.tensor([[s["reward"] for s in g] for g in groups]))
-        for s, a in zip(samples, adv.flatten().tolist()):
-            s["adv"] = a
+    adv = group_advantages(torch.tensor([[s["reward"] for s in g] for g in groups])) if groups else torch.zeros(0, 0)
+    if args.balance_answers:   # a collective: every rank calls it, with groups or without
+        adv = balance_answers(adv, [g[0]["prompt"]["answer"] for g in groups])
+    for s, a in zip(samples, adv.flatten().tolist()):
+        s["adv"] = a
     fill = [[dict(s, adv=0.0, old_logp=s["rollout_logp"], ref_logp=None) for s in row]
             for row in policy.micro_batches(filler or samples, args.micro_batch, args.micro_tokens)[0]]
     per_update = max(1, args.global_batch * args.group_size // ddp.world)  # sequences per rank per update

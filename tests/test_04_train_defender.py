@@ -474,3 +474,17 @@ def test_overlong_penalty_three_regimes():
     assert s04.overlong_penalty(448, max_len=512, cache=128) == pytest.approx(-0.5)
     assert s04.overlong_penalty(512, max_len=512, cache=128) == pytest.approx(-1.0)
     assert s04.overlong_penalty(600, max_len=512, cache=128) == -1.0
+
+
+def test_balance_answers_gives_every_right_answer_the_same_advantage_mass():
+    """Two kept "A" groups and one "B" group: before, A's groups carry twice B's push (A's letter prior would
+    rise); after, each answer's positive advantages sum to the mean of the two totals, each group scaled as a
+    whole (its advantages keep their ratios and still sum to 0)."""
+    adv = s04.group_advantages(torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0], [1.0, 1, 1, 0]]))
+    mass = adv.clamp(min=0).sum(1)
+    out = s04.balance_answers(adv, ["A", "A", "B"])
+    new = out.clamp(min=0).sum(1)
+    target = (mass[0] + mass[1] + mass[2]) / 2
+    assert torch.allclose(new[0] + new[1], target) and torch.allclose(new[2], target)
+    assert torch.allclose(out / adv, (out / adv)[:, :1].expand_as(adv)) and torch.allclose(out.sum(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(s04.balance_answers(adv, ["A", "B", "C"])[1], adv[1] * (mass.sum() / 3) / mass[1])
