@@ -269,17 +269,22 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def balance_answers(adv: torch.Tensor, answers: list[str]) -> torch.Tensor:
-    """(G, n) advantages of G kept groups with right answers ``answers`` -> rescaled per group so that each
-    answer's groups carry the same total mass (the sum of their positive advantages, over all ranks). A kept
-    group pushes its right letter up and the wrong ones down by that mass: with more kept groups of one
-    right letter the letter prior moves, whatever the images show; balanced, it does not."""
+    """(G, n) advantages of G kept groups with right answers ``answers`` -> rescaled per group so that, among
+    the answers of one format (option letters; Yes / No), each answer's groups carry the same total mass (the
+    sum of their positive advantages, over all ranks): the mean of that format's answers in this step. A kept
+    group pushes its right answer up and the wrong ones down by that mass: with more kept groups of one right
+    letter the letter prior moves, whatever the images show; balanced, it does not."""
     mine = {}
     for a, m in zip(answers, adv.clamp(min=0).sum(1).tolist()):
         mine[a] = mine.get(a, 0.0) + m
     total = parallel.merge_counts(mine)
-    target = sum(total.values()) / max(1, len(total))
-    scale = torch.tensor([target / total[a] if total[a] > 0 else 1.0 for a in answers], dtype=adv.dtype)
-    return adv * scale[:, None]
+
+    def form(a):
+        return "yes/no" if a in ("Yes", "No") else "letters"
+    target = {f: sum(v for a, v in total.items() if form(a) == f) / sum(form(a) == f for a in total)
+              for f in {form(a) for a in total}}
+    scale = [target[form(a)] / total[a] if total[a] > 0 else 1.0 for a in answers]
+    return adv * torch.tensor(scale, dtype=adv.dtype)[:, None]
 
 
 def dynamic_filter(rewards: torch.Tensor, low: float, high: float) -> torch.Tensor:

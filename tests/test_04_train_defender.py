@@ -488,3 +488,6 @@ def test_balance_answers_gives_every_right_answer_the_same_advantage_mass():
     assert torch.allclose(new[0] + new[1], target) and torch.allclose(new[2], target)
     assert torch.allclose(out / adv, (out / adv)[:, :1].expand_as(adv)) and torch.allclose(out.sum(1), torch.zeros(3), atol=1e-6)
     assert torch.allclose(s04.balance_answers(adv, ["A", "B", "C"])[1], adv[1] * (mass.sum() / 3) / mass[1])
+    # a yes/no group is balanced among yes/no answers only: alone, it keeps its advantages, and A / B stay balanced
+    mixed = s04.balance_answers(adv, ["A", "B", "Yes"])
+    assert torch.allclose(mixed[2], adv[2]) and torch.allclose(mixed[:2].clamp(min=0).sum(1), (mass[0] + mass[1]) / 2)
