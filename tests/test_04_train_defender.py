@@ -288,7 +288,7 @@ def _tiny_args(**kw):
     base = dict(group_size=3, gen_batch=8, gen_memory_gb=32.0, micro_tokens=0, temperature=1.0, top_p=1.0,
                 max_new_tokens=6, micro_batch=4,
                 overlong_cache=0, old_logp="recompute", clip_low=0.2, clip_high=0.28, clip_dual=3.0, kl_coef=0.0,
-                mask_truncated=False, global_batch=4, grad_clip=1.0)
+                mask_truncated=False, balance_answers=False, global_batch=4, grad_clip=1.0)
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -78,7 +78,7 @@ def _prompts(n, seed=0):
 def _args(dtype):
     return SimpleNamespace(dtype=dtype, lora_rank=0, train_vision=True, grad_ckpt=False, min_pixels=28 * 28 * 4,
                            max_pixels=28 * 28 * 16, group_size=4, gen_batch=8, gen_memory_gb=32.0, micro_tokens=0,
-                           temperature=1.0, top_p=1.0,
+                           temperature=1.0, top_p=1.0, balance_answers=False,
                            max_new_tokens=6, micro_batch=8, overlong_cache=0, old_logp="recompute", clip_low=0.2,
                            clip_high=0.28, clip_dual=3.0, kl_coef=0.0, mask_truncated=False, global_batch=4, grad_clip=1.0)
 
