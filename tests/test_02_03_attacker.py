@@ -213,18 +213,19 @@ def _raise_brightness():
     img = Image.new("RGB", (32, 32), (128, 128, 128))
     ctx = editing.encode_edit(pipe, [img], ["make it brighter"], 32, negative_prompt=None).repeat(8)
     sig = editing.sigma_schedule(pipe.scheduler, 6, ctx.cond_latents.shape[1])
-    steps, gen, history = list(range(5)), torch.Generator().manual_seed(0), []
+    steps, gen, history, spread = list(range(5)), torch.Generator().manual_seed(0), [], []
     args = _args(micro_batch=8)
     for _ in range(100):
         xs, logps, x = s03.rollout(pipe, ctx, sig, steps, 1.0, 1.0, gen)
         images = editing.decode_latents(pipe, x, 32, 32)
         r = ((images.clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3))
         history.append(r.mean().item())
+        spread.append(r.std().item())
         s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, s03.group_advantages(r, 8, 5.0), steps, args)
-    start, end = sum(history[:10]) / 10, sum(history[-10:]) / 10
-    # a random tiny VAE decodes to a narrow brightness range: the group std is ~0.0017, so a
-    # rise of 0.005 is ~3 group standard deviations
-    assert end > start + 0.005, (start, end, history)
+    start, end, std = sum(history[:10]) / 10, sum(history[-10:]) / 10, sum(spread[:10]) / 10
+    # in units of the first groups' spread (a random tiny VAE decodes to a narrow brightness range, which the
+    # CPU's kernels shift): seeds 0-4 rose by 4.1-5.3 of them (bench/tiny_world.md); 2 is half the least
+    assert end - start > 2 * std > 0, (start, end, std, history)
 
 
 def test_sft_loss_falls(tiny_run):
