@@ -357,9 +357,10 @@ def strategies(test, preds, clean_ok: dict) -> dict:
     fooled the defender it was trained against (03's sampled wrong fraction >= 0.5) and, against this
     defender, the attack success (clean-correct turned wrong), gate or not."""
     wrong = {p["index"]: not p["correct"] for p in preds}
+    cols = list(zip(test["id"], test["defender_wrong_fraction"], test["strategy"]))
     out = {}
-    for s in sorted(set(test["strategy"])):
-        rows = [(i, w) for i, w, k in zip(test["id"], test["defender_wrong_fraction"], test["strategy"]) if k == s]
+    for s in sorted({k for _, _, k in cols}):
+        rows = [(i, w) for i, w, k in cols if k == s]
         out[s] = dict(n=len(rows), share=100 * len(rows) / len(test), fooled_attacked=acc(w >= 0.5 for _, w in rows),
                       attack_success=acc(wrong[i] for i, _ in rows if clean_ok.get(i)))
     return out
