@@ -142,10 +142,11 @@ def census(pairs, th: Thresholds | None = None, judge=None) -> list[dict]:
     decide, see the module docstring) or f([dict(image, prompt, pair, bbox)]) -> [answer], one call for every
     region of every pair."""
     th = th or Thresholds()
-    found, out = [], []
+    found, out, arrays = [], [], []
     for i, (scene, attacked, boxes) in enumerate(pairs):
         a = rgb(scene)
         b = rgb(attacked, scene.size)
+        arrays.append((a, b) if judge is None else None)
         regions, diff = changed_regions(a, b, boxes, th)
         off = ~box_mask(diff.shape, boxes) & ~grow(np.logical_or.reduce(regions + [np.zeros_like(diff, bool)]), 2)
         diffuse = float(np.median(diff[off])) if off.any() else 0.0
@@ -153,7 +154,7 @@ def census(pairs, th: Thresholds | None = None, judge=None) -> list[dict]:
         found += [(i, r) for r in regions]
     if judge is None:
         for i, r in found:
-            a, b = rgb(pairs[i][0]), rgb(pairs[i][1], pairs[i][0].size)
+            a, b = arrays[i]
             had, has = holds_object(a, r, th), holds_object(b, r, th)
             out[i]["regions"].append("addition" if has and not had else "removal" if had and not has
                                      else "replacement" if had else "perturbation")
