@@ -180,6 +180,40 @@ def coevolution(rounds) -> list[dict]:
     return out
 
 
+def targets(run: Path, rounds: int = 2) -> list[tuple[str, float, str, bool]]:
+    """The co-evolution's targets on a finished run of ``rounds`` rounds (the tiny world's learning test and
+    bench/coevolution.py): (what, measured, bar, met). The robustness cells are the gate-passing held-out
+    attacks, as in eval/summary.md; 03's reward from its log, the mean of the first and the last 8 iterations."""
+    load = lambda name: json.loads((run / "eval" / f"{name}.json").read_text())  # noqa: E731
+    scored = [load(n) for n in ["base"] + [f"round_{k}" for k in range(rounds + 1)]]
+    co = {c["attacker"]: c for c in coevolution(scored)}
+    out = [("defender 0 clean", co[1]["clean_before"], ">= 85", co[1]["clean_before"] >= 85)]
+    for k in range(1, rounds + 1):
+        c = co[k]
+        out += [(f"attacker {k} takes (points)", c["drop"], ">= 25" if k == 1 else ">= 15", c["drop"] >= (25 if k == 1 else 15)),
+                (f"defender {k} wins back (%)", 100 * c["recovered"], ">= 50", c["recovered"] >= 0.5),
+                (f"defender {k} clean vs round 0", c["clean_after"] - co[1]["clean_before"], ">= -5",
+                 c["clean_after"] >= co[1]["clean_before"] - 5)]
+        a = scored[k + 1]["robustness"][f"attacker_round_{k}"]          # defender k's file holds attacker k's set
+        out += [(f"attacker {k} median changed area (%)", 100 * a["changed_area"]["median"], "<= 10",
+                 a["changed_area"]["median"] <= 0.10),
+                (f"attacker {k} held-out attacks within the gate (%)", a["ssim_pass"], ">= 85", a["ssim_pass"] >= 85)]
+        rows = [json.loads(x) for x in (run / "logs" / f"03_round_{k}.jsonl").read_text().splitlines() if '"iter"' in x]
+        first, last = rows[:8], rows[-8:]
+        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        rise, success = (mean(last, "reward_mean") - mean(first, "reward_mean"),
+                         100 * (mean(last, "attack_success") - mean(first, "attack_success")))
+        met = rise >= 0.1 or success >= 10
+        out += [(f"attacker {k} RL: reward, last 8 - first 8 iterations", rise, ">= 0.1 (or the next >= 10)", met),
+                (f"attacker {k} RL: attack success, last 8 - first 8 (points)", success, ">= 10 (or the last >= 0.1)",
+                 met)]
+        if k > 1:    # defender k on attacker 1's attacks, against defender 1: no forgetting
+            then = scored[2]["robustness"]["attacker_round_1"]["acc"]
+            now = scored[k + 1]["robustness"]["attacker_round_1"]["acc"]
+            out.append((f"defender {k} vs defender 1 on attacker 1's attacks", now - then, ">= -5", now >= then - 5))
+    return out
+
+
 CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),
           ("03_round", "ratio_mean"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
           ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy"),

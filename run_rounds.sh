@@ -9,6 +9,7 @@
 # Env: PRESET (tiny_world|tiny|paper; tiny_world), ROUNDS (2; paper: 3, its iterations), RUN_DIR (runs/$PRESET), NPROC (1),
 #      WORLD (tiny_world's models: shipped, build, or a built world's directory),
 #      SEED_DATA (synthetic, tiny_world, coco:..., or a seed JSONL; default the preset's), BENCH ("name=path.tsv name=path.tsv" for stage 05),
+#      SEED (0: the random seed of stages 01-04; runs at several seeds show what the method does, not one draw),
 #      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
 #      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).
 # Every stage skips work whose output directory is complete, so re-running continues after a failure.
@@ -31,6 +32,9 @@ case "$PRESET" in
 esac
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fail "NPROC=$NPROC: expected a positive number of processes per node"
 [[ "$ROUNDS" =~ ^[0-9]+$ ]] || fail "ROUNDS=$ROUNDS: expected a number of rounds"
+SEED=${SEED:-0}
+[[ "$SEED" =~ ^[0-9]+$ ]] || fail "SEED=$SEED: expected a non-negative integer"
+S=(--seed "$SEED")
 if [ -n "${DTYPE:-}" ]; then P+=(--dtype "$DTYPE"); fi
 T=(); if [ -n "${REPORT_TO:-}" ]; then T=(--report_to "$REPORT_TO"); fi   # trackers of the training stages
 BENCH_ARGS=(); if [ -n "$BENCH" ]; then BENCH_ARGS=(--bench $BENCH); fi
@@ -61,7 +65,7 @@ esac
 echo "== AOT: preset $PRESET, $ROUNDS rounds, run dir $RUN_DIR, $NPROC process(es), dtype ${DTYPE:-auto}"
 echo "   seeds: $SEEDS; models: $MODELS; benchmarks: ${BENCH:-none (robustness on the held-out test scenes only)}"
 # cheap checks before any stage: the seed source and the benchmark files (one line per problem)
-if [ ! -e "$RUN_DIR/data/aot_sft" ]; then $PY 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}" --check_inputs >/dev/null; fi
+if [ ! -e "$RUN_DIR/data/aot_sft" ]; then $PY 01_build_sft_data.py "${P[@]}" "${S[@]}" --run_dir "$RUN_DIR" "${SD[@]}" --check_inputs >/dev/null; fi
 if [ -n "$BENCH" ]; then $PY 05_eval.py --run_dir "$RUN_DIR" "${BENCH_ARGS[@]}" --check_inputs >/dev/null; fi
 
 # 0. the tiny world's defender, VAE and editor: the shipped ones (models/tiny_world, checked against their
@@ -74,23 +78,23 @@ if [ "$PRESET" = "tiny_world" ]; then
   esac
 fi
 # 1. AOT-SFT: extended scenes + effective distractors
-stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" --run_dir "$RUN_DIR" "${SD[@]}"
+stage "01 AOT-SFT data" "$RUN_DIR/data/aot_sft" 01_build_sft_data.py "${P[@]}" "${S[@]}" --run_dir "$RUN_DIR" "${SD[@]}"
 # 2. attacker cold start
-stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR"
+stage "02 attacker SFT" "$RUN_DIR/attacker/sft" 02_sft_attacker.py "${P[@]}" "${S[@]}" "${T[@]}" --run_dir "$RUN_DIR"
 # 3. the untouched base defender, then its warm-up: DAPO on clean scenes (round 0), and their evaluation
 stage "05 eval base" "$RUN_DIR/eval/base.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --defender base "${BENCH_ARGS[@]}"
-stage "04 defender round 0" "$RUN_DIR/defender/round_0" 04_train_defender.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round 0
+stage "04 defender round 0" "$RUN_DIR/defender/round_0" 04_train_defender.py "${P[@]}" "${S[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round 0
 stage "05 eval round 0" "$RUN_DIR/eval/round_0.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round 0 "${BENCH_ARGS[@]}"
 
 # 4. co-evolution: attacker k attacks defender k-1; defender k trains on attacker k's curriculum
 for k in $(seq 1 "$ROUNDS"); do
   echo "== round $k"
-  stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "03 attacker round $k" "$RUN_DIR/attacks/round_$k" 03_train_attacker.py "${P[@]}" "${S[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
   # what attacker k learned: defender k-1, the model it attacked, on its held-out attacks (05 caches
   # answers per item, so only the new attacked scenes are answered)
   grep -q "\"attacker_round_$k\"" "$RUN_DIR/eval/round_$((k - 1)).json" ||
     stage "05 eval round $((k - 1)) vs attacker $k" "" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$((k - 1))" "${BENCH_ARGS[@]}"
-  stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
+  stage "04 defender round $k" "$RUN_DIR/defender/round_$k" 04_train_defender.py "${P[@]}" "${S[@]}" "${T[@]}" --run_dir "$RUN_DIR" --round "$k"
   stage "05 eval round $k" "$RUN_DIR/eval/round_$k.json" 05_eval.py "${P[@]}" --run_dir "$RUN_DIR" --round "$k" "${BENCH_ARGS[@]}"
 done
 

@@ -330,3 +330,37 @@ def test_changed_area_and_gate_passing_attack_scores():
     assert every["acc"] == 25.0 and every["attack_success"] == pytest.approx(200 / 3) and every["clean_acc"] == 75.0
     passing = s05.attack_scores([p for p in preds if p["index"] in {"a", "b"}], clean_ok)   # c, d fail the gate
     assert passing["acc"] == 50.0 and passing["attack_success"] == 50.0 and passing["n"] == 2
+
+
+def test_targets_hand_computed(tmp_path):
+    """report.targets on a made-up two-round run: each target against its bar (the learning test's verdicts)."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "logs").mkdir()
+
+    def res(name, rnd, clean, **attacks):
+        rob = dict(clean_acc=clean, **{f"attacker_round_{k[1:]}": dict(acc=acc, clean_acc=clean, n=10, ssim_pass=gate,
+                                                                        changed_area=dict(median=area))
+                                       for k, (acc, gate, area) in attacks.items()})
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(dict(round=rnd, robustness=rob)))
+    res("base", None, 90.0)
+    res("round_0", 0, 90.0, a1=(60.0, 86.0, 0.08))       # attacker 1 takes 30 points
+    res("round_1", 1, 88.0, a1=(76.0, 86.0, 0.08), a2=(70.0, 84.0, 0.12))   # wins back 16 of 30; attacker 2 takes 18
+    res("round_2", 2, 84.0, a1=(70.0, 86.0, 0.08), a2=(78.0, 84.0, 0.12))   # wins back 8 of 18; forgets 6 points
+    for k, (first, last) in {1: (0.2, 0.35), 2: (0.3, 0.32)}.items():
+        rows = [dict(iter=i, reward_mean=first if i < 8 else last, attack_success=0.5 if k == 2 and i >= 8 else 0.3)
+                for i in range(16)]
+        (tmp_path / "logs" / f"03_round_{k}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    got = {what: (pytest.approx(value), met) for what, value, _, met in report.targets(tmp_path, rounds=2)}
+    assert got == {
+        "defender 0 clean": (90.0, True),
+        "attacker 1 takes (points)": (30.0, True), "defender 1 wins back (%)": (100 * 16 / 30, True),
+        "defender 1 clean vs round 0": (-2.0, True),
+        "attacker 1 median changed area (%)": (8.0, True), "attacker 1 held-out attacks within the gate (%)": (86.0, True),
+        "attacker 1 RL: reward, last 8 - first 8 iterations": (0.15, True),
+        "attacker 1 RL: attack success, last 8 - first 8 (points)": (0.0, True),
+        "attacker 2 takes (points)": (18.0, True), "defender 2 wins back (%)": (100 * 8 / 18, False),
+        "defender 2 clean vs round 0": (-6.0, False),
+        "attacker 2 median changed area (%)": (12.0, False), "attacker 2 held-out attacks within the gate (%)": (84.0, False),
+        "attacker 2 RL: reward, last 8 - first 8 iterations": (0.02, True),        # success rose 20 points
+        "attacker 2 RL: attack success, last 8 - first 8 (points)": (20.0, True),
+        "defender 2 vs defender 1 on attacker 1's attacks": (-6.0, False)}
