@@ -22,6 +22,7 @@ Everything it writes is an estimate made on CPU, not a GPU measurement.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +53,9 @@ class Args:
     mfu: float = field(default=0.35, metadata={"help": "model-FLOPs utilisation assumed for the estimate"})
     response_tokens: int = field(default=512, metadata={"help": "ASSUMED mean DAPO response length (tokens)"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = default)"})
+    bf16: str = field(default="auto", metadata={"help": "bf16 matmuls: 'native', 'fp32' (computed in fp32, rounded to "
+                                                         "bf16: the same bytes and FLOPs), 'auto' (fp32 where the CPU "
+                                                         "has no native bf16)"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +155,43 @@ class LiveBytes(TorchDispatchMode):
             self.base[r], self.last = before, r
         self.peak[r] = max(self.peak.get(r, 0), self.live - self.base[r])
         return out
+
+
+class Bf16InFp32(TorchDispatchMode):
+    """bf16 matmuls and convolutions computed in fp32, their results rounded to bf16. On a CPU without native
+    bf16 (AVX2 only: a bf16 matmul there runs ~150x slower than fp32) the measurement would take hours.
+    Every tensor the measured code sees keeps its bf16 dtype and shape, so saved and live bytes and FLOPs are
+    those of native bf16 (tested at reduced size); only the seconds differ. Entered before (below) the
+    measuring modes, which then see the bf16 op, not its fp32 insides."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default,
+           torch.ops.aten.convolution_backward.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0           # ops computed in fp32
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        floats = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if func not in self.OPS or not floats or any(t.dtype != torch.bfloat16 for t in floats):
+            return func(*args, **kwargs)
+        self.calls += 1
+        up = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t,
+                      (args, kwargs))
+        out = func(*up[0], **up[1])
+        return tree_map(lambda t: t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                        out)
+
+
+def native_bf16() -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? From /proc/cpuinfo; False where it is absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def region_flops(fc, model, regions: dict) -> dict[str, int]:
@@ -580,7 +621,8 @@ def compose(P: dict, A01: Layer, A: Layer, V: dict, E: dict, args: Args, reduced
 # ---------------------------------------------------------------------------------------------
 # 4. The table
 # ---------------------------------------------------------------------------------------------
-def table(stages: list[Stage], P: dict, A01: Layer, A: Layer, V: dict, args: Args, seconds: float) -> str:
+def table(stages: list[Stage], P: dict, A01: Layer, A: Layer, V: dict, args: Args, seconds: float,
+          matmuls: str = "native bf16") -> str:
     g = lambda b: f"{b / GB:.1f}"   # noqa: E731
     lines = ["<!-- written by bench/paper_scale.py: an ESTIMATE made on CPU, not a GPU measurement -->",
              f"Estimated on CPU (bench/paper_scale.py, {seconds:.0f} s on this machine), not measured on a GPU. "
@@ -601,7 +643,7 @@ def table(stages: list[Stage], P: dict, A01: Layer, A: Layer, V: dict, args: Arg
     lines += ["", "Other phases (GB): " + "; ".join(
         f"{s.name.split()[0]}: " + ", ".join(f"{p} {g(sum(v.values()))}" for p, v in s.phases.items())
         for s in stages), "",
-        "Measured layers (bf16, CPU, micro-batch 1): "
+        f"Measured layers (bf16, CPU, micro-batch 1; matmuls and convolutions {matmuls}): "
         f"MMDiT block {P['mmdit_block'] / 1e6:.0f}M params + r64 LoRA at {A.tokens} tokens (02, 03: the condition "
         f"at 512^2): saves {A.saved / 2**20:.0f} MiB for backward ({A.saved_ckpt / 2**20:.0f} MiB checkpointed), "
         f"working set {A.live / 2**20:.0f} MiB, {A.flops_train / 1e12:.2f} TFLOP fwd+bwd ({A.seconds_train:.0f} s); "
@@ -621,6 +663,16 @@ def main(args: Args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    emulate = args.bf16 == "fp32" or (args.bf16 == "auto" and not native_bf16())
+    with Bf16InFp32() if emulate else contextlib.nullcontext():
+        stages, md = measure_and_compose(args, t0, "fp32, rounded to bf16" if emulate else "native bf16")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(md)
+    print(md)
+    return stages
+
+
+def measure_and_compose(args: Args, t0: float, matmuls: str):
     P = count_params(args.reduced)
     V = measure_vl(args.reduced, measured_response(args))
     E = measure_vae(args.reduced)
@@ -629,11 +681,7 @@ def main(args: Args):
     A = measure_mmdit(args.reduced, r03)
     A01 = A if r01 == r03 or args.reduced else measure_mmdit(args.reduced, r01, train=False)
     stages = compose(P, A01, A, V, E, args, args.reduced)
-    md = table(stages, P, A01, A, V, args, time.time() - t0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md)
-    print(md)
-    return stages
+    return stages, table(stages, P, A01, A, V, args, time.time() - t0, matmuls)
 
 
 if __name__ == "__main__":

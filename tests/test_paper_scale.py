@@ -155,3 +155,23 @@ def test_an_inference_only_measurement_matches_the_training_one_where_both_measu
     fwd = ps.measure_mmdit(True, 512, train=False)
     assert (fwd.live, fwd.saved_ckpt, fwd.flops_fwd, fwd.other_live) == (A.live, A.saved_ckpt, A.flops_fwd, A.other_live)
     assert fwd.saved == 0 and fwd.flops_train == 0 and fwd.live > 0
+
+
+def test_bf16_computed_in_fp32_measures_the_same_bytes_and_flops(reduced):
+    """--bf16 fp32 (CPUs without native bf16): every layer's saved and live bytes and FLOPs equal the native bf16
+    measurement's (the MMDiT block with its fp32 LoRA, the VL decoder layer, vision block and head, the VAE's
+    convolutions); the results differ from native bf16 by rounding only."""
+    args, P, short, long, A, E = reduced
+    with ps.Bf16InFp32() as mode:
+        A2, V2, E2 = ps.measure_mmdit(True, 512), ps.measure_vl(True, 16), ps.measure_vae(True)
+    calls = mode.calls
+    keys = ("tokens", "saved", "saved_ckpt", "live", "flops_fwd", "flops_train", "other_saved", "other_live",
+            "other_flops_train")
+    for mine, native in [(A2, A), (V2["layer"], short["layer"]), (V2["vision"], short["vision"])]:
+        assert [getattr(mine, k) for k in keys] == [getattr(native, k) for k in keys], mine.name
+    assert E2 == E
+    a, b = torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(32, 4, dtype=torch.bfloat16)
+    with ps.Bf16InFp32() as mode:
+        y = a @ b
+    assert calls > 100 and mode.calls == 1     # matmuls and convolutions of every measured layer went through fp32
+    assert y.dtype == torch.bfloat16 and torch.equal(y, (a.float() @ b.float()).bfloat16())
