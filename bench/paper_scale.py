@@ -1,6 +1,6 @@
 """Paper scale on paper: memory and compute of every stage at the paper's sizes, ESTIMATED on CPU.
 
-  python bench/paper_scale.py                     # a few minutes on 2 cores -> bench/paper_scale.md
+  python bench/paper_scale.py                     # ~10 min on one core (2 with native bf16) -> bench/paper_scale.md
   python bench/paper_scale.py --reduced           # small widths and token counts (the test, seconds)
 
 No GPU is available to this project. This script builds ONE real-size layer of each model from the
