@@ -70,10 +70,8 @@ PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
                  max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
-    # groups of 16: the world's defender is confident, smaller groups are nearly all right or all wrong; updates
-    # of 8 prompts, lr 1e-4, one pass over the pool; micro-batches of a whole update; refills until the batch is
-    # full (the authors' max_try_make_batch -1: round 2 is won back, capped at 4 tries it is not), with DAPO's
-    # overlong penalty on the last 3 of the 8 tokens (without it the answers drift to the cap) (bench/tiny_world.md)
+    # groups of 16 (the world's defender is confident), updates of 8 prompts, lr 1e-4, one pass, micro-batches of an
+    # update; refills as the authors (max_tries -1), DAPO's overlong penalty on 3 of 8 tokens (bench/tiny_world.md)
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
                        max_new_tokens=8, overlong_cache=3, epochs=1, lr=1e-4, save_every=4,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=-1, grad_ckpt=False, probe_every=4),
