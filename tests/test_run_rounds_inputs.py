@@ -27,6 +27,7 @@ def test_unknown_preset_stops_at_once_naming_the_presets(tmp_path):
 @pytest.mark.parametrize("variables,message", [
     (dict(PRESET="paper"), "PRESET=paper needs SEED_DATA: coco:ANNOTATIONS.json:IMAGE_DIR"),
     (dict(PRESET="tiny", NPROC="two"), "NPROC=two: expected a positive number"),
+    (dict(PRESET="tiny", SEED="-1"), "SEED=-1: expected a non-negative integer"),
 ])
 def test_paper_preset_without_seeds_and_a_bad_nproc(tmp_path, variables, message):
     p, seconds = _rounds(tmp_path, **variables)
