@@ -49,6 +49,17 @@ def quiet():
     diffusers.utils.logging.disable_progress_bar()
 
 
+def load_stage(path: str):
+    """Import a stage script (e.g. "03_train_attacker.py", a name Python's import cannot spell; relative
+    to the repository) as the module "train_attacker": for the benches and tests that call its functions."""
+    import importlib.util
+    path = Path(__file__).resolve().parent / path
+    spec = importlib.util.spec_from_file_location(path.stem.lstrip("0123456789_"), path)
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

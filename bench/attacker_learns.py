@@ -13,7 +13,6 @@ defender's wrong fraction, the local-SSIM gate pass and the median changed area.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,13 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import rundir  # noqa: E402
-
-
-def load_stage(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = sys.modules[name] = importlib.util.module_from_spec(spec)   # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def score(rows, args, s05) -> dict:
@@ -51,8 +43,8 @@ def main():
     ap.add_argument("--scenes", type=int, default=128, help="train scenes (the first, in order)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    s03 = load_stage("s03", ROOT / "03_train_attacker.py")
-    s05 = load_stage("s05", ROOT / "05_eval.py")
+    s03 = common.load_stage("03_train_attacker.py")
+    s05 = common.load_stage("05_eval.py")
     args = rundir.parse_args(s03.Args, s03.PRESETS, ["--preset", a.preset, "--run_dir", str(a.run),
                                                      "--round", str(a.round), "--seed", str(a.seed),
                                                      "--curriculum_samples", "1"])

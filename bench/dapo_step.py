@@ -11,7 +11,6 @@ Seconds on this CPU, not a GPU measurement.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,9 +35,7 @@ class Args:
 
 
 def main(a: Args):
-    spec = importlib.util.spec_from_file_location("s04", a.script)
-    s04 = sys.modules["s04"] = importlib.util.module_from_spec(spec)   # dataclasses look their module up
-    spec.loader.exec_module(s04)
+    s04 = common.load_stage(a.script)
     preset = s04.PRESETS["tiny_world"]
     args = SimpleNamespace(**vars(s04.Args()))
     args.__dict__.update({k: v for k, v in preset.items() if k != "model"}, gen_batch=0, dtype="fp32")

@@ -429,12 +429,7 @@ def measure_vae(reduced: bool) -> dict:
 # 3. Composing every stage, per GPU, at the paper preset's flags (read from the stages' Args)
 # ---------------------------------------------------------------------------------------------
 def stage_module(file: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(file.replace(".py", "").lstrip("0123456789_"), ROOT / file)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return common.load_stage(file)
 
 
 # ASSUMED workload sizes where the paper and the code leave them open (stated in the table's notes)

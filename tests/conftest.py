@@ -1,5 +1,4 @@
 """Test setup: offline, CPU, project root importable, numbered scripts loadable as modules."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,12 +13,8 @@ sys.path.insert(0, str(ROOT))
 
 def load_script(name: str):
     """Import e.g. '03_train_attacker.py' (a name Python's import cannot spell) as a module."""
-    path = ROOT / name
-    spec = importlib.util.spec_from_file_location(path.stem.lstrip("0123456789_"), path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
+    import common
+    return common.load_stage(name)
 
 
 import pytest  # noqa: E402
