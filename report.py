@@ -183,24 +183,31 @@ def coevolution(rounds) -> list[dict]:
 def targets(run: Path, rounds: int = 2) -> list[tuple[str, float, str, bool]]:
     """The co-evolution's targets on a finished run of ``rounds`` rounds (the tiny world's learning test and
     bench/coevolution.py): (what, measured, bar, met). The robustness cells are the gate-passing held-out
-    attacks, as in eval/summary.md; 03's reward from its log, the mean of the first and the last 8 iterations."""
-    load = lambda name: json.loads((run / "eval" / f"{name}.json").read_text())  # noqa: E731
-    scored = [load(n) for n in ["base"] + [f"round_{k}" for k in range(rounds + 1)]]
+    attacks, as in eval/summary.md; 03's reward from its log, the mean of the first and the last 8 iterations.
+    What the run has not reached (a defender not trained, a round not run) is NaN and not met."""
+    files = [run / "eval" / f"{n}.json" for n in ["base"] + [f"round_{k}" for k in range(rounds + 1)]]
+    scored = [json.loads(f.read_text()) for f in files if f.exists()]
+    if not any(r.get("round") == 0 for r in scored):
+        raise FileNotFoundError(f"{run}/eval/round_0.json: defender 0 is not scored (05_eval.py --round 0)")
+    nan = float("nan")
     co = {c["attacker"]: c for c in coevolution(scored)}
-    out = [("defender 0 clean", co[1]["clean_before"], ">= 85", co[1]["clean_before"] >= 85)]
+    by = {r["round"]: r["robustness"] for r in scored if r.get("round") is not None}
+    clean0 = by[0]["clean_acc"]
+    out = [("defender 0 clean", clean0, ">= 85", clean0 >= 85)]
     for k in range(1, rounds + 1):
-        c = co[k]
+        c = dict(dict(drop=nan, recovered=nan, clean_after=nan), **co.get(k, {}))
         out += [(f"attacker {k} takes (points)", c["drop"], ">= 25" if k == 1 else ">= 15", c["drop"] >= (25 if k == 1 else 15)),
                 (f"defender {k} wins back (%)", 100 * c["recovered"], ">= 50", c["recovered"] >= 0.5),
-                (f"defender {k} clean vs round 0", c["clean_after"] - co[1]["clean_before"], ">= -5",
-                 c["clean_after"] >= co[1]["clean_before"] - 5)]
-        a = scored[k + 1]["robustness"][f"attacker_round_{k}"]          # defender k's file holds attacker k's set
+                (f"defender {k} clean vs round 0", c["clean_after"] - clean0, ">= -5", c["clean_after"] >= clean0 - 5)]
+        # the attacks' own figures (the same in every defender's file): from defender k-1's, which scored them
+        a = by.get(k - 1, {}).get(f"attacker_round_{k}", dict(changed_area=dict(median=nan), ssim_pass=nan))
         out += [(f"attacker {k} median changed area (%)", 100 * a["changed_area"]["median"], "<= 10",
                  a["changed_area"]["median"] <= 0.10),
                 (f"attacker {k} held-out attacks within the gate (%)", a["ssim_pass"], ">= 85", a["ssim_pass"] >= 85)]
-        rows = [json.loads(x) for x in (run / "logs" / f"03_round_{k}.jsonl").read_text().splitlines() if '"iter"' in x]
+        log = run / "logs" / f"03_round_{k}.jsonl"
+        rows = [json.loads(x) for x in log.read_text().splitlines() if '"iter"' in x] if log.exists() else []
         first, last = rows[:8], rows[-8:]
-        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs) if rs else nan  # noqa: E731
         rise, success = (mean(last, "reward_mean") - mean(first, "reward_mean"),
                          100 * (mean(last, "attack_success") - mean(first, "attack_success")))
         met = rise >= 0.1 or success >= 10
@@ -208,8 +215,8 @@ def targets(run: Path, rounds: int = 2) -> list[tuple[str, float, str, bool]]:
                 (f"attacker {k} RL: attack success, last 8 - first 8 (points)", success, ">= 10 (or the last >= 0.1)",
                  met)]
         if k > 1:    # defender k on attacker 1's attacks, against defender 1: no forgetting
-            then = scored[2]["robustness"]["attacker_round_1"]["acc"]
-            now = scored[k + 1]["robustness"]["attacker_round_1"]["acc"]
+            then = by.get(1, {}).get("attacker_round_1", {}).get("acc", nan)
+            now = by.get(k, {}).get("attacker_round_1", {}).get("acc", nan)
             out.append((f"defender {k} vs defender 1 on attacker 1's attacks", now - then, ">= -5", now >= then - 5))
     return out
 

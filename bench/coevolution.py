@@ -2,12 +2,14 @@
 
   python bench/coevolution.py runs/tw_s0 runs/tw_s1 runs/tw_s2 [--rounds 2]
 
-The targets and how each is measured: report.targets (the tiny world's learning test asserts the same).
+The targets and how each is measured: report.targets (the tiny world's learning test asserts the same); a
+run stopped early shows "not run" where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,9 +26,8 @@ def main():
     print("| target | bar | " + " | ".join(r.name for r in a.runs) + " | met in |")
     print("|---|---|" + "---|" * (len(a.runs) + 1))
     for i, (what, _, bar, _) in enumerate(cols[0]):
-        cells = [f"{c[i][1]:.1f}" + ("" if c[i][3] else " ✗") for c in cols]
-        if "RL: reward" in what:
-            cells = [f"{c[i][1]:+.3f}" + ("" if c[i][3] else " ✗") for c in cols]
+        form = "{:+.3f}" if "RL: reward" in what else "{:.1f}"
+        cells = ["not run" if math.isnan(c[i][1]) else form.format(c[i][1]) + ("" if c[i][3] else " ✗") for c in cols]
         print(f"| {what} | {bar} | " + " | ".join(cells) + f" | {sum(c[i][3] for c in cols)} / {len(cols)} |")
 
 

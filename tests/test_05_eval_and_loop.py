@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import math
 import os
 import subprocess
 import time
@@ -364,3 +365,9 @@ def test_targets_hand_computed(tmp_path):
         "attacker 2 RL: reward, last 8 - first 8 iterations": (0.02, True),        # success rose 20 points
         "attacker 2 RL: attack success, last 8 - first 8 (points)": (20.0, True),
         "defender 2 vs defender 1 on attacker 1's attacks": (-6.0, False)}
+    (tmp_path / "eval" / "round_2.json").unlink()           # a run stopped before defender 2: what it has, the rest NaN
+    stopped = {what: (value, met) for what, value, _, met in report.targets(tmp_path, rounds=2)}
+    assert stopped["attacker 2 takes (points)"] == (pytest.approx(18.0), True)
+    assert stopped["attacker 2 median changed area (%)"] == (pytest.approx(12.0), False)
+    for what in ("defender 2 wins back (%)", "defender 2 clean vs round 0", "defender 2 vs defender 1 on attacker 1's attacks"):
+        assert math.isnan(stopped[what][0]) and stopped[what][1] is False
