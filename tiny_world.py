@@ -112,6 +112,23 @@ def world_accuracy(model, processor, scenes: list[dict], images=None) -> float:
                            for a, s in zip(answers, scenes)) / len(scenes), 1)
 
 
+def fresh_world_defender(questions=None):
+    """The world's defender before training, and its processor: a tokenizer fitted to the stages' wordings
+    with each of ``questions`` (default: the world's) one token, a fresh tiny Qwen2.5-VL (seed 10)."""
+    pixels = world.SIZE * world.SIZE
+    questions = questions or [q for q, _ in world.QUESTIONS.values()]
+    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, extra_corpus=world.stage_wordings(),
+                                  sentences=world.fixed_sentences(questions))
+    processor.tokenizer.padding_side = "left"   # as common.load_defender: batched generation
+    config = tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
+                             rope_theta=1e4)
+    with seeded(10):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, processor
+
+
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
                          n_test: int = 192, min_val_acc: float = 90.0, max_more: int = 3,
                          more_steps: int = 200, more_lr: float = 1e-3, log=print):
@@ -121,16 +138,7 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     ``more_steps`` (warm-up + cosine at ``more_lr``): the same steps land elsewhere on another CPU, and the
     top-up brings every build over the bar. Hard labels (label smoothing made greedy answers fragile).
     Both measured in bench/tiny_world.md."""
-    pixels = world.SIZE * world.SIZE
-    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, extra_corpus=world.stage_wordings(),
-                                  sentences=world.fixed_sentences([q for q, _ in world.QUESTIONS.values()]))
-    processor.tokenizer.padding_side = "left"   # as common.load_defender: batched generation
-    config = tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
-                             rope_theta=1e4)
-    with seeded(10):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model, processor = fresh_world_defender()
     train = [world.scene(i, seed=1) for i in range(n_train)]
     test = [world.scene(i, seed=2) for i in range(n_test)]
     batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]

@@ -24,12 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
-
 import tiny_world  # noqa: E402
 import world  # noqa: E402
-from common import seeded  # noqa: E402
-from tiny_models import tiny_vl_config, tiny_vl_processor  # noqa: E402
 
 # --wording: the question names the options in their order, each wording one token of the world's tokenizer
 SWAPPED = {"horizontal": "Is the red circle to the right or to the left of the blue square?",
@@ -55,17 +51,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    pixels = world.SIZE ** 2
     questions = [q for q, _ in world.QUESTIONS.values()] + (list(SWAPPED.values()) if a.wording else [])
-    processor = tiny_vl_processor(min_pixels=pixels, max_pixels=pixels, extra_corpus=world.stage_wordings(),
-                                  sentences=world.fixed_sentences(questions))
-    processor.tokenizer.padding_side = "left"
-    config = tiny_vl_config(processor.tokenizer, hidden=128, layers=4, vision_hidden=96, vision_heads=4,
-                            rope_theta=1e4)
-    with seeded(10):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model, processor = tiny_world.fresh_world_defender(questions)
     val = [scene(i, 8, True, a.wording) for i in range(192)]
     model.train()
     done = 0
