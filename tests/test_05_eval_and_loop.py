@@ -371,3 +371,6 @@ def test_targets_hand_computed(tmp_path):
     assert stopped["attacker 2 median changed area (%)"] == (pytest.approx(12.0), False)
     for what in ("defender 2 wins back (%)", "defender 2 clean vs round 0", "defender 2 vs defender 1 on attacker 1's attacks"):
         assert math.isnan(stopped[what][0]) and stopped[what][1] is False
+    (tmp_path / "eval" / "round_0.json").unlink()
+    with pytest.raises(FileNotFoundError, match="defender 0 is not scored"):
+        report.targets(tmp_path, rounds=2)
