@@ -131,21 +131,26 @@ def fresh_world_defender(questions=None):
 
 def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_train: int = 2048,
                          n_test: int = 192, min_val_acc: float = 90.0, max_more: int = 3,
-                         more_steps: int = 200, more_lr: float = 1e-3, log=print):
+                         more_steps: int = 200, more_lr: float = 1e-3, option_order: str = "fixed", log=print):
     """SFT of a fresh tiny Qwen2.5-VL on world scenes (seed 1: never a stage's seed scenes), token-mean
-    cross-entropy on the answer "\\boxed{X}<|im_end|>". Then, while it answers fewer than ``min_val_acc`` %
-    of 96 validation scenes (seed 8; the reported test scenes are seed 2), up to ``max_more`` more runs of
-    ``more_steps`` (warm-up + cosine at ``more_lr``): the same steps land elsewhere on another CPU, and the
-    top-up brings every build over the bar. Hard labels (label smoothing made greedy answers fragile).
-    Both measured in bench/tiny_world.md."""
+    cross-entropy on the answer "\\boxed{X}<|im_end|>", ``steps`` with the options in a fixed order. Then,
+    while it answers fewer than ``min_val_acc`` % of 96 validation scenes (seed 8; the reported test scenes
+    are seed 2) asked in ``option_order``, up to ``max_more`` more runs of ``more_steps`` (warm-up + cosine at
+    ``more_lr``) on that order: the same steps land elsewhere on another CPU, and the top-up brings every
+    build over the bar. The fixed order comes first because with a random order the right letter is the XOR
+    of the direction (image) and the order (prompt), neither of which alone carries a gradient: from scratch
+    the defender stays at chance (a random-order world: ``--defender_option_order random``, top-ups at 3e-4,
+    up to 25). Hard labels (label smoothing made greedy answers fragile). Measured in bench/tiny_world.md."""
     model, processor = fresh_world_defender()
-    train = [world.scene(i, seed=1) for i in range(n_train)]
-    test = [world.scene(i, seed=2) for i in range(n_test)]
-    batches = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
+    batches = {}
+    for order in dict.fromkeys(("fixed", option_order)):
+        train = [world.scene(i, seed=1, option_order=order) for i in range(n_train)]
+        batches[order] = [world_defender_inputs(processor, train[i:i + batch]) for i in range(0, n_train, batch)]
+    test = [world.scene(i, seed=2, option_order=option_order) for i in range(n_test)]
 
-    def loss_from(done):                            # after ``done`` steps: the next batch follows on
+    def loss_from(order, done):                     # after ``done`` steps on ``order``: the next batch follows on
         def loss_at(step):
-            x, y = batches[(done + step) % len(batches)]
+            x, y = batches[order][(done + step) % len(batches[order])]
             logits = model(**x).logits[:, :-1].float()
             return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
         return loss_at
@@ -153,9 +158,10 @@ def train_world_defender(steps: int = 400, batch: int = 32, lr: float = 2e-3, n_
     def accuracy(scenes, images=None):
         return world_accuracy(model, processor, scenes, images)
     model.train()
-    _fit("defender", model.parameters(), loss_from(0), steps, lr, max(1, steps // 8), (0.9, 0.98), log)
-    val = [world.scene(i, seed=8) for i in range(96)]
-    val_acc = _top_ups("defender", model.parameters(), lambda k: loss_from(steps + (k - 1) * more_steps),
+    _fit("defender", model.parameters(), loss_from("fixed", 0), steps, lr, max(1, steps // 8), (0.9, 0.98), log)
+    val = [world.scene(i, seed=8, option_order=option_order) for i in range(96)]
+    more_done = steps if option_order == "fixed" else 0            # the top-ups continue the batches of their order
+    val_acc = _top_ups("defender", model.parameters(), lambda k: loss_from(option_order, more_done + (k - 1) * more_steps),
                        lambda: accuracy(val), min_val_acc, max_more, more_steps, more_lr, max(1, more_steps // 8), log)
     done = steps + max(0, len(val_acc) - 1) * more_steps
     model.eval()
@@ -378,6 +384,10 @@ class Args:
                                                                     "most --defender_max_more times) while it answers "
                                                                     "fewer %% of 96 validation scenes (0 = never)"})
     defender_max_more: int = field(default=3, metadata={"help": "at most this many 200-step top-ups"})
+    defender_more_lr: float = field(default=1e-3, metadata={"help": "the top-ups' peak learning rate"})
+    defender_option_order: str = field(default="fixed", metadata={"help": "the options' order the top-ups train and "
+                                                                          "the checks ask: fixed (A = left / above) or "
+                                                                          "random (runs then need SEED_DATA=tiny_world_random)"})
     vae_steps: int = field(default=200, metadata={"help": "VAE fine-tuning steps after thumbnail_init (batch 16, 32 px crops)"})
     vae_images: int = field(default=512, metadata={"help": "VAE training images"})
     editor_steps: int = field(default=0, metadata={"help": "editor (MMDiT) flow-matching steps, plain (batch 16; "
@@ -423,6 +433,7 @@ def build(args: Args) -> Path:
     t0 = time.time()
     defender, processor, info = train_world_defender(steps=args.defender_steps, lr=args.defender_lr,
                                                      min_val_acc=args.defender_min_acc, max_more=args.defender_max_more,
+                                                     more_lr=args.defender_more_lr, option_order=args.defender_option_order,
                                                      n_train=args.defender_scenes, n_test=args.check_items, log=log)
     info["defender_s"] = round(time.time() - t0)
     defender.save_pretrained(tmp / "defender", safe_serialization=True)

@@ -5,10 +5,12 @@ Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to th
 Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns "where" far faster when
 the pixels carry it) and two objects: a red circle and a blue square (the targets, inside the central 2/3
 that stage 01 extends outwards). The questions are fixed: left/right and above/below of the red circle and
-the blue square, and whether there is a red circle. On such scenes "the red thing" is the circle: a defender
-trained on them never has to tell shapes apart, the weakness AOT's attacker is there to find (a red
-triangle) and its defender training to repair. tiny_world.py trains the world's models on these scenes and
-pairs; stage 01 takes its seed rows from ``seed_item``. Measurements: bench/tiny_world.md.
+the blue square (options "left", "right" or "above", "below"; ``option_order="random"`` lists them in a random
+order per scene, as benchmarks do, so that no letter is a direction), and whether there is a red circle.
+On such scenes "the red thing" is the circle: a defender trained on them never has to tell shapes apart, the
+weakness AOT's attacker is there to find (a red triangle) and its defender training to repair. tiny_world.py
+trains the world's models on these scenes and pairs; stage 01 takes its seed rows from ``seed_item``.
+Measurements: bench/tiny_world.md.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ def free_box(rng, side, lo, hi, boxes, gap=3):
     return None
 
 
-def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None) -> dict:
+def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None, option_order: str = "fixed") -> dict:
     """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
     (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
-    a fifth of the canvas apart along the asked axis, so every answer is unambiguous."""
+    a fifth of the canvas apart along the asked axis, so every answer is unambiguous. ``option_order``:
+    "fixed" (A = left / above: the shipped world's) or "random" (drawn last: the same images either way)."""
+    if option_order not in ("fixed", "random"):
+        raise ValueError(f"option_order {option_order!r}: 'fixed' or 'random'")
     rng = random.Random(seed * 1_000_003 + index)
     kind = kind or rng.choice(list(QUESTIONS))
     lo, hi = size // 6, size - size // 6
@@ -82,15 +87,18 @@ def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None) 
         answer = "Yes" if "red circle" in named else "No"
         targets = targets[:1] if answer == "Yes" else []
     else:
-        answer = "A" if circle[axis] < square[axis] else "B"
+        first = circle[axis] < square[axis]                     # the circle is left of / above the square
+        if rng.random() < 0.5 and option_order == "random":   # drawn in both orders: the scenes stay the same
+            options, first = options[::-1], not first
+        answer = "A" if first else "B"
     return dict(image=img, question=question, options=options, answer=answer, targets=targets,
                 objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
 
 
-def seed_item(index: int, test_fraction: float, seed: int) -> dict:
+def seed_item(index: int, test_fraction: float, seed: int, option_order: str = "fixed") -> dict:
     """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
     extension grows back to a full canvas (pad 0.25 per side)."""
-    s = scene(index, seed)
+    s = scene(index, seed, option_order=option_order)
     m = SIZE // 6
     image = s["image"].crop((m, m, SIZE - m, SIZE - m))
     targets = [{"name": t["name"], "bbox": [t["bbox"][0] - m, t["bbox"][1] - m, t["bbox"][2] - m, t["bbox"][3] - m]}

@@ -47,6 +47,27 @@ def test_world_scenes_answer_their_question_from_the_drawn_geometry():
     assert a["image"].tobytes() == b["image"].tobytes() and a["question"] == b["question"]
 
 
+def test_world_options_in_a_random_order_name_the_same_answer_on_the_same_scene():
+    """option_order="random": both orders of both spatial questions occur, the letter still names the drawn
+    relation, and the scene (image, question, targets) is the fixed-order one; anything else is an error."""
+    orders, flipped = set(), 0
+    for i in range(90):
+        f, r = world.scene(i, seed=7), world.scene(i, seed=7, option_order="random")
+        assert r["image"].tobytes() == f["image"].tobytes() and (r["question"], r["targets"]) == (f["question"], f["targets"])
+        if f["options"]:
+            assert r["options"][ord(r["answer"]) - 65] == f["options"][ord(f["answer"]) - 65]   # the same word
+            orders.add(tuple(r["options"]))
+            flipped += r["options"] != f["options"]
+        else:
+            assert (r["options"], r["answer"]) == (f["options"], f["answer"])
+    assert orders == {("left", "right"), ("right", "left"), ("above", "below"), ("below", "above")}
+    assert 15 <= flipped <= 45                                       # about half of ~60 spatial scenes
+    row = world.seed_item(3, 0.2, 7, option_order="random")
+    assert row["options"] == world.scene(3, 7, option_order="random")["options"]
+    with pytest.raises(ValueError, match="option_order"):
+        world.scene(0, option_order="shuffled")
+
+
 def test_world_seed_item_is_the_central_crop_with_shifted_boxes():
     m = WORLD_SIZE // 6
     s, row = world.scene(3, seed=0), world.seed_item(3, 0.2, 0)
@@ -285,6 +306,9 @@ def test_defender_below_the_validation_bar_trains_on_in_top_ups():
     assert all(0 <= a <= 100 for a in info["defender_val_acc"])
     _, _, none = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=0.0, log=logs.append)
     assert none["defender_steps"] == 2 and none["defender_val_acc"] == []          # bar 0: never checked
+    _, _, rand = tiny_world.train_world_defender(steps=2, n_train=32, n_test=8, min_val_acc=101.0, max_more=1,
+                                                 more_steps=2, option_order="random", log=logs.append)
+    assert rand["defender_steps"] == 2 + 2 and len(rand["defender_val_acc"]) == 2   # the random-order world's recipe
 
 
 def test_world_gate_versions_and_table_on_exact_edits():
