@@ -12,7 +12,10 @@ against the original scene on its target boxes:
   recoloured  its first target redrawn in green (its shape and box kept);
   erased      its first target painted over with the scene's own background.
 A gate is worth its name where "untouched" mostly passes and the other two mostly fail. The table is the
-share passing each tau (%), and the mean local SSIM of each version.
+share passing each tau (%), and the mean local SSIM of each version. ``--reference`` picks what an edit is
+compared with: ``scene`` (03's gate: the scene as drawn), ``vae`` (the scene through the world's VAE, encode
+and decode: what any edit's blur starts from) or ``keep`` (the editor's own "keep" edit of the scene, from
+other noise than the versions' edits).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Args:
     scenes: int = field(default=96, metadata={"help": "held-out scenes drawn (those without targets are left out)"})
     taus: list[float] = field(default_factory=lambda: [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
                               metadata={"help": "gates to report"})
+    reference: str = field(default="scene", metadata={"help": "compare edits with: scene, vae or keep (module docstring)"})
 
 
 def versions(index: int, seed: int = 5) -> tuple[dict, list]:
@@ -57,30 +61,43 @@ def versions(index: int, seed: int = 5) -> tuple[dict, list]:
     return s, [s["image"], recoloured, Image.fromarray(erased)]
 
 
-def gate_table(items: list[tuple[dict, list]], edit, taus) -> dict:
-    """``edit(images) -> images`` applied to each version of every item; -> {"ssim": {version: mean local SSIM},
-    "passed": {tau: {version: % of items at or above tau}}, "n": items}."""
-    ssim = {}
+def gate_table(items: list[tuple[dict, list]], edit, taus, references=None) -> dict:
+    """``edit(images) -> images`` applied to each version of every item, compared with ``references`` (default:
+    each item's scene); -> {"ssim": {version: mean local SSIM}, "passed": {tau: {version: % of items at or above
+    tau}}, "n": items}."""
+    ssim, references = {}, references or [s["image"] for s, _ in items]
     for k, name in enumerate(VERSIONS):
         outs = edit([v[k] for _, v in items])
-        ssim[name] = np.array([common.local_ssim(s["image"], o, [t["bbox"] for t in s["targets"]])
-                               for (s, _), o in zip(items, outs)])
+        ssim[name] = np.array([common.local_ssim(ref, o, [t["bbox"] for t in s["targets"]])
+                               for (s, _), ref, o in zip(items, references, outs)])
     return dict(n=len(items), ssim={n: round(float(v.mean()), 3) for n, v in ssim.items()},
                 passed={tau: {n: round(100 * float((v >= tau).mean()), 1) for n, v in ssim.items()} for tau in taus})
+
+
+def vae_round_trip(pipe, images):
+    """The images through the editor's VAE (encode, decode) at the world's size."""
+    x = editing.images_to_tensor(images, world.SIZE, world.SIZE)
+    return editing.tensor_to_images(editing.decode_latents(pipe, editing.encode_images(pipe, x), world.SIZE, world.SIZE))
 
 
 def main(a: Args):
     pipe = editing.load_attacker(str(Path(a.models) / "editor"))
 
-    def keep(images):                                   # 03's held-out sampler, 16 scenes a call
+    def keep(images, seed=0):                           # 03's held-out sampler, 16 scenes a call
         out = []
         for i in range(0, len(images), 16):
             part = images[i:i + 16]
-            out += world.edit_images(pipe, part, [world.KEEP] * len(part), steps=8, cfg=4.0, seed=i)
+            out += world.edit_images(pipe, part, [world.KEEP] * len(part), steps=8, cfg=4.0, seed=seed + i)
         return out
     items = [versions(i) for i in range(a.scenes) if world.scene(i, 5)["targets"]]
-    r = gate_table(items, keep, a.taus)
-    print(f"{r['n']} held-out scenes with targets, the world's editor ({a.models}), 'keep', 8 Euler steps, CFG 4")
+    scenes = [s["image"] for s, _ in items]
+    references = {"scene": lambda: scenes, "keep": lambda: keep(scenes, seed=10_000),
+                  "vae": lambda: vae_round_trip(pipe, scenes)}
+    if a.reference not in references:
+        raise SystemExit(f"--reference {a.reference!r}: one of {', '.join(references)}")
+    r = gate_table(items, keep, a.taus, references[a.reference]())
+    print(f"{r['n']} held-out scenes with targets, the world's editor ({a.models}), 'keep', 8 Euler steps, CFG 4, "
+          f"compared with the {a.reference}")
     print("| tau | " + " | ".join(f"{n} pass (%)" for n in VERSIONS) + " |")
     print("|---|" + "---|" * len(VERSIONS))
     for tau, p in r["passed"].items():
