@@ -81,7 +81,7 @@ PRESETS = {
 class Args:
     run_dir: str = field(default="runs/aot", metadata={"help": "run directory (outputs go under data/)"})
     preset: str | None = field(default=None, metadata={"help": "'tiny': small offline models and data"})
-    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (_random), a seed JSONL, or "
+    seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (_fixed), a seed JSONL, or "
                                                                    "coco:ANNOTATIONS.json:IMAGE_DIR (docs/seeds.md)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
     coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap between two boxes along the asked "
@@ -428,9 +428,9 @@ def keep_effective(implanted, target, target_proc, swap, args, counts) -> list[d
 def read_seeds(args, ddp, data: Path):
     """-> (seed rows, skipped items by name, rejected question candidates by reason). Every rank reads them
     identically; rank 0 writes data/seed for generated seeds."""
-    if args.seed_data in ("synthetic", "tiny_world", "tiny_world_random"):     # the last: options in a random order
+    if args.seed_data in ("synthetic", "tiny_world", "tiny_world_fixed"):      # the last: A = left / above
         rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else world.seed_item(i, args.test_fraction, args.seed, "random" if args.seed_data.endswith("_random") else "fixed")
+                else world.seed_item(i, args.test_fraction, args.seed, "fixed" if args.seed_data.endswith("_fixed") else "random")
                 for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():

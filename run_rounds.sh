@@ -8,7 +8,7 @@
 #
 # Env: PRESET (tiny_world|tiny|paper; tiny_world), ROUNDS (2; paper: 3, its iterations), RUN_DIR (runs/$PRESET), NPROC (1),
 #      WORLD (tiny_world's models: shipped, build, or a built world's directory),
-#      SEED_DATA (synthetic, tiny_world(_random), coco:..., or a seed JSONL; default the preset's), BENCH ("name=path.tsv name=path.tsv" for stage 05),
+#      SEED_DATA (synthetic, tiny_world(_fixed), coco:..., or a seed JSONL; default the preset's), BENCH ("name=path.tsv name=path.tsv" for stage 05),
 #      SEED (0: the random seed of stages 01-04; runs at several seeds show what the method does, not one draw),
 #      DTYPE (bf16|fp32; default: each stage's auto, bf16 on GPU and fp32 on CPU; trained weights are fp32),
 #      REPORT_TO (tensorboard|wandb: also log 02, 03, 04 there; logs/*.jsonl always).

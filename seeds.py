@@ -81,7 +81,7 @@ def check_seed_source(spec: str) -> str | None:
     """Why --seed_data cannot be read (None if it can), cheaply and before any model loads: a COCO
     annotation file that is missing or not COCO-format JSON, an image directory that is missing, a seed
     JSONL that is missing or holds no JSON row. Rows and images are still checked one by one later."""
-    if spec in ("synthetic", "tiny_world", "tiny_world_random"):
+    if spec in ("synthetic", "tiny_world", "tiny_world_fixed"):
         return None
     if spec.startswith("coco:"):
         _, ann, image_dir = (spec.split(":", 2) + ["", ""])[:3]

@@ -5,8 +5,9 @@ Every scene is a 112 x 112 canvas with a colour-ramp background (red grows to th
 Qwen2.5-VL has rotary positions only, and a tiny randomly initialised tower learns "where" far faster when
 the pixels carry it) and two objects: a red circle and a blue square (the targets, inside the central 2/3
 that stage 01 extends outwards). The questions are fixed: left/right and above/below of the red circle and
-the blue square (options "left", "right" or "above", "below"; ``option_order="random"`` lists them in a random
-order per scene, as benchmarks do, so that no letter is a direction), and whether there is a red circle.
+the blue square (options "left", "right" or "above", "below", in a random order per scene, as benchmarks have
+them, so that no letter is a direction; ``option_order="fixed"``: A = left / above, the earlier worlds'), and
+whether there is a red circle.
 On such scenes "the red thing" is the circle: a defender trained on them never has to tell shapes apart, the
 weakness AOT's attacker is there to find (a red triangle) and its defender training to repair. tiny_world.py
 trains the world's models on these scenes and pairs; stage 01 takes its seed rows from ``seed_item``.
@@ -53,11 +54,11 @@ def free_box(rng, side, lo, hi, boxes, gap=3):
     return None
 
 
-def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None, option_order: str = "fixed") -> dict:
+def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None, option_order: str = "random") -> dict:
     """One scene of the world: {image, question, options, answer, targets, objects, kind}; the same
     (index, seed) always draws the same scene. Targets sit in the central 2/3 of the canvas, at least
     a fifth of the canvas apart along the asked axis, so every answer is unambiguous. ``option_order``:
-    "fixed" (A = left / above: the shipped world's) or "random" (drawn last: the same images either way)."""
+    "random" (the shipped world's) or "fixed" (A = left / above); drawn last, so the images are the same."""
     if option_order not in ("fixed", "random"):
         raise ValueError(f"option_order {option_order!r}: 'fixed' or 'random'")
     rng = random.Random(seed * 1_000_003 + index)
@@ -95,7 +96,7 @@ def scene(index: int, seed: int = 0, size: int = SIZE, kind: str | None = None, 
                 objects=[{"name": n, "bbox": b} for n, b in objects], kind=kind)
 
 
-def seed_item(index: int, test_fraction: float, seed: int, option_order: str = "fixed") -> dict:
+def seed_item(index: int, test_fraction: float, seed: int, option_order: str = "random") -> dict:
     """A seed row for stage 01 (seeds.py's row format): the scene's central 2/3, which 01's scene
     extension grows back to a full canvas (pad 0.25 per side)."""
     s = scene(index, seed, option_order=option_order)

@@ -33,7 +33,7 @@ SWAPPED = {"horizontal": "Is the red circle to the right or to the left of the b
 
 
 def scene(i: int, seed: int, random_order: bool, wording: bool) -> dict:
-    s = world.scene(i, seed)
+    s = world.scene(i, seed, option_order="fixed")
     if random_order and s["kind"] != "exists" and random.Random(f"order {seed} {i}").random() < 0.5:
         s = dict(s, options=s["options"][::-1], answer="AB"["BA".index(s["answer"])])
         if wording:
