@@ -335,6 +335,9 @@ def test_world_gate_versions_and_table_on_exact_edits():
     assert table["passed"][0.5]["untouched"] == table["passed"][0.99]["untouched"] == 100.0
     assert table["passed"][0.99]["recoloured"] == table["passed"][0.99]["erased"] == 0.0
     assert table["ssim"]["recoloured"] < 0.99 and table["ssim"]["erased"] < 0.99
+    # --reference: compared with the erased scenes, the erased version is the exact one and the untouched fails
+    vs_erased = world_gate.gate_table(items, lambda images: images, [0.99], references=[v[2] for _, v in items])
+    assert vs_erased["ssim"]["erased"] == 1.0 and vs_erased["passed"][0.99]["untouched"] == 0.0
 
 
 def test_sft_bound_counts_dapo_groups_by_right_answer(monkeypatch):
