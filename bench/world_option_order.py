@@ -1,7 +1,9 @@
 """Can the world's defender learn the spatial questions with their two options in a random order per scene?
 
-The shipped world asks them with a fixed order ("A. left / B. right", "A. above / B. below"), so a letter is
-also a direction: a defender trained against attacks on one side can buy them back by moving its letter prior.
+The earlier worlds asked them in a fixed order ("A. left / B. right", "A. above / B. below"), so a letter was
+also a direction: a defender trained against attacks on one side could buy them back by moving its letter prior.
+(The shipped world now draws the order in world.scene; this script keeps its own draw, with which its table in
+bench/tiny_world.md was measured, and the question rewording of --wording.)
 With the order random, the right letter is the XOR of the direction (in the image) and the order (in the
 prompt), which gives a first-order gradient to neither. This trains the world's defender (tiny_world's
 architecture, tokenizer and data) for --fixed_steps on the fixed order, then --random_steps on random order,
