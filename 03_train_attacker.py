@@ -80,8 +80,9 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               curriculum_batch=32,
                               # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere
                               sde_window=2,
-                              # the gate at 0.55: the world's VAE caps untouched targets' local SSIM at ~0.66
-                              tau=0.55, census="pixels")}
+                              # the gate at 0.7: the world editor's "keep" passes 96% of scenes, an erased or
+                              # recoloured target ~32% (bench/world_gate.py)
+                              tau=0.7, census="pixels")}
 
 
 @dataclass

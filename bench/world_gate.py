@@ -1,10 +1,10 @@
 """The tiny world's local-SSIM gate (03's --tau) calibrated on the world's own editor, on this CPU.
 
   python bench/world_gate.py --models runs/tiny_world/models
-  python bench/world_gate.py --models DIR --taus 0.5 0.55 0.6 --scenes 96
+  python bench/world_gate.py --models DIR --taus 0.6 0.7 0.8 --scenes 96
 
 An edit of a scene is never exact here: the world's VAE and editor blur what they keep, so the paper's
-0.85 would reject every edit, and the gate has to sit below what an untouched target scores. This measures
+0.85 would reject most edits, and the gate has to sit below what an untouched target scores. This measures
 where: held-out scenes (seed 5, those with target boxes) in three versions, each edited with "Keep the
 image unchanged." (8 Euler steps, CFG 4: 03's held-out attacks' sampler) and scored by common.local_ssim
 against the original scene on its target boxes:
@@ -39,7 +39,7 @@ VERSIONS = ("untouched", "recoloured", "erased")
 class Args:
     models: str = field(default="runs/tiny_world/models", metadata={"help": "the world's models (tiny_world.py --out)"})
     scenes: int = field(default=96, metadata={"help": "held-out scenes drawn (those without targets are left out)"})
-    taus: list[float] = field(default_factory=lambda: [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
+    taus: list[float] = field(default_factory=lambda: [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85],
                               metadata={"help": "gates to report"})
     reference: str = field(default="scene", metadata={"help": "compare edits with: scene, vae or keep (module docstring)"})
 

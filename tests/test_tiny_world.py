@@ -1,5 +1,6 @@
 """The tiny world: its scenes (world.scene) and edit pairs are what they claim (checked against their own
 geometry), and the models tiny_world.py trains are saved as ordinary model directories the stages load by path."""
+import dataclasses
 import json
 import time
 
@@ -261,6 +262,25 @@ def test_build_writes_model_directories_that_load_by_path(small_world):
     assert time.time() - t0 < 1 and (out / "world.json").stat().st_mtime == stamp
 
 
+def test_build_around_another_worlds_defender_keeps_it_and_trains_the_rest(small_world, tmp_path):
+    """--defender_from: the defender's weights (also the editor's text encoder) and world.json's defender_*
+    entries are the source world's; the VAE and the editor are trained anew (they differ from the source's)."""
+    src, args = small_world
+    out = tmp_path / "models"
+    tiny_world.build(dataclasses.replace(args, out=str(out), defender_from=str(src), vae_steps=3, vae_lr=1e-3))
+    old, new = (json.loads((d / "world.json").read_text()) for d in (src, out))
+    assert new.pop("defender_from") == str(src) and "defender_steps" in new
+    mine = {k: v for k, v in new.items() if k.startswith("defender_")}
+    assert mine == {k: v for k, v in old.items() if k.startswith("defender_")}
+    for f in (src / "defender").iterdir():                 # its files copied as they were
+        assert tiny_world.sha256(out / "defender" / f.name) == tiny_world.sha256(f), f.name
+    a, _ = common.load_defender(str(src / "defender"))
+    b = dict(editing.load_attacker(str(out / "editor")).text_encoder.named_parameters())
+    assert all(torch.equal(p, b[n]) for n, p in a.named_parameters())
+    vae = [editing.load_attacker(str(d / "editor")).vae.encoder.conv_in.weight for d in (src, out)]
+    assert not torch.equal(*vae)
+
+
 def test_editor_with_no_plain_phase_trains_only_the_weighted_phase(small_world):
     out, _ = small_world
     pipe = editing.load_attacker(str(out / "editor"))
@@ -373,6 +393,7 @@ def test_the_shipped_world_matches_its_manifest_and_loads(tmp_path):
         assert tiny_world.sha256(out / rel) == digest, rel
     assert tiny_world.sha256(out / "editor/text_encoder/model.safetensors") == manifest["files"]["defender/model.safetensors"]
     info = json.loads((out / "world.json").read_text())
+    assert info["vae_psnr"] > 32 and info["vae_target_ssim"] > 0.8   # the sharp VAE the 0.7 gate needs
     model, processor = common.load_defender(str(out / "defender"))
     assert sum(p.numel() for p in model.parameters()) == info["defender_params"]
     scenes = [world.scene(i, seed=11) for i in range(48)]
