@@ -2,7 +2,7 @@
 (report.targets: round 1 and round 2 recover, attacks stay local and within the gate, 03's RL reward rises,
 defender 2 does not forget attacker 1), measured on the held-out test scenes as eval/summary.md reports them.
 
-Opt-in: a run from an empty directory takes tens of minutes on 2 cores (times: bench/tiny_world.md).
+Opt-in: a run from an empty directory takes one to several hours on 2 cores, most of it 04's refill (times: bench/tiny_world.md).
 ``AOT_LEARNING_TEST=1`` runs it in a temporary directory; ``AOT_LEARNING_TEST=DIR`` runs it in DIR, where finished
 stages are skipped (a finished run is re-checked in seconds); ``SEED`` picks the run's seed (0)."""
 import os
@@ -18,7 +18,7 @@ import report
 WHERE = os.environ.get("AOT_LEARNING_TEST", "")
 
 
-@pytest.mark.skipif(not WHERE, reason="tens of minutes on 2 cores: AOT_LEARNING_TEST=1 (or a run directory) runs it")
+@pytest.mark.skipif(not WHERE, reason="hours on 2 cores: AOT_LEARNING_TEST=1 (or a run directory) runs it")
 def test_tiny_world_co_evolution_meets_its_targets(tmp_path):
     run = tmp_path / "world" if WHERE == "1" else Path(WHERE)
     e = dict(env(), PRESET="tiny_world", ROUNDS="2", RUN_DIR=str(run), PYTHON=os.sys.executable,
