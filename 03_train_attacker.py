@@ -22,7 +22,7 @@ _fast) and trainer (scripts/train_qwenimage_edit_plus.py) do it (docs/paper_note
   advantage  (r - mean_group) / (std of the batch's rewards on all ranks + 1e-4), clipped to [-5, 5]
              (per_prompt_stat_tracking + global_std; --adv_std group divides by the group's own std)
   update     log-probs recomputed on the trained steps with the rollout's own sigmas; PPO clip
-             (range 1e-4), optional KL to the LoRA-disabled model (|mean diff|^2 / 2 std_dev_t^2);
+             (range 1e-4), optional KL to the reference (|mean diff|^2 / 2 std_dev_t^2);
              the batch's samples shuffled and split into --updates_per_iter optimizer steps (2: flow_grpo
              accumulates over half an epoch), every (sample, step) term weighted equally; LoRA only
   fast       --sde_window w: SDE and training on w steps whose start is drawn in [0, T // 2 - w], ODE
@@ -33,8 +33,8 @@ Where this differs from flow_grpo:
      flow_grpo's edit configs sample 32 prompts per epoch. Raise --scenes_per_step to 4 on 8 GPUs to match;
   b. images keep their aspect ratio (snapped to multiples of 16 at ~resolution^2 pixels, the condition at
      ~cond_resolution^2); flow_grpo resizes every image to a resolution x resolution square;
-  c. the KL reference is the LoRA-disabled editor (the base model), also in rounds that start from a
-     trained adapter.
+  c. the KL's reference is the round's starting adapter (verl's initial actor; flow_grpo's fresh LoRA makes its
+     LoRA-disabled model that start); --kl_ref base: the LoRA-disabled editor, before SFT.
 Our choices where the paper is silent:
   1. the reward formula above (the paper gives its two parts, not how they combine);
   2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks
@@ -76,8 +76,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
                               # 48 iterations of 8 scenes at 3e-4; four attacks per train scene (bench/tiny_world.md)
                               curriculum_samples=4,
-                              # 32 scenes a curriculum batch: faster than 8 on CPU
-                              curriculum_batch=32,
+                              curriculum_batch=32,   # 32 scenes a curriculum batch: faster than 8 on CPU
                               # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere
                               sde_window=2,
                               # the gate at 0.7: the world editor's "keep" passes 96% of scenes, an erased or
@@ -118,7 +117,8 @@ class Args:
                                                              "std, flow_grpo's edit configs) or 'group'"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip"})
-    kl_beta: float = field(default=0.0, metadata={"help": "KL weight to the LoRA-disabled model"})
+    kl_beta: float = field(default=0.0, metadata={"help": "KL weight (flow_grpo's, off in its edit configs)"})
+    kl_ref: str = field(default="init", metadata={"help": "KL reference: the round's start | base", "choices": ["init", "base"]})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
@@ -252,7 +252,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: s
     return adv.clamp(-clip, clip).flatten().float()
 
 
-def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, idx=None):
+def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, idx=None, ref=None):
     """PPO-clip on every trained step of the samples ``idx`` (default: all); one optimizer step.
     Every (sample, step) term weighs the same, 1 / (samples of this update on all ranks x steps), also
     when the last micro-batch is partial or the ranks hold different counts. Returns stats.
@@ -275,17 +275,16 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
             real = mb < mine
             sel = idx[mb * args.micro_batch:(mb + 1) * args.micro_batch] if real else [0]
             sub, x, x_next = ctx.select(sel), xs[j, sel], xs[j + 1, sel]
+            if args.kl_beta > 0:   # the reference first: its LoRA swap must precede the graph that saves the LoRA
+                with torch.no_grad(), editing.lora_values(tr, params, ref):
+                    v_ref = editing.predict_velocity(tr, x, sigmas[j:j + 1].to(xs.device), sub, args.cfg)
+                    _, _, mean_ref = sde_step(v_ref, x, s, s_next, args.noise_level, sigma_max, prev=x_next)
             v = editing.predict_velocity(tr, x, sigmas[j:j + 1].to(xs.device), sub, args.cfg)
             _, logp, mean = sde_step(v, x, s, s_next, args.noise_level, sigma_max, prev=x_next)
             ratio = torch.exp(logp - old_logps[j, sel])
             a = adv[sel].to(ratio.device)
             loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_range, 1 + args.clip_range)).sum()
             if args.kl_beta > 0:
-                with torch.no_grad():
-                    tr.disable_adapters()
-                    v_ref = editing.predict_velocity(tr, x, sigmas[j:j + 1].to(xs.device), sub, args.cfg)
-                    tr.enable_adapters()
-                    _, _, mean_ref = sde_step(v_ref, x, s, s_next, args.noise_level, sigma_max, prev=x_next)
                 kl = sde_kl(mean, mean_ref, s, args.noise_level, sigma_max)
                 loss = loss + args.kl_beta * kl.sum()
                 stats["kl"] += kl.mean().item() if real else 0.0
@@ -305,7 +304,7 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
     return {k: (v / n if k != "grad_norm" else v) for k, v in stats.items()}
 
 
-def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, shuffle: random.Random):
+def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, shuffle, ref=None):
     """flow_grpo's updates per rollout batch: the samples, shuffled, split into --updates_per_iter parts,
     one optimizer step each (its edit configs accumulate over half an epoch's batches: two steps).
     Returns the stats averaged over the updates."""
@@ -313,7 +312,7 @@ def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps
     shuffle.shuffle(order)
     U = args.updates_per_iter
     parts = [order[len(order) * u // U:len(order) * (u + 1) // U] for u in range(U)]
-    stats = [grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, part)
+    stats = [grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, part, ref)
              for part in parts]
     return {k: sum(st[k] for st in stats) / U for k in stats[0]}
 
@@ -440,7 +439,7 @@ def setup_models(args, ddp, run: Path, src: str):
     return pipe, params, defender, processor
 
 
-def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen) -> dict:
+def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen, ref=None) -> dict:
     """One Flow-GRPO iteration: draw scenes, roll out G edits of each, reward, advantages, updates. -> log row."""
     t0 = time.time()
     picks = draw_scenes(rng, len(train_scenes), args.scenes_per_step * ddp.world)
@@ -461,7 +460,7 @@ def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, dd
     t1 = time.time()
     pipe.transformer.train()
     shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
-    st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle)
+    st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle, ref)
     return iteration_row(it + 1, rewards, ssim, wrong, st, t_roll, time.time() - t1, args, ddp)
 
 
@@ -493,6 +492,7 @@ def main(args: Args):
     done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
     pipe, params, defender, processor = setup_models(args, ddp, run, str(out_lora) if done else init)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ref = [p.detach().clone() for p in params] if args.kl_beta > 0 and args.kl_ref == "init" else None  # before resume
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100)   # the same on every rank: disjoint scenes, one SDE window
@@ -512,7 +512,7 @@ def main(args: Args):
 
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
                               desc="[03] iterations"):
-        row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen)
+        row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen, ref)
         logger.log(row)
         parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
                         f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "

@@ -5,6 +5,7 @@ calls these, so they live here once; so do loading the editor and its LoRA's I/O
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,22 @@ def load_attacker_lora(pipe, lora_dir: str | Path, trainable: bool = False):
     for p in params:
         p.requires_grad_(trainable)
     return params if trainable else []
+
+
+@contextlib.contextmanager
+def lora_values(transformer, params, values):
+    """For the forwards inside: the LoRA holds ``values`` (e.g. the KL reference's), the current ones put back
+    after; values None: the adapter disabled (the base model)."""
+    if values is None:
+        transformer.disable_adapters()
+        yield
+        transformer.enable_adapters()
+        return
+    now = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    yield
+    with torch.no_grad():
+        for p, v in zip(params, now):
+            p.copy_(v)

@@ -383,3 +383,42 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     for split in ("train", "test"):
         assert x[split]["defender_wrong_fraction"] == y[split]["defender_wrong_fraction"]
         assert [im.tobytes() for im in x[split]["attacked_image"]] == [im.tobytes() for im in y[split]["attacked_image"]]
+
+
+def test_kl_reference_is_the_rounds_starting_adapter():
+    """--kl_ref init (default): the KL is to the values the LoRA had when the round started, swapped in for
+    the reference forward and put back (0 while the policy is still there, the hand formula after it moves);
+    --kl_ref base (ref None): the LoRA-disabled model, > 0 from the start for a trained adapter."""
+    torch.manual_seed(0)
+    pipe = editing.load_attacker("tiny")
+    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    ref = [p.detach().clone() for p in params]
+    img = Image.new("RGB", (64, 64), (90, 120, 30))
+    ctx = editing.encode_edit(pipe, [img], ["add a cup"], 64).repeat(2)
+    sig = editing.sigma_schedule(pipe.scheduler, 4, 16)
+    xs, logps, _ = s03.rollout(pipe, ctx, sig, [0], 1.0, 1.0, torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(params, lr=0.0)
+    args = _args(kl_beta=1.0, micro_batch=2)
+    at_start = s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, torch.zeros(2), [0], args, ref=ref)
+    assert at_start["kl"] == 0.0
+    base = s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, torch.zeros(2), [0], args, ref=None)
+    assert base["kl"] > 0.0
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    moved = [p.detach().clone() for p in params]
+    st = s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, torch.zeros(2), [0], args, ref=ref)
+    assert all(torch.equal(p, m) for p, m in zip(params, moved))   # the policy's values are back
+    s, s_next, smax = sig[0].item(), sig[1].item(), sig[1].item()
+
+    def step_mean():
+        v = editing.predict_velocity(pipe.transformer, xs[0], sig[0:1], ctx, 1.0)
+        return s03.sde_step(v, xs[0], s, s_next, 1.0, smax, prev=xs[1])[2]
+    with torch.no_grad():
+        mean = step_mean()
+        with editing.lora_values(pipe.transformer, params, ref):
+            mean_ref = step_mean()
+    assert st["kl"] == pytest.approx(s03.sde_kl(mean, mean_ref, s, 1.0, smax).mean().item(), rel=1e-5) and st["kl"] > 0
