@@ -389,17 +389,8 @@ def test_kl_reference_is_the_rounds_starting_adapter():
     """--kl_ref init (default): the KL is to the values the LoRA had when the round started, swapped in for
     the reference forward and put back (0 while the policy is still there, the hand formula after it moves);
     --kl_ref base (ref None): the LoRA-disabled model, > 0 from the start for a trained adapter."""
-    torch.manual_seed(0)
-    pipe = editing.load_attacker("tiny")
-    params = editing.add_attacker_lora(pipe, rank=4, alpha=8)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.05)
+    pipe, params, ctx, sig, xs, logps = _update_setup(n=2)
     ref = [p.detach().clone() for p in params]
-    img = Image.new("RGB", (64, 64), (90, 120, 30))
-    ctx = editing.encode_edit(pipe, [img], ["add a cup"], 64).repeat(2)
-    sig = editing.sigma_schedule(pipe.scheduler, 4, 16)
-    xs, logps, _ = s03.rollout(pipe, ctx, sig, [0], 1.0, 1.0, torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(params, lr=0.0)
     args = _args(kl_beta=1.0, micro_batch=2)
     at_start = s03.grpo_update(pipe, params, opt, ctx, sig, xs, logps, torch.zeros(2), [0], args, ref=ref)
