@@ -327,14 +327,18 @@ def lora_values(transformer, params, values):
     after; values None: the adapter disabled (the base model)."""
     if values is None:
         transformer.disable_adapters()
-        yield
-        transformer.enable_adapters()
+        try:
+            yield
+        finally:
+            transformer.enable_adapters()
         return
     now = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
-    yield
-    with torch.no_grad():
-        for p, v in zip(params, now):
-            p.copy_(v)
+    try:
+        yield
+    finally:   # the policy's own values come back even if the forward raised
+        with torch.no_grad():
+            for p, v in zip(params, now):
+                p.copy_(v)
