@@ -361,9 +361,10 @@ def test_stage03_python_torchrun_resume(tiny_run, boxed_defender, tmp_path):
 def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxed_defender, tmp_path):
     """torchrun --nproc_per_node 2, bf16: the sharded transformer + LoRA, text encoder and defender;
     a DCP checkpoint (LoRA and AdamW shards, each rank's RNG: the defender samples its answers from the
-    global one), SIGKILL of the process tree, resume: same final LoRA, same curriculum."""
+    global one), SIGKILL of the process tree, resume: same final LoRA, same curriculum. The KL is on: its
+    reference values (the round's start, snapshotted before the restore) are swapped into the shards."""
     flags = ["--preset", "tiny", "--round", "1", "--defender", boxed_defender, "--dtype", "bf16", "--train_iters",
-             "6", "--save_every", "2", "--lr", "3e-2"]
+             "6", "--save_every", "2", "--lr", "3e-2", "--kl_beta", "0.1"]
     whole, killed = _copy_run(tiny_run, tmp_path / "whole"), _copy_run(tiny_run, tmp_path / "killed")
     run_stage("03_train_attacker.py", *flags, "--run_dir", whole, nproc=2)
     proc = start_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
@@ -379,6 +380,8 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())   # it trained
     rewards = [json.loads(x)["reward_mean"] for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
     assert len(set(rewards)) > 1                                  # the defender's verdicts moved the rewards
+    kls = [json.loads(x)["kl_ref"] for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert 0 < kls[0] < max(kls[1:])      # the KL to the round's start grows with the drift (iteration 1's first update: 0)
     x, y = (load_from_disk(str(r / "attacks" / "round_1")) for r in (killed, whole))
     for split in ("train", "test"):
         assert x[split]["defender_wrong_fraction"] == y[split]["defender_wrong_fraction"]
