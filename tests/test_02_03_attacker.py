@@ -378,9 +378,9 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     assert same_safetensors(a, b) == []
     first = load_file(str(b))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())   # it trained
-    rewards = [json.loads(x)["reward_mean"] for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
-    assert len(set(rewards)) > 1                                  # the defender's verdicts moved the rewards
-    kls = [json.loads(x)["kl_ref"] for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
+    assert len({r["reward_mean"] for r in log}) > 1               # the defender's verdicts moved the rewards
+    kls = [r["kl_ref"] for r in log]
     assert 0 < kls[0] < max(kls[1:])      # the KL to the round's start grows with the drift (iteration 1's first update: 0)
     x, y = (load_from_disk(str(r / "attacks" / "round_1")) for r in (killed, whole))
     for split in ("train", "test"):
