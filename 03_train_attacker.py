@@ -49,6 +49,8 @@ Our choices where the paper is silent:
   5. scenes whose question has no target box ("Is there a dog?" -> No) are not attacked: with no box to
      protect, the edit could add the asked object and change the true answer (the tiny world's attacker did);
      --attack_targetless attacks them too, gated by the whole image's SSIM.
+  6. --max_area a (1: off; not the paper's): an edit changing more than a share a of the image (pixels whose summed
+     |RGB| difference exceeds 60, as 05 reports) earns 0, as one failing the SSIM gate; the log has the mean area.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ class Args:
     defender_temperature: float = field(default=1.0, metadata={"help": "defender sampling temperature"})
     defender_max_new_tokens: int = field(default=256, metadata={"help": "defender answer length"})
     tau: float = field(default=0.85, metadata={"help": "local-SSIM gate"})
+    max_area: float = field(default=1.0, metadata={"help": "area gate: an edit changing more of the image than this "
+                                                           "share earns 0 (choice 6; 1 = off, the paper's reward)"})
     w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
     w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
     grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (--grad_ckpt false: off)"})
@@ -222,17 +226,18 @@ def defender_failures(defender, processor, scenes, edits, args):
 
 
 def compute_rewards(scenes, edits, images, defender, processor, args):
-    """-> rewards (B,), local SSIM (B,), wrong fraction (B,)."""
+    """-> rewards (B,), local SSIM (B,), wrong fraction (B,), changed area (B,)."""
     if args.reward == "brightness":
         bright = ((images.float().clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3)).cpu()
-        return bright, torch.ones_like(bright), torch.zeros_like(bright)
+        return bright, torch.ones_like(bright), torch.zeros_like(bright), torch.zeros_like(bright)
     ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]])
                          for s, e in zip(scenes, edits)])
+    area = torch.tensor([common.changed_area(s["image"], e) for s, e in zip(scenes, edits)])
     with parallel.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
         wrong = defender_failures(defender, processor, scenes, edits, args)
-    r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all)
-                      for a, b in zip(ssim.tolist(), wrong.tolist())])
-    return r, ssim, wrong
+    r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all, c, args.max_area)
+                      for a, b, c in zip(ssim.tolist(), wrong.tolist(), area.tolist())])
+    return r, ssim, wrong, area
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: str = "global") -> torch.Tensor:
@@ -312,8 +317,7 @@ def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps
     shuffle.shuffle(order)
     U = args.updates_per_iter
     parts = [order[len(order) * u // U:len(order) * (u + 1) // U] for u in range(U)]
-    stats = [grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, part, ref)
-             for part in parts]
+    stats = [grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, part, ref) for part in parts]
     return {k: sum(st[k] for st in stats) / U for k in stats[0]}
 
 
@@ -350,7 +354,7 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
         _, _, x = rollout(pipe, ctx, sig, [], 0.0, args.cfg, torch.Generator().manual_seed(noise_seed))
         images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
         edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group)]
-        r, ssim, wrong = compute_rewards(group, edits, images, defender, processor, args)
+        r, ssim, wrong, _ = compute_rewards(group, edits, images, defender, processor, args)
         if b >= len(batches):
             continue
         for s, e, a, w in zip(group, edits, ssim.tolist(), wrong.tolist()):
@@ -455,24 +459,25 @@ def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, dd
     group_scenes = [s for s in scenes for _ in range(args.group_size)]
     edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group_scenes)]
     t_roll = time.time() - t0
-    rewards, ssim, wrong = compute_rewards(group_scenes, edits, images, defender, processor, args)
+    rewards, ssim, wrong, area = compute_rewards(group_scenes, edits, images, defender, processor, args)
     adv = group_advantages(rewards, args.group_size, args.adv_clip, args.adv_std)
     t1 = time.time()
     pipe.transformer.train()
     shuffle = random.Random(args.seed * 1_000_003 + it * 1009 + ddp.rank)
     st = grpo_updates(pipe, params, opt, ctx, sigmas, xs, logps, adv, steps, args, shuffle, ref)
-    return iteration_row(it + 1, rewards, ssim, wrong, st, t_roll, time.time() - t1, args, ddp)
+    return iteration_row(it + 1, rewards, ssim, wrong, area, st, t_roll, time.time() - t1, args, ddp)
 
 
-def iteration_row(it, rewards, ssim, wrong, st, t_roll, t_train, args, ddp) -> dict:
+def iteration_row(it, rewards, ssim, wrong, area, st, t_roll, t_train, args, ddp) -> dict:
     """The iteration's log row, summed over ranks."""
     zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
     t = parallel.sum_dict(dict(reward=rewards.sum(), reward_sq=(rewards ** 2).sum(), n=len(rewards),
-                               success=(rewards > 0).sum(), ssim=ssim.sum(), wrong=wrong.sum(), zero_var=zero_var,
+                               success=(rewards > 0).sum(), ssim=ssim.sum(), wrong=wrong.sum(), area=area.sum(), zero_var=zero_var,
                                clip_frac=st["clip_frac"], approx_kl=st["approx_kl"], ratio=st["ratio"], kl=st["kl"]))
     n, mean, w = t["n"], t["reward"] / t["n"], ddp.world
     return dict(iter=it, reward_mean=mean, reward_std=math.sqrt(max(t["reward_sq"] / n - mean**2, 0)),
                 attack_success=t["success"] / n, ssim_local=t["ssim"] / n, wrong_fraction=t["wrong"] / n,
+                changed_area=t["area"] / n,
                 zero_var_groups=int(t["zero_var"]), clip_frac=t["clip_frac"] / w, approx_kl=t["approx_kl"] / w,
                 ratio_mean=t["ratio"] / w, kl_ref=t["kl"] / w, grad_norm=st["grad_norm"],
                 rollout_s=t_roll, train_s=t_train, edits_per_s=n / max(t_roll, 1e-9),
@@ -506,18 +511,15 @@ def main(args: Args):
         logger.resume(lambda row: row["iter"] <= start, start)
         parallel.print0(f"[03] resumed at iteration {start}")
     parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
-                    f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, "
-                    f"noise {args.noise_level}, cfg {args.cfg}, reward {args.reward}, "
-                    f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA params")
-
+                    f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, noise "
+                    f"{args.noise_level}, cfg {args.cfg}, reward {args.reward}, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA")
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
                               desc="[03] iterations"):
         row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen, ref)
         logger.log(row)
-        parallel.print0(f"[03] iter {it + 1}/{args.train_iters} reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} "
-                        f"success {row['attack_success']:.2f} ssim {row['ssim_local']:.3f} clip {row['clip_frac']:.3f} "
-                        f"kl {row['approx_kl']:.2e} kl_ref {row['kl_ref']:.2e} ratio {row['ratio_mean']:.4f} "
-                        f"rollout {row['rollout_s']:.1f}s train {row['train_s']:.1f}s mem {row['peak_mem_gb']:.1f}GB")
+        parallel.print0(f"[03] iter {it + 1}/{args.train_iters} " + " ".join(f"{k} {row[k]:.3g}" for k in (
+            "reward_mean", "reward_std", "attack_success", "ssim_local", "changed_area", "clip_frac", "approx_kl",
+            "kl_ref", "ratio_mean", "rollout_s", "train_s", "peak_mem_gb")))
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
@@ -533,8 +535,7 @@ def main(args: Args):
     parallel.barrier()
     if not out_attacks.exists():
         pipe.transformer.eval()
-        # the defender's sampled answers in the curriculum: the same whether training ran in this process,
-        # resumed from a checkpoint or finished in an earlier one
+        # the defender's sampled answers in the curriculum: the same whether training ran here, resumed or ran earlier
         torch.manual_seed(args.seed * 1000 + 7 + ddp.rank)
         if args.reward == "brightness":
             parallel.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")

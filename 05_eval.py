@@ -336,7 +336,7 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
         saved = run / "attacker" / d.name / "args.json"   # the gate the attacker was trained with
         tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
         valid = {r["id"] for r in test if r["ssim_local"] >= tau}
-        areas = [changed_area(r["image"], r["attacked_image"]) for r in test]
+        areas = [common.changed_area(r["image"], r["attacked_image"]) for r in test]
         out[f"attacker_{d.name}"] = dict(attack_scores([p for p in preds if p["index"] in valid], clean_ok),
                                          all=attack_scores(preds, clean_ok), tau=tau,
                                          ssim_local=sum(test["ssim_local"]) / max(1, len(test)),
@@ -391,14 +391,6 @@ def attack_scores(preds, clean_ok: dict) -> dict:
                                                                           if clean_ok.get(p["index"])),
                 clean_acc=acc(clean_ok[p["index"]] for p in preds if p["index"] in clean_ok), n=len(preds),
                 by_answer=acc_by_answer(preds))
-
-
-def changed_area(scene, attacked, threshold: int = 60) -> float:
-    """The share of the image an attack changed: pixels whose summed |RGB| difference exceeds threshold."""
-    import numpy as np
-    a = np.asarray(scene.convert("RGB"), dtype=np.int32)
-    b = np.asarray(attacked.convert("RGB").resize(scene.size), dtype=np.int32)
-    return float((np.abs(a - b).sum(-1) > threshold).mean())
 
 
 def quartiles(xs: list[float]) -> dict:

@@ -406,10 +406,18 @@ def local_ssim(original, edited, boxes: list[list[float]]) -> float:
     return float(torch.stack(vals).mean()) if vals else float(smap.mean())
 
 
-def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
-                    w_fraction: float = 0.5, w_all: float = 0.5) -> float:
-    """SSIM gate x defender failures: ok * (w_fraction * wrong_fraction + w_all * all_k_wrong)."""
-    ok = float(ssim_local >= tau)
+def changed_area(original, edited, threshold: int = 60) -> float:
+    """The share of the image an edit changed: pixels whose summed |RGB| difference exceeds threshold."""
+    a = np.asarray(original.convert("RGB"), dtype=np.int32)
+    b = np.asarray(edited.convert("RGB").resize(original.size), dtype=np.int32)
+    return float((np.abs(a - b).sum(-1) > threshold).mean())
+
+
+def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85, w_fraction: float = 0.5,
+                    w_all: float = 0.5, area: float = 0.0, max_area: float = 1.0) -> float:
+    """SSIM gate x defender failures: ok * (w_fraction * wrong_fraction + w_all * all_k_wrong); with
+    max_area < 1 an edit must also change at most that share of the image (changed_area) to count."""
+    ok = float(ssim_local >= tau and area <= max_area)
     return ok * (w_fraction * wrong_fraction + w_all * float(wrong_fraction >= 1.0))
 
 

@@ -32,7 +32,7 @@ def score(rows, args, s05) -> dict:
     return dict(n=len(rows), reward=r.mean(), success=100 * (r > 0).mean(),
                 wrong=np.mean([x["defender_wrong_fraction"] for x in rows]),
                 gate=100 * np.mean([x["ssim_local"] >= args.tau for x in rows]),
-                area=100 * np.median([s05.changed_area(x["image"], x["attacked_image"]) for x in rows]))
+                area=100 * np.median([common.changed_area(x["image"], x["attacked_image"]) for x in rows]))
 
 
 def main():

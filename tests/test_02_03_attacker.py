@@ -106,6 +106,23 @@ def test_condition_tokens_at_the_default_cond_resolution():
         assert ctx.cond_latents.shape[1] == tokens and ctx.target_len == 16
 
 
+def test_rewards_gate_on_local_ssim_and_on_changed_area(monkeypatch):
+    """compute_rewards: the defender's failures count only where the target box kept its SSIM and, with
+    --max_area, where the edit changed at most that share of the image (choice 6)."""
+    scene = dict(image=Image.new("RGB", (20, 20), (90, 90, 90)), targets=[dict(bbox=[0, 0, 6, 6])])
+    small, large, target_hit = (scene["image"].copy() for _ in range(3))
+    small.paste((250, 90, 90), (10, 10, 14, 14))      # 16 of 400 pixels: 4% of the image
+    large.paste((250, 90, 90), (8, 0, 20, 20))        # 240 of 400: 60%
+    target_hit.paste((250, 90, 90), (0, 0, 6, 6))     # the target box repainted: the SSIM gate closes
+    monkeypatch.setattr(s03, "defender_failures", lambda *a: torch.ones(3))   # every answer wrong
+    args = SimpleNamespace(reward="defender", tau=0.7, w_fraction=0.5, w_all=0.5, max_area=1.0)
+    r, ssim, wrong, area = s03.compute_rewards([scene] * 3, [small, large, target_hit], None, None, None, args)
+    assert area.tolist() == pytest.approx([0.04, 0.60, 0.09]) and ssim[0] > 0.99 and ssim[2] < 0.7
+    assert r.tolist() == [1.0, 1.0, 0.0]
+    args.max_area = 0.10
+    assert s03.compute_rewards([scene] * 3, [small, large, target_hit], None, None, None, args)[0].tolist() == [1.0, 0.0, 0.0]
+
+
 def test_sde_window_starts_in_the_first_half():
     """flow_grpo's sde_window_range = (0, T // 2): with 10 steps and a window of 4 the start is 0 or 1."""
     import random
@@ -307,7 +324,7 @@ def test_stage03_python_torchrun_resume(tiny_run, boxed_defender, tmp_path):
     logs = [json.loads(x) for x in (run / "logs" / "03_round_1.jsonl").read_text().splitlines()]
     assert len(logs) == 4 and abs(logs[0]["ratio_mean"] - 1) < 1e-4
     assert {"reward_mean", "reward_std", "attack_success", "ssim_local", "clip_frac", "approx_kl", "rollout_s",
-            "train_s", "peak_mem_gb"} <= set(logs[0])
+            "train_s", "peak_mem_gb"} <= set(logs[0]) and 0 < logs[0]["changed_area"] <= 1
     att = load_from_disk(str(run / "attacks" / "round_1"))
     scenes = load_from_disk(str(run / "data" / "scenes"))
     # questions about an absent object (no target box) are counted and not attacked (03's choice 5)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import benchmarks
 import census
+import common
 import report
 
 s05 = load_script("05_eval.py")
@@ -322,7 +323,7 @@ def test_changed_area_and_gate_passing_attack_scores():
     attacked = scene.copy()
     attacked.paste((100, 100, 161), (0, 0, 5, 2))     # 10 pixels changed by 61 in sum: counted
     attacked.paste((120, 120, 119), (0, 5, 10, 6))    # 10 pixels changed by 20 + 20 + 19 = 59: not counted
-    assert s05.changed_area(scene, attacked) == pytest.approx(0.10)
+    assert common.changed_area(scene, attacked) == pytest.approx(0.10)
     assert s05.quartiles([0.1, 0.2, 0.3, 0.4, 0.5])["median"] == pytest.approx(0.3)
     clean_ok = {"a": True, "b": True, "c": False, "d": True}
     preds = [dict(index="a", correct=False, answer="A"), dict(index="b", correct=True, answer="B"),

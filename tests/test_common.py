@@ -139,6 +139,10 @@ def test_attacker_reward_gate_and_failures():
     assert common.attacker_reward(0.9, 0.0) == 0.0
     assert common.attacker_reward(0.84, 1.0) == 0.0                 # gate closed
     assert common.attacker_reward(0.9, 0.75, tau=0.5, w_fraction=1.0, w_all=0.0) == pytest.approx(0.75)
+    # the area gate (03's --max_area): an edit changing more of the image than max_area earns 0
+    assert common.attacker_reward(0.9, 1.0, area=0.10, max_area=0.10) == pytest.approx(1.0)
+    assert common.attacker_reward(0.9, 1.0, area=0.11, max_area=0.10) == 0.0
+    assert common.attacker_reward(0.9, 1.0, area=0.9) == pytest.approx(1.0)   # off by default
 
 
 # --------------------------------------------------------------------------- checkpoints
