@@ -230,8 +230,7 @@ def compute_rewards(scenes, edits, images, defender, processor, args):
     if args.reward == "brightness":
         bright = ((images.float().clamp(-1, 1) + 1) / 2).mean(dim=(1, 2, 3)).cpu()
         return bright, torch.ones_like(bright), torch.zeros_like(bright), torch.zeros_like(bright)
-    ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]])
-                         for s, e in zip(scenes, edits)])
+    ssim = torch.tensor([common.local_ssim(s["image"], e, [t["bbox"] for t in s["targets"]]) for s, e in zip(scenes, edits)])
     area = torch.tensor([common.changed_area(s["image"], e) for s, e in zip(scenes, edits)])
     with parallel.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
         wrong = defender_failures(defender, processor, scenes, edits, args)
