@@ -26,13 +26,14 @@ import common  # noqa: E402
 import rundir  # noqa: E402
 
 
-def score(rows, args, s05) -> dict:
+def score(rows, args) -> dict:
+    """03's reward (its gates too) and the attacks' figures, as 05 measures them."""
+    area = [common.changed_area(x["image"], x["attacked_image"]) for x in rows]
     r = np.array([common.attacker_reward(x["ssim_local"], x["defender_wrong_fraction"], args.tau, args.w_fraction,
-                                         args.w_all) for x in rows])
+                                         args.w_all, c, args.max_area) for x, c in zip(rows, area)])
     return dict(n=len(rows), reward=r.mean(), success=100 * (r > 0).mean(),
                 wrong=np.mean([x["defender_wrong_fraction"] for x in rows]),
-                gate=100 * np.mean([x["ssim_local"] >= args.tau for x in rows]),
-                area=100 * np.median([common.changed_area(x["image"], x["attacked_image"]) for x in rows]))
+                gate=100 * np.mean([x["ssim_local"] >= args.tau for x in rows]), area=100 * np.median(area))
 
 
 def main():
@@ -44,7 +45,6 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     s03 = common.load_stage("03_train_attacker.py")
-    s05 = common.load_stage("05_eval.py")
     args = rundir.parse_args(s03.Args, s03.PRESETS, ["--preset", a.preset, "--run_dir", str(a.run),
                                                      "--round", str(a.round), "--seed", str(a.seed),
                                                      "--curriculum_samples", "1"])
@@ -61,7 +61,7 @@ def main():
         for split, scenes in (("train", train[:a.scenes]), ("test", test)):
             torch.manual_seed(a.seed * 1000 + 13)      # the same defender draws for both adapters
             rows = s03.attack_scenes(pipe, scenes, defender, processor, args, a.seed * 1000 + 13, scenes[0])
-            x = score(rows, args, s05)
+            x = score(rows, args)
             print(f"| {name} | {split} ({x['n']}) | {x['reward']:.3f} | {x['success']:.1f} | {x['wrong']:.3f} | "
                   f"{x['gate']:.1f} | {x['area']:.1f} |", flush=True)
 
