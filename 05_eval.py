@@ -2,7 +2,8 @@
 
 Reads:  defender/round_k/ (or the base model: --defender base), benchmark TSVs (VLMEvalKit format,
         --bench NAME=PATH), data/scenes (test split), attacks/round_*/test
-Writes: eval/preds/<name>/<bench>.jsonl (per item, every trial, so a re-run scores only what is missing),
+Writes: eval/preds/<name>/<bench>.jsonl (per item, every trial, so a re-run scores only what is missing; kept
+        only while <bench>.key matches the defender's files, the items' files and the decoding settings),
         eval/<name>.json (name: round_k or base), eval/summary.md (every defender so far beside the
         paper's table), eval/robustness.png, eval/curves.png (the training curves in logs/*.jsonl)
 
@@ -51,6 +52,7 @@ of the image each attack changed (summed |RGB| difference > 60; median and quart
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -264,14 +266,42 @@ def score(name: str, preds) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Answering: strict multi-trial, per-item caching
 # ---------------------------------------------------------------------------------------------
-def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str = "hrbench") -> list[dict]:
-    """Answer every item not yet in pred_path (sharded over ranks); return all predictions.
+def fingerprint(*paths) -> list:
+    """(name, size, mtime_ns) of every file under each path; a path not on disk (a hub id, "tiny") by its name;
+    the cache-*.arrow files that datasets' .filter() / .map() add to a dataset's directory are left out.
+    Retraining a defender or an attacker round rewrites its files, so answers cached for the old ones are not
+    reused; a run copied with its times kept (cp -p, rsync -a) keeps its answers."""
+    out = []
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("cache-")) if p.is_dir() \
+            else [p] if p.is_file() else []
+        out += [[str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                for f in files] or [str(p)]
+    return out
+
+
+def cache_key(defender: dict, items: list, args, style: str) -> str:
+    """What a file of cached answers was made from: the defender (its files' fingerprint and compute dtype),
+    the items' files, the prompt style and the decoding settings."""
+    made_from = dict(defender=defender, items=items, style=style, trials=args.trials,
+                     trial_temperature=args.trial_temperature, max_new_tokens=args.max_new_tokens)
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()
+
+
+def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str = "hrbench", *, key: str) -> list[dict]:
+    """Answer every item not yet in pred_path (sharded over ranks); return all predictions. Cached answers
+    count only if pred_path's .key file holds ``key`` (cache_key); otherwise every item is answered again.
     Strict multi-trial (the official eval): up to --trials answers, the next one only while all so far
     are right; correct = every trial right. `pred` is the last trial's answer."""
     import torch
     import torch.distributed as dist
     done = {}
-    if pred_path.exists():
+    key_path = pred_path.with_suffix(".key")
+    fresh = pred_path.exists() and key_path.exists() and key_path.read_text().strip() == key
+    if pred_path.exists() and not fresh:
+        parallel.print0(f"[05] {pred_path}: answers of another defender, other items or other decoding settings "
+                        f"(or older than {key_path.name} files): answered again")
+    if fresh:
         for line in pred_path.read_text().splitlines():
             p = json.loads(line)
             if "trials" in p:   # older caches without per-trial records are answered again
@@ -301,8 +331,11 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
         dist.all_gather_object(gathered, new)
     else:
         gathered = [new]
-    if ddp.master and any(gathered):
+    if ddp.master and (any(gathered) or not fresh):
         pred_path.parent.mkdir(parents=True, exist_ok=True)
+        if not fresh:   # the key first: a crash mid-write leaves answers the key vouches for, never stale ones
+            pred_path.unlink(missing_ok=True)
+            key_path.write_text(key + "\n")
         with pred_path.open("a") as f:
             for part in gathered:
                 for p in part:
@@ -316,14 +349,15 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
 # ---------------------------------------------------------------------------------------------
 # Robustness on held-out attacks
 # ---------------------------------------------------------------------------------------------
-def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
+def robustness(model, processor, run: Path, args, ddp, name: str, defender: dict) -> dict:
     from datasets import load_from_disk
     out = {}
     scenes = load_from_disk(str(run / "data" / "scenes")).filter(lambda s: s == "test", input_columns="split")
     items = [dict(index=r["id"], image=r["image"], question=r["question"], options=r["options"], answer=r["answer"],
                   meta={}) for r in scenes]
     pdir = run / "eval" / "preds" / name
-    clean = answer_items(model, processor, items, args, pdir / "scenes_clean.jsonl", ddp)
+    clean = answer_items(model, processor, items, args, pdir / "scenes_clean.jsonl", ddp,
+                         key=cache_key(defender, fingerprint(run / "data" / "scenes"), args, "hrbench"))
     out["clean_acc"] = acc(p["correct"] for p in clean)
     clean_ok = {p["index"]: p["correct"] for p in clean}
     for d in sorted((run / "attacks").glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
@@ -332,7 +366,8 @@ def robustness(model, processor, run: Path, args, ddp, name: str) -> dict:
         test = load_from_disk(str(d))["test"]
         att = [dict(index=r["id"], image=r["attacked_image"], question=r["question"], options=r["options"],
                     answer=r["answer"], meta={}) for r in test]
-        preds = answer_items(model, processor, att, args, pdir / f"attacks_{d.name}.jsonl", ddp)
+        preds = answer_items(model, processor, att, args, pdir / f"attacks_{d.name}.jsonl", ddp,
+                             key=cache_key(defender, fingerprint(d / "test"), args, "hrbench"))
         saved = run / "attacker" / d.name / "args.json"   # the gate the attacker was trained with
         tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
         valid = {r["id"] for r in test if r["ssim_local"] >= tau}
@@ -432,14 +467,17 @@ def main(args: Args):
         raise SystemExit(f"[05] no defender at {path}")
     t0 = time.time()
     # the processor saved with the model: a trained defender keeps the base model's pixel limits (04)
-    model, processor = common.load_defender(path, ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
+    dtype = common.resolve_dtype(args.dtype, ddp.device)
+    model, processor = common.load_defender(path, ddp.device, dtype=dtype)
+    defender = dict(files=fingerprint(path), dtype=str(dtype))   # what the cached answers (answer_items) came from
     result = dict(name=name, round=-1 if base else None if args.name else args.round, defender=path,
                   benchmarks={}, skipped={}, robustness={})
     n_items = 0
     for bench, tsv in benches:
         style = style_of(bench)
         items, skipped = benchmarks.load_tsv(tsv, args.max_items, vlmevalkit=style == "vlmevalkit")
-        preds = answer_items(model, processor, items, args, eval_dir / "preds" / name / f"{bench}.jsonl", ddp, style)
+        preds = answer_items(model, processor, items, args, eval_dir / "preds" / name / f"{bench}.jsonl", ddp, style,
+                             key=cache_key(defender, fingerprint(tsv), args, style))
         n_items += len(preds)
         result["benchmarks"][bench] = score(bench, preds)
         result["skipped"][bench] = skipped
@@ -449,7 +487,7 @@ def main(args: Args):
         parallel.print0(f"[05] {bench}: {result['benchmarks'][bench]['overall']:.1f} ({len(preds)} items scored, "
                         f"{len(skipped)} skipped)")
     if (run / "data" / "scenes").exists():
-        result["robustness"] = robustness(model, processor, run, args, ddp, name)
+        result["robustness"] = robustness(model, processor, run, args, ddp, name, defender)
     else:
         parallel.print0(f"[05] {run / 'data' / 'scenes'} does not exist: no held-out scenes or attacks, robustness "
                         f"not scored")

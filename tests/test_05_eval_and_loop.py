@@ -201,7 +201,7 @@ def test_sampled_trials_do_not_depend_on_what_ran_before(tmp_path, monkeypatch):
     ddp = SimpleNamespace(rank=0, world=1, master=True)
 
     def outputs(path):
-        return [[t["output"] for t in p["trials"]] for p in s05.answer_items(model, proc, items, args, path, ddp)]
+        return [[t["output"] for t in p["trials"]] for p in s05.answer_items(model, proc, items, args, path, ddp, key="k")]
     torch.manual_seed(1)
     first = outputs(tmp_path / "a" / "vstar.jsonl")
     torch.rand(1000)                                    # the process drew other numbers before this file
@@ -210,6 +210,46 @@ def test_sampled_trials_do_not_depend_on_what_ran_before(tmp_path, monkeypatch):
     assert first == again
     assert [o[0] for o in first] == [o[0] for o in other] and [o[1:] for o in first] != [o[1:] for o in other]
     assert all(len(o) == 3 for o in first) and len({o[1] for o in first}) > 1
+
+
+def test_cached_answers_are_reused_only_for_the_same_defender_items_and_settings(tmp_path, monkeypatch):
+    """answer_items keeps a file's answers while its .key matches; a retrained defender (its files rewritten),
+    other items or other decoding settings give another key, and every item is answered again."""
+    import os
+    from types import SimpleNamespace
+    asked = []
+
+    def generate(model, processor, images, prompts, max_new_tokens, **kw):
+        asked.extend([len(images)] if images else [])
+        return ["A"] * len(images)
+    monkeypatch.setattr(s05.common, "defender_generate", generate)
+    items = [dict(index=str(i), image=None, question="Which side?", options=["left", "right"], answer="A", meta={})
+             for i in range(3)]
+    args = SimpleNamespace(trials=1, trial_temperature=0.0, max_new_tokens=6, batch_size=4, gen_memory_gb=1.0)
+    ddp = SimpleNamespace(rank=0, world=1, master=True)
+    weights, tsv = tmp_path / "defender" / "model.safetensors", tmp_path / "bench.tsv"
+    weights.parent.mkdir()
+    weights.write_bytes(b"one")
+    tsv.write_text("index\tquestion\n")
+    (tmp_path / "defender" / "cache-1.arrow").write_bytes(b"x")   # a datasets cache file: not part of the print
+
+    def key(a=args):
+        return s05.cache_key(dict(files=s05.fingerprint(tmp_path / "defender"), dtype="float32"), s05.fingerprint(tsv),
+                             a, "hrbench")
+    path = tmp_path / "preds" / "bench.jsonl"
+    s05.answer_items(None, None, items, args, path, ddp, key=key())
+    (tmp_path / "defender" / "cache-2.arrow").write_bytes(b"y")
+    preds = s05.answer_items(None, None, items, args, path, ddp, key=key())
+    assert asked == [3] and len(preds) == 3 and all(p["correct"] for p in preds)      # all three from the cache
+    st = weights.stat()
+    weights.write_bytes(b"two")                                   # the defender retrained: same size, new time
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    s05.answer_items(None, None, items, args, path, ddp, key=key())
+    three = SimpleNamespace(**{**vars(args), "trials": 3})
+    s05.answer_items(None, None, items, three, path, ddp, key=key(three))              # other decoding settings
+    s05.answer_items(None, None, items[:2], three, path, ddp, key=key(three))          # the same: cached
+    assert asked == [3, 3, 3, 3, 3] and len(path.read_text().splitlines()) == 3   # 3 trials of 3 items, then none
+    assert s05.fingerprint("Qwen/Qwen2.5-VL-7B-Instruct") == ["Qwen/Qwen2.5-VL-7B-Instruct"]
 
 
 @pytest.mark.slow
