@@ -194,9 +194,10 @@ def test_every_script_prints_its_help():
     from conftest import ROOT, load_script
     from transformers import HfArgumentParser
     sys.path.insert(0, str(ROOT / "bench"))
+    import rollout_temperature
     import world_gate
     scripts = [load_script(n) for n in ("01_build_sft_data.py", "02_sft_attacker.py", "03_train_attacker.py",
-                                        "04_train_defender.py", "05_eval.py")] + [tiny_world, world_gate]
+                                        "04_train_defender.py", "05_eval.py")] + [tiny_world, world_gate, rollout_temperature]
     for mod in scripts:
         text = HfArgumentParser(mod.Args).format_help()
         for name in mod.Args.__dataclass_fields__:
