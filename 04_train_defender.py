@@ -28,8 +28,7 @@ Departures / our choices:
   1. rollout batch, epochs and mini-rollout batch per round as the authors' run scripts (ROUND_SCHEDULE;
      round 0 draws --warmup_samples 900 clean prompts), updates of 128 prompts; steps = floor(pool /
      rollout batch) x epochs, as EasyR1's drop_last data loader;
-  2. with --max_tries > 0 spent and the batch still short, the step trains on the groups there are
-     (EasyR1 stops with an error);
+  2. with --max_tries > 0 spent and the batch still short, the step trains on the groups it has (EasyR1 stops);
   3. validation: --val_fraction of the round's scenes held out of training (their attacks and the same
      scenes clean; the authors hold out a separate attack split), every --val_every steps and before
      training, with greedy answers as 05 scores (the authors sample one at T 0.6, top_p 0.95);
@@ -70,10 +69,11 @@ PRESETS = {
     "tiny": dict(model="tiny", rollout_batch=8, global_batch=4, group_size=4, micro_batch=8,
                  max_new_tokens=8, overlong_cache=0, epochs=1, max_steps=3, lr=1e-5, save_every=1,
                  min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, max_tries=2),
-    # groups of 16 (the world's defender is confident), updates of 8 prompts, lr 1e-4, one pass, micro-batches of an
-    # update; refills as the authors (max_tries -1), DAPO's overlong penalty on 3 of 8 tokens (bench/tiny_world.md)
+    # groups of 16 sampled at T 1.5 (the world's defender is far sharper than a 7B MLLM: at T 1 ~1% of its round-2 groups
+    # are mixed, and the refill reads the pool for minutes a step), updates of 8 prompts, lr 1e-4, one pass, micro-batches
+    # of an update; refills as the authors (max_tries -1), DAPO's overlong penalty on 3 of 8 tokens (bench/tiny_world.md)
     "tiny_world": dict(model="{run_dir}/models/defender", rollout_batch=32, global_batch=8, group_size=16, micro_batch=128,
-                       max_new_tokens=8, overlong_cache=3, epochs=1, lr=1e-4, save_every=4,
+                       max_new_tokens=8, overlong_cache=3, epochs=1, lr=1e-4, save_every=4, temperature=1.5,
                        min_pixels=112 * 112, max_pixels=112 * 112, max_tries=-1, grad_ckpt=False, probe_every=4),
 }
 
