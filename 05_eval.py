@@ -298,6 +298,10 @@ def answer_items(model, processor, items, args, pred_path: Path, ddp, style: str
     done = {}
     key_path = pred_path.with_suffix(".key")
     fresh = pred_path.exists() and key_path.exists() and key_path.read_text().strip() == key
+    if dist.is_initialized():   # rank 0 decides for all: a node's own copy of the defender has its own file times
+        box = [fresh]
+        dist.broadcast_object_list(box, src=0)
+        fresh = box[0]
     if pred_path.exists() and not fresh:
         parallel.print0(f"[05] {pred_path}: answers of another defender, other items or other decoding settings "
                         f"(or older than {key_path.name} files): answered again")
