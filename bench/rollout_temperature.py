@@ -41,10 +41,8 @@ class Args:
 def main(a: Args):
     common.quiet()
     run = Path(a.run_dir)
-    args = s04.Args(run_dir=a.run_dir, round=a.round, preset="tiny_world", seed=a.seed)
-    for k, v in s04.PRESETS["tiny_world"].items():
-        if k != "model":
-            setattr(args, k, v)
+    args = rundir.parse_args(s04.Args, s04.PRESETS, ["--preset", "tiny_world", "--run_dir", a.run_dir,
+                                                     "--round", str(a.round), "--seed", str(a.seed)])
     pool, _ = s04.load_prompt_pool(args, run)
     pool = random.Random(a.seed).sample(pool, min(a.prompts, len(pool)))
     model, processor = common.load_defender(a.defender or str(run / "defender" / f"round_{a.round - 1}"),

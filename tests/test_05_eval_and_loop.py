@@ -252,6 +252,27 @@ def test_cached_answers_are_reused_only_for_the_same_defender_items_and_settings
     assert s05.fingerprint("Qwen/Qwen2.5-VL-7B-Instruct") == ["Qwen/Qwen2.5-VL-7B-Instruct"]
 
 
+def test_cache_under_two_processes_reuses_all_and_a_changed_key_answers_all(tmp_path):
+    """torchrun, 2 ranks: a re-run answers nothing (the file is unchanged); a .key that no longer matches makes
+    both ranks answer every scene again (rank 0 decides; each scene once in the file)."""
+    from datasets import Dataset
+    run = tmp_path / "run"
+    Dataset.from_dict({"id": [f"t{i}" for i in range(6)], "image": [Image.new("RGB", (56, 56), (40 * i, 0, 0)) for i in range(6)],
+                       "question": ["Which side?"] * 6, "options": [["left", "right"]] * 6, "answer": ["A", "B"] * 3,
+                       "targets": [[]] * 6, "split": ["test"] * 6}).save_to_disk(str(run / "data" / "scenes"))
+    args = ["--preset", "tiny", "--run_dir", run, "--round", "0", "--defender", "tiny"]
+    preds = run / "eval" / "preds" / "round_0" / "scenes_clean.jsonl"
+    run_stage("05_eval.py", *args, nproc=2)
+    first = preds.read_text()
+    p = run_stage("05_eval.py", *args, nproc=2)
+    assert preds.read_text() == first and "answered again" not in p.stdout
+    preds.with_suffix(".key").write_text("another defender\n")
+    p = run_stage("05_eval.py", *args, nproc=2)
+    again = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert "answered again" in p.stdout and sorted(x["index"] for x in again) == [f"t{i}" for i in range(6)]
+    assert preds.with_suffix(".key").read_text().strip() != "another defender"
+
+
 @pytest.mark.slow
 def test_tiny_loop_end_to_end_and_rerun_is_a_no_op(tmp_path):
     e = dict(env(), PRESET="tiny", ROUNDS="1", RUN_DIR=str(tmp_path / "loop"), PYTHON=os.sys.executable)
