@@ -37,9 +37,8 @@ Where this differs from flow_grpo:
      LoRA-disabled model that start); --kl_ref base: the LoRA-disabled editor, before SFT.
 Our choices where the paper is silent:
   1. the reward formula above (the paper gives its two parts, not how they combine);
-  2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks
-     whose local SSIM passes the gate (others could have changed the true answer); one attack per
-     scene, or --curriculum_samples per train scene (each from its own initial noise);
+  2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks whose local SSIM
+     passes the gate (others could have changed the true answer); --curriculum_samples per train scene (own noises);
   3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
      reward for checking that the RL loop learns (the tests use it).
   4. precision and memory as flow_grpo (bench/paper_scale.py): frozen models in --dtype (bf16 on GPU), the LoRA,
@@ -49,8 +48,8 @@ Our choices where the paper is silent:
   5. scenes whose question has no target box ("Is there a dog?" -> No) are not attacked: with no box to
      protect, the edit could add the asked object and change the true answer (the tiny world's attacker did);
      --attack_targetless attacks them too, gated by the whole image's SSIM.
-  6. --max_area a (1: off; not the paper's): an edit changing more than a share a of the image (pixels whose summed
-     |RGB| difference exceeds 60, as 05 reports) earns 0, as one failing the SSIM gate; the log has the mean area.
+  6. not the paper's, off by default: --max_area a, an edit changing more than a share a of the image (pixels whose
+     summed |RGB| difference exceeds 60, as 05 reports) earns 0; --area_scale s, the reward x max(0, 1 - area / s).
 """
 
 from __future__ import annotations
@@ -132,6 +131,7 @@ class Args:
     tau: float = field(default=0.85, metadata={"help": "local-SSIM gate"})
     max_area: float = field(default=1.0, metadata={"help": "area gate: an edit changing more of the image than this "
                                                            "share earns 0 (choice 6; 1 = off, the paper's reward)"})
+    area_scale: float = field(default=0.0, metadata={"help": "reward x max(0, 1 - area / this) (choice 6; 0 = off)"})
     w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
     w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
     grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (--grad_ckpt false: off)"})
@@ -234,7 +234,7 @@ def compute_rewards(scenes, edits, images, defender, processor, args):
     area = torch.tensor([common.changed_area(s["image"], e) for s, e in zip(scenes, edits)])
     with parallel.gathered_for_generation(defender):   # FSDP2: one all-gather, then no collective
         wrong = defender_failures(defender, processor, scenes, edits, args)
-    r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all, c, args.max_area)
+    r = torch.tensor([common.attacker_reward(a, b, args.tau, args.w_fraction, args.w_all, c, args.max_area, args.area_scale)
                       for a, b, c in zip(ssim.tolist(), wrong.tolist(), area.tolist())])
     return r, ssim, wrong, area
 

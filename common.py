@@ -414,10 +414,14 @@ def changed_area(original, edited, threshold: int = 60) -> float:
 
 
 def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85, w_fraction: float = 0.5,
-                    w_all: float = 0.5, area: float = 0.0, max_area: float = 1.0) -> float:
+                    w_all: float = 0.5, area: float = 0.0, max_area: float = 1.0, area_scale: float = 0.0) -> float:
     """SSIM gate x defender failures: ok * (w_fraction * wrong_fraction + w_all * all_k_wrong); with
-    max_area < 1 an edit must also change at most that share of the image (changed_area) to count."""
+    max_area < 1 an edit must also change at most that share of the image (changed_area) to count; with
+    area_scale > 0 the reward is also scaled by max(0, 1 - area / area_scale): of two edits that fool the
+    defender alike, the one that changes less of the image earns more."""
     ok = float(ssim_local >= tau and area <= max_area)
+    if area_scale > 0:
+        ok *= max(0.0, 1.0 - area / area_scale)
     return ok * (w_fraction * wrong_fraction + w_all * float(wrong_fraction >= 1.0))
 
 

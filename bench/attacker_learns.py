@@ -30,7 +30,7 @@ def score(rows, args) -> dict:
     """03's reward (its gates too) and the attacks' figures, as 05 measures them."""
     area = [common.changed_area(x["image"], x["attacked_image"]) for x in rows]
     r = np.array([common.attacker_reward(x["ssim_local"], x["defender_wrong_fraction"], args.tau, args.w_fraction,
-                                         args.w_all, c, args.max_area) for x, c in zip(rows, area)])
+                                         args.w_all, c, args.max_area, args.area_scale) for x, c in zip(rows, area)])
     return dict(n=len(rows), reward=r.mean(), success=100 * (r > 0).mean(),
                 wrong=np.mean([x["defender_wrong_fraction"] for x in rows]),
                 gate=100 * np.mean([x["ssim_local"] >= args.tau for x in rows]), area=100 * np.median(area))

@@ -108,19 +108,23 @@ def test_condition_tokens_at_the_default_cond_resolution():
 
 def test_rewards_gate_on_local_ssim_and_on_changed_area(monkeypatch):
     """compute_rewards: the defender's failures count only where the target box kept its SSIM and, with
-    --max_area, where the edit changed at most that share of the image (choice 6)."""
+    --max_area, where the edit changed at most that share of the image; --area_scale scales them by
+    1 - area / scale (choice 6)."""
     scene = dict(image=Image.new("RGB", (20, 20), (90, 90, 90)), targets=[dict(bbox=[0, 0, 6, 6])])
     small, large, target_hit = (scene["image"].copy() for _ in range(3))
     small.paste((250, 90, 90), (10, 10, 14, 14))      # 16 of 400 pixels: 4% of the image
     large.paste((250, 90, 90), (8, 0, 20, 20))        # 240 of 400: 60%
     target_hit.paste((250, 90, 90), (0, 0, 6, 6))     # the target box repainted: the SSIM gate closes
     monkeypatch.setattr(s03, "defender_failures", lambda *a: torch.ones(3))   # every answer wrong
-    args = SimpleNamespace(reward="defender", tau=0.7, w_fraction=0.5, w_all=0.5, max_area=1.0)
+    args = SimpleNamespace(reward="defender", tau=0.7, w_fraction=0.5, w_all=0.5, max_area=1.0, area_scale=0.0)
     r, ssim, wrong, area = s03.compute_rewards([scene] * 3, [small, large, target_hit], None, None, None, args)
     assert area.tolist() == pytest.approx([0.04, 0.60, 0.09]) and ssim[0] > 0.99 and ssim[2] < 0.7
     assert r.tolist() == [1.0, 1.0, 0.0]
     args.max_area = 0.10
     assert s03.compute_rewards([scene] * 3, [small, large, target_hit], None, None, None, args)[0].tolist() == [1.0, 0.0, 0.0]
+    args.max_area, args.area_scale = 1.0, 0.5         # 1 - 0.04 / 0.5, 1 - 0.6 / 0.5 < 0, gate closed
+    r = s03.compute_rewards([scene] * 3, [small, large, target_hit], None, None, None, args)[0]
+    assert r.tolist() == pytest.approx([0.92, 0.0, 0.0])
 
 
 def test_sde_window_starts_in_the_first_half():

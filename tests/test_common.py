@@ -143,6 +143,10 @@ def test_attacker_reward_gate_and_failures():
     assert common.attacker_reward(0.9, 1.0, area=0.10, max_area=0.10) == pytest.approx(1.0)
     assert common.attacker_reward(0.9, 1.0, area=0.11, max_area=0.10) == 0.0
     assert common.attacker_reward(0.9, 1.0, area=0.9) == pytest.approx(1.0)   # off by default
+    # the continuous area term (03's --area_scale): the reward x max(0, 1 - area / area_scale)
+    assert common.attacker_reward(0.9, 0.5, area=0.1, area_scale=0.5) == pytest.approx(0.25 * 0.8)
+    assert common.attacker_reward(0.9, 1.0, area=0.6, area_scale=0.5) == 0.0
+    assert common.attacker_reward(0.8, 1.0, area=0.1, area_scale=0.5) == 0.0                # gate closed
 
 
 # --------------------------------------------------------------------------- checkpoints
