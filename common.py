@@ -419,10 +419,10 @@ def attacker_reward(ssim_local: float, wrong_fraction: float, tau: float = 0.85,
     max_area < 1 an edit must also change at most that share of the image (changed_area) to count; with
     area_scale > 0 the reward is also scaled by max(0, 1 - area / area_scale): of two edits that fool the
     defender alike, the one that changes less of the image earns more."""
-    ok = float(ssim_local >= tau and area <= max_area)
+    weight = float(ssim_local >= tau and area <= max_area)
     if area_scale > 0:
-        ok *= max(0.0, 1.0 - area / area_scale)
-    return ok * (w_fraction * wrong_fraction + w_all * float(wrong_fraction >= 1.0))
+        weight *= max(0.0, 1.0 - area / area_scale)
+    return weight * (w_fraction * wrong_fraction + w_all * float(wrong_fraction >= 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
