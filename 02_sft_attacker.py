@@ -119,10 +119,8 @@ def main(args: Args):
         raise SystemExit(f"[02] {data_path} is empty")
     rows = [ds[i] for i in range(ddp.rank, len(ds), ddp.world)] or [ds[ddp.rank % len(ds)]]
     torch.manual_seed(args.seed + ddp.rank)
-    pipe = editing.load_attacker(args.model, device=ddp.device, dtype=common.resolve_dtype(args.dtype, ddp.device))
-    params = editing.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
-    if args.grad_ckpt:
-        pipe.transformer.enable_gradient_checkpointing()
+    pipe, params = editing.trainable_attacker(args.model, ddp.device, common.resolve_dtype(args.dtype, ddp.device),
+                                              None, args.lora_rank, args.lora_alpha, args.seed, args.grad_ckpt)
     pipe.transformer.train()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     t0 = time.time()

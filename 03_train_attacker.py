@@ -4,8 +4,7 @@ Attacker round k starts from attacker k-1 (round 1: the SFT adapter) and attacks
 Reads:  data/scenes/, attacker/sft/ or attacker/round_{k-1}/, defender/round_{k-1}/
 Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (DatasetDict: train =
         the defender's curriculum, test = held-out attacks for 05; each attack's strategy: census.py),
-        attacks/round_k/gallery.png,
-        logs/03_round_k.jsonl
+        attacks/round_k/gallery.png, logs/03_round_k.jsonl
 
   python 03_train_attacker.py --preset tiny --run_dir runs/tiny --round 1
   python 03_train_attacker.py --run_dir runs/aot --round 1                          # 1 GPU (> 80 GB)
@@ -13,47 +12,50 @@ Writes: attacker/round_k/ (LoRA safetensors + args.json), attacks/round_k/ (Data
 
 Flow-GRPO, every piece in this file, as flow_grpo's Qwen-Image-Edit configs (counting_qwenimage_edit,
 _fast) and trainer (scripts/train_qwenimage_edit_plus.py) do it (docs/paper_notes.md, "Stage 03"):
-  rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian,
-             its log-prob recorded (per-element mean, float32); true CFG; output at --resolution,
-             condition at --cond_resolution (512, as flow_grpo's trainer; the pipeline's own is 1024)
+  rollout    a group of G edits per (scene, question) with the SDE sampler: each step is Gaussian, its log-prob recorded
+             (per-element mean, float32); true CFG; output at --resolution, condition at --cond_resolution (512, as
+             flow_grpo's trainer; the pipeline's own is 1024)
   scenes     each rollout batch holds distinct scenes across all ranks (DistributedKRepeatSampler)
-  reward     the defender answers every edit k times (T = 1); local SSIM on the target boxes gates
-             it: r = [ssim >= tau] * (0.5 * wrong_fraction + 0.5 * all_k_wrong)   (common.py)
+  reward     the defender answers every edit k times (T = 1); local SSIM on the target boxes gates it:
+             r = [ssim >= tau] * (0.5 * wrong_fraction + 0.5 * all_k_wrong)   (common.py)
   advantage  (r - mean_group) / (std of the batch's rewards on all ranks + 1e-4), clipped to [-5, 5]
              (per_prompt_stat_tracking + global_std; --adv_std group divides by the group's own std)
-  update     log-probs recomputed on the trained steps with the rollout's own sigmas; PPO clip
-             (range 1e-4), optional KL to the reference (|mean diff|^2 / 2 std_dev_t^2);
-             the batch's samples shuffled and split into --updates_per_iter optimizer steps (2: flow_grpo
-             accumulates over half an epoch), every (sample, step) term weighted equally; LoRA only
-  fast       --sde_window w: SDE and training on w steps whose start is drawn in [0, T // 2 - w], ODE
-             elsewhere (flow_grpo's fast edit config: w = 4, --noise_level 1.5)
+  update     log-probs recomputed on the trained steps with the rollout's sigmas; PPO clip (range 1e-4), optional KL
+             to the reference (|mean diff|^2 / 2 std_dev_t^2); the samples shuffled into --updates_per_iter optimizer
+             steps (2: flow_grpo accumulates over half an epoch), each (sample, step) term weighted equally; LoRA only
+  fast       --sde_window w: SDE and training on w steps whose start is drawn in [0, T // 2 - w], ODE elsewhere
+             (flow_grpo's fast edit config: w = 4, --noise_level 1.5)
   curriculum the final attacker edits the train scenes (curriculum) and the test scenes (eval)
 Where this differs from flow_grpo:
-  a. a rollout batch is --scenes_per_step scenes per rank (2: 16 scenes on 8 GPUs) and is one "epoch";
-     flow_grpo's edit configs sample 32 prompts per epoch. Raise --scenes_per_step to 4 on 8 GPUs to match;
+  a. a rollout batch is --scenes_per_step scenes per rank (2: 16 scenes on 8 GPUs) and is one "epoch"; flow_grpo's
+     edit configs sample 32 prompts per epoch. Raise --scenes_per_step to 4 on 8 GPUs to match;
   b. images keep their aspect ratio (snapped to multiples of 16 at ~resolution^2 pixels, the condition at
      ~cond_resolution^2); flow_grpo resizes every image to a resolution x resolution square;
-  c. the KL's reference is the round's starting adapter (verl's initial actor; flow_grpo's fresh LoRA makes its
-     LoRA-disabled model that start); --kl_ref base: the LoRA-disabled editor, before SFT.
+  c. the KL's reference is the round's starting adapter (verl's initial actor; flow_grpo's fresh LoRA makes its LoRA-
+     disabled model that start); --kl_ref base: the LoRA-disabled editor, before SFT.
 Our choices where the paper is silent:
   1. the reward formula above (the paper gives its two parts, not how they combine);
   2. the curriculum uses the deterministic ODE sampler with --eval_steps and keeps train attacks whose local SSIM
      passes the gate (others could have changed the true answer); --curriculum_samples per train scene (own noises);
-  3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable
-     reward for checking that the RL loop learns (the tests use it).
-  4. precision and memory as flow_grpo (bench/paper_scale.py): frozen models in --dtype (bf16 on GPU), the LoRA,
-     the SDE step and its log-probs in fp32 (the first ratio is 1 in bf16 too, tested to 1e-5); under
-     torchrun the transformer with its LoRA, the text encoder and the defender are FSDP2-sharded, the defender
-     gathered once per reward call; gradient checkpointing on; ranks run as many forwards (zero-weight fillers);
-  5. scenes whose question has no target box ("Is there a dog?" -> No) are not attacked: with no box to
-     protect, the edit could add the asked object and change the true answer (the tiny world's attacker did);
-     --attack_targetless attacks them too, gated by the whole image's SSIM.
+  3. --reward brightness swaps the defender for the decoded image's mean brightness: a verifiable reward for checking
+     that the RL loop learns (the tests use it).
+  4. precision and memory as flow_grpo (bench/paper_scale.py): frozen models in --dtype (bf16 on GPU), the LoRA, the
+     SDE step and its log-probs in fp32 (the first ratio is 1 in bf16 too, tested to 1e-5); under torchrun the
+     transformer with its LoRA, the text encoder and the defender are FSDP2-sharded, the defender gathered once per
+     reward call; gradient checkpointing on; ranks run as many forwards (zero-weight fillers);
+  5. scenes whose question has no target box ("Is there a dog?" -> No) are not attacked: with no box to protect, the
+     edit could add the asked object and change the true answer (the tiny world's attacker did); --attack_targetless
+     attacks them too, gated by the whole image's SSIM.
   6. not the paper's, off by default: --max_area a, an edit changing more than a share a of the image (pixels whose
      summed |RGB| difference exceeds 60, as 05 reports) earns 0; --area_scale s, the reward x max(0, 1 - area / s).
+  7. --val_fraction f holds f of the train scenes out of the rollouts, to validate on before the first iteration and
+     every --val_every: ODE edits (the same noises each time), the reward under the defender's greedy answer (05's
+     reading); --select best_val keeps the best-scoring adapter (04 does so for the defender; flow_grpo keeps the last).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import shutil
@@ -75,14 +77,11 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # 48 iterations of 8 scenes at 3e-4; four attacks per train scene (bench/tiny_world.md)
-                              curriculum_samples=4,
-                              curriculum_batch=32,   # 32 scenes a curriculum batch: faster than 8 on CPU
-                              # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere
-                              sde_window=2,
-                              # the gate at 0.7: the world editor's "keep" passes 96% of scenes, an erased or
-                              # recoloured target ~32% (bench/world_gate.py)
-                              tau=0.7, census="pixels")}
+                              # four attacks per train scene, 32 scenes a curriculum batch (faster than 8 on CPU);
+                              curriculum_samples=4, curriculum_batch=32,
+                              # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere; the gate at 0.7:
+                              # the world editor's "keep" passes 96% of scenes, an erased target ~32% (bench/world_gate.py)
+                              sde_window=2, tau=0.7, census="pixels")}
 
 
 @dataclass
@@ -99,12 +98,10 @@ class Args:
                                                                   "trainer: 512; the pipeline: 1024; 0 = --resolution)"})
     num_steps: int = field(default=10, metadata={"help": "sampling steps in training rollouts"})
     eval_steps: int = field(default=50, metadata={"help": "sampling steps for the curriculum"})
-    attack_targetless: bool = field(default=False, metadata={"help": "also attack scenes without target boxes "
-                                                                     "(choice 5)"})
+    attack_targetless: bool = field(default=False, metadata={"help": "also attack scenes with no target box (choice 5)"})
     curriculum_samples: int = field(default=1, metadata={"help": "attacks per train scene in the curriculum (each "
                                                                  "from its own noise; held-out: 1 per scene)"})
-    curriculum_batch: int = field(default=0, metadata={"help": "scenes per curriculum batch and rank "
-                                                               "(0 = --scenes_per_step)"})
+    curriculum_batch: int = field(default=0, metadata={"help": "scenes per curriculum batch, rank (0: --scenes_per_step)"})
     noise_level: float = field(default=1.0, metadata={"help": "SDE noise level (0 = ODE)"})
     sde_window: int = field(default=0, metadata={"help": "Flow-GRPO-Fast: SDE + trained steps, a window in the first "
                                                          "half (0 = all but the last; flow_grpo: 4 at noise 1.5)"})
@@ -114,8 +111,9 @@ class Args:
     train_iters: int = field(default=100, metadata={"help": "rollout + update iterations"})
     micro_batch: int = field(default=4, metadata={"help": "samples per training forward"})
     updates_per_iter: int = field(default=2, metadata={"help": "optimizer steps per rollout batch (flow_grpo: 2)"})
-    adv_std: str = field(default="global", metadata={"help": "advantage denominator: 'global' (the batch's reward "
-                                                             "std, flow_grpo's edit configs) or 'group'"})
+    adv_std: str = field(default="global", metadata={"help": "advantage denominator: the batch's reward std ('global', "
+                                                             "flow_grpo's edit configs) or the group's",
+                                                     "choices": ["global", "group"]})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantage clip"})
     kl_beta: float = field(default=0.0, metadata={"help": "KL weight (flow_grpo's, off in its edit configs)"})
@@ -129,20 +127,20 @@ class Args:
     defender_temperature: float = field(default=1.0, metadata={"help": "defender sampling temperature"})
     defender_max_new_tokens: int = field(default=256, metadata={"help": "defender answer length"})
     tau: float = field(default=0.85, metadata={"help": "local-SSIM gate"})
-    max_area: float = field(default=1.0, metadata={"help": "area gate: an edit changing more of the image than this "
-                                                           "share earns 0 (choice 6; 1 = off, the paper's reward)"})
+    max_area: float = field(default=1.0, metadata={"help": "an edit changing more of the image earns 0 (choice 6; 1: off)"})
     area_scale: float = field(default=0.0, metadata={"help": "reward x max(0, 1 - area / this) (choice 6; 0 = off)"})
     w_fraction: float = field(default=0.5, metadata={"help": "reward weight of the wrong fraction"})
     w_all: float = field(default=0.5, metadata={"help": "reward weight of all-k-wrong"})
     grad_ckpt: bool = field(default=True, metadata={"help": "gradient checkpointing (--grad_ckpt false: off)"})
-    dtype: str = field(default="auto", metadata={"help": "frozen models / compute dtype: bf16, fp32, auto "
-                                                          "(bf16 on GPU); the LoRA is always fp32"})
+    dtype: str = field(default="auto", metadata={"help": "frozen models' dtype: bf16, fp32, auto (GPU: bf16); LoRA: fp32"})
     report_to: str = field(default="none", metadata={"help": "also log to: none, tensorboard, wandb (JSONL always)"})
     save_every: int = field(default=20, metadata={"help": "checkpoint every N iterations"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    census: str = field(default="judge", metadata={"help": "label each attack's strategy (census.py) by its 'pixels' "
-                                                           "(a plain background) or by asking the 'judge' (the "
-                                                           "defender this stage holds, Qwen2.5-VL as 01's judge)",
+    val_fraction: float = field(default=0.0, metadata={"help": "train scenes held out to validate on (choice 7; 0: none)"})
+    val_every: int = field(default=8, metadata={"help": "validate every N iterations (and before the first)"})
+    select: str = field(default="last", metadata={"help": "the round's attacker (choice 7)", "choices": ["last", "best_val"]})
+    census: str = field(default="judge", metadata={"help": "label each attack's strategy (census.py) by its 'pixels' (a "
+                                                           "plain background) or by asking the defender ('judge')",
                                                    "choices": ["pixels", "judge"]})
 
 
@@ -206,8 +204,7 @@ def rollout(pipe, ctx, sigmas, train_steps, noise_level, cfg, generator):
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i].item(), sigmas[i + 1].item()
         v = editing.predict_velocity(pipe.transformer, x, sigmas[i:i + 1].to(x.device), ctx, cfg)
-        x, logp, _ = sde_step(v, x, s, s_next, noise_level if i in train_steps else 0.0, sigma_max,
-                              generator=generator)
+        x, logp, _ = sde_step(v, x, s, s_next, noise_level if i in train_steps else 0.0, sigma_max, generator=generator)
         xs.append(x)
         logps.append(logp)
     return torch.stack(xs), torch.stack(logps), x
@@ -248,20 +245,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float, std: s
     if std == "global":
         n, tot, sq = parallel.all_reduce(torch.tensor([r.numel(), r.sum(), (r ** 2).sum()], dtype=torch.float64)).tolist()
         sd = math.sqrt(max(sq / n - (tot / n) ** 2, 0.0))
-    elif std == "group":
+    else:   # "group"
         sd = r.std(1, unbiased=False, keepdim=True)
-    else:
-        raise ValueError(f"--adv_std must be 'global' or 'group', not {std!r}")
     adv = (r - r.mean(1, keepdim=True)) / (sd + 1e-4)
     return adv.clamp(-clip, clip).flatten().float()
 
 
 def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, idx=None, ref=None):
-    """PPO-clip on every trained step of the samples ``idx`` (default: all); one optimizer step.
-    Every (sample, step) term weighs the same, 1 / (samples of this update on all ranks x steps), also
-    when the last micro-batch is partial or the ranks hold different counts. Returns stats.
-    Every rank runs the same number of micro-batches (FSDP2's collectives must match): a rank with
-    fewer samples repeats its first sample with weight 0."""
+    """PPO-clip on every trained step of the samples ``idx`` (default: all); one optimizer step. Returns stats.
+    Every (sample, step) term weighs the same, 1 / (samples of this update on all ranks x steps), also when the last
+    micro-batch is partial or the ranks hold different counts. Every rank runs as many micro-batches (FSDP2's
+    collectives must match): a rank with fewer samples repeats its first sample with weight 0."""
     tr = pipe.transformer
     idx = list(range(adv.shape[0])) if idx is None else list(idx)
     order = list(train_steps)
@@ -309,9 +303,8 @@ def grpo_update(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps,
 
 
 def grpo_updates(pipe, params, opt, ctx, sigmas, xs, old_logps, adv, train_steps, args, shuffle, ref=None):
-    """flow_grpo's updates per rollout batch: the samples, shuffled, split into --updates_per_iter parts,
-    one optimizer step each (its edit configs accumulate over half an epoch's batches: two steps).
-    Returns the stats averaged over the updates."""
+    """flow_grpo's updates per rollout batch: the samples, shuffled, split into --updates_per_iter parts, one optimizer
+    step each (its edit configs accumulate over half an epoch's batches: two steps). -> the stats, averaged."""
     order = list(range(adv.shape[0]))
     shuffle.shuffle(order)
     U = args.updates_per_iter
@@ -331,11 +324,10 @@ def encode_scenes(pipe, scenes, args):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
-    """Deterministic (ODE) attacks: rows for attacks/round_k. Every scene once; with
-    --curriculum_samples n > 1 every train scene n times, each from its own initial noise (the first is
-    the one a single-sample run draws, so the held-out attacks do not depend on n). Scenes are batched
-    by output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on
-    ``filler`` (results dropped)."""
+    """Deterministic (ODE) attacks: rows for attacks/round_k. Every scene once; with --curriculum_samples n > 1 every
+    train scene n times, each from its own initial noise (the first is the one a single-sample run draws, so the
+    held-out attacks do not depend on n). Scenes are batched by output size; every rank runs as many batches as
+    the busiest one (FSDP2), extra ones on ``filler`` (results dropped)."""
     batches, per = [], args.curriculum_batch or args.scenes_per_step
     for j in range(args.curriculum_samples):
         part = scenes if j == 0 else [s for s in scenes if s["split"] == "train"]
@@ -354,82 +346,77 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
         images = editing.decode_latents(pipe, x, ctx.height, ctx.width)
         edits = [e.resize(s["image"].size) for e, s in zip(editing.tensor_to_images(images), group)]
         r, ssim, wrong, _ = compute_rewards(group, edits, images, defender, processor, args)
-        if b >= len(batches):
-            continue
-        for s, e, a, w in zip(group, edits, ssim.tolist(), wrong.tolist()):
-            rows.append({**s, "attacked_image": e, "instruction": common.attack_instruction(s["question"]),
-                         "ssim_local": a, "defender_wrong_fraction": w})
+        rows += [{**s, "attacked_image": e, "instruction": common.attack_instruction(s["question"]), "ssim_local": a,
+                  "defender_wrong_fraction": w, "reward": rr}
+                 for s, e, a, w, rr in zip(group, edits, ssim.tolist(), wrong.tolist(), r.tolist()) if b < len(batches)]
     return rows
 
 
 def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
-    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
     shard_dir = run / "attacks" / f".tmp_shards_round_{args.round}"
-    feats = rundir.features("attacks")
     mine = [scenes_ds[i] for i in range(ddp.rank, len(scenes_ds), ddp.world)]
     rows = attack_scenes(pipe, mine, defender, processor, args, args.seed * 1000 + ddp.rank, scenes_ds[0])
-    judge = {"pixels": None, "judge": census.mllm_judge(defender, processor)}[args.census]
-    found = census.census([(r["image"], r["attacked_image"], [t["bbox"] for t in r["targets"]]) for r in rows], judge=judge)
-    for r, c in zip(rows, found):
-        r["strategy"] = c["strategy"]
-    (shard_dir / f"rank_{ddp.rank}").parent.mkdir(parents=True, exist_ok=True)
-    Dataset.from_dict({k: [r[k] for r in rows] for k in feats}, features=feats).save_to_disk(
-        str(shard_dir / f"rank_{ddp.rank}"))
-    parallel.barrier()
-    if not ddp.master:
-        return
-    allrows = concatenate_datasets([load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(ddp.world)])
-    train = allrows.filter(lambda s, a: s == "train" and a >= args.tau, input_columns=["split", "ssim_local"])
-    test = allrows.filter(lambda s: s == "test", input_columns="split")
-    n_gate = sum(1 for s, a in zip(allrows["split"], allrows["ssim_local"]) if s == "train" and a < args.tau)
-    tmp = rundir.tmp_dir_for(out)
-    DatasetDict(train=train, test=test).save_to_disk(str(tmp))
-    g = [(r["image"], r["attacked_image"]) for r in allrows.select(range(min(4, len(allrows))))]
-    rundir.save_gallery(g, tmp / "gallery.png")
-    rundir.commit_dir(tmp, out)
-    shutil.rmtree(shard_dir, ignore_errors=True)
-    wf = sum(test["defender_wrong_fraction"]) / max(1, len(test))
-    print(f"[03] curriculum {out}: {len(train)} train attacks ({n_gate} failed the SSIM gate, dropped), "
-          f"{len(test)} test attacks, test wrong fraction {wf:.3f}")
+    for r, kind in zip(rows, census.strategies(rows, "attacked_image", args.census, defender, processor)):
+        r["strategy"] = kind
+    allrows = rundir.gather_rows(rows, "attacks", shard_dir, ddp)
+    if ddp.master:
+        train, test, n_gate = rundir.save_attacks(allrows, args.tau, out)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        print(f"[03] curriculum {out}: {len(train)} train attacks ({n_gate} failed the SSIM gate, dropped), {len(test)} "
+              f"test attacks, test wrong fraction {sum(test['defender_wrong_fraction']) / max(1, len(test)):.3f}")
+
+
+@torch.no_grad()
+def validate(pipe, val_scenes, defender, processor, args, ddp) -> float:
+    """The mean reward of ODE edits of the held-out scenes (--eval_steps, the same noises every time) under the
+    defender's greedy answer, 05's reading of an attack: [local SSIM >= tau] x wrong (x the area weight if on)."""
+    greedy = dataclasses.replace(args, defender_k=1, defender_temperature=0.0, curriculum_samples=1)
+    pipe.transformer.eval()
+    rows = attack_scenes(pipe, val_scenes[ddp.rank::ddp.world], defender, processor, greedy,
+                         args.seed * 1000 + 500 + ddp.rank, val_scenes[0])
+    t = parallel.sum_dict(dict(reward=sum(r["reward"] for r in rows), n=len(rows)))
+    return t["reward"] / max(t["n"], 1)
 
 
 # ---------------------------------------------------------------------------------------------
 def load_scenes(run: Path, args):
-    """-> (every scene to attack, the train scenes). Choice 5: a question about an absent object has no box."""
+    """-> (every scene to attack, the train scenes to draw from, the train scenes held out to validate on: --val_fraction
+    of them, drawn with the seed). Choice 5: a question about an absent object has no box."""
     from datasets import load_from_disk
     scenes_ds = load_from_disk(str(run / "data" / "scenes"))
     n_all = len(scenes_ds)
     if not args.attack_targetless:
         scenes_ds = scenes_ds.filter(lambda t: len(t) > 0, input_columns="targets")
         if n_all > len(scenes_ds):
-            parallel.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about "
-                            f"an absent object): not attacked (--attack_targetless attacks them)")
+            parallel.print0(f"[03] {n_all - len(scenes_ds)} of {n_all} scenes have no target boxes (a question about an "
+                            "absent object): not attacked (--attack_targetless attacks them)")
     train_scenes = [scenes_ds[i] for i in range(len(scenes_ds)) if scenes_ds[i]["split"] == "train"]
+    val_ids = rundir.held_out_ids([s["id"] for s in train_scenes], args.val_fraction, args.seed)
+    val_scenes = [s for s in train_scenes if s["id"] in val_ids]
+    train_scenes = [s for s in train_scenes if s["id"] not in val_ids]
     if not train_scenes:
-        raise SystemExit(f"[03] no train scenes with target boxes in {run / 'data' / 'scenes'} ({n_all} scenes)")
-    return scenes_ds, train_scenes
+        raise SystemExit(f"[03] no train scenes with target boxes left to train on in {run / 'data' / 'scenes'} "
+                         f"({n_all} scenes, {len(val_ids)} held out for validation)")
+    if args.select == "best_val" and not val_scenes:
+        raise SystemExit("[03] --select best_val needs validation scenes (--val_fraction > 0)")
+    return scenes_ds, train_scenes, val_scenes
 
 
 def setup_models(args, ddp, run: Path, src: str):
     """The editor with its LoRA from ``src`` (fp32, trainable) and the frozen defender; under torchrun all
     three FSDP2-sharded as flow_grpo (1/world of the transformer with its LoRA, text encoder, defender)."""
-    dtype = common.resolve_dtype(args.dtype, ddp.device)
-    pipe = editing.load_attacker(args.model, device=ddp.device, dtype=dtype)
-    if Path(src).exists():
-        params = editing.load_attacker_lora(pipe, src, trainable=True)
-    elif args.init_lora:
+    dtype, found = common.resolve_dtype(args.dtype, ddp.device), Path(src).exists()
+    if not found and args.init_lora:
         raise SystemExit(f"[03] --init_lora {src} does not exist")
-    else:
+    if not found:
         parallel.print0(f"[03] no adapter at {src}: starting a fresh LoRA (r={args.lora_rank})")
-        params = editing.add_attacker_lora(pipe, args.lora_rank, args.lora_alpha, seed=args.seed)
-    if args.grad_ckpt:
-        pipe.transformer.enable_gradient_checkpointing()
+    pipe, params = editing.trainable_attacker(args.model, ddp.device, dtype, src if found else None, args.lora_rank,
+                                              args.lora_alpha, args.seed, args.grad_ckpt)
     defender = processor = None
     if args.reward == "defender":
         dpath = args.defender or str(run / "defender" / f"round_{args.round - 1}")
         if dpath != common.TINY and not Path(dpath).exists() and not args.defender:
-            raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round "
-                             f"{args.round - 1})")
+            raise SystemExit(f"[03] round {args.round} attacks {dpath}, which does not exist (run 04 --round {args.round - 1})")
         defender, processor = common.load_defender(dpath, ddp.device, dtype=dtype)
     if ddp.world > 1:
         parallel.shard(pipe.transformer, pipe.transformer.transformer_blocks)
@@ -470,17 +457,31 @@ def iteration(it, pipe, params, opt, train_scenes, defender, processor, args, dd
 def iteration_row(it, rewards, ssim, wrong, area, st, t_roll, t_train, args, ddp) -> dict:
     """The iteration's log row, summed over ranks."""
     zero_var = int((rewards.view(-1, args.group_size).std(1) == 0).sum())
-    t = parallel.sum_dict(dict(reward=rewards.sum(), reward_sq=(rewards ** 2).sum(), n=len(rewards),
-                               success=(rewards > 0).sum(), ssim=ssim.sum(), wrong=wrong.sum(), area=area.sum(), zero_var=zero_var,
-                               clip_frac=st["clip_frac"], approx_kl=st["approx_kl"], ratio=st["ratio"], kl=st["kl"]))
+    t = parallel.sum_dict(dict(reward=rewards.sum(), reward_sq=(rewards ** 2).sum(), n=len(rewards), success=(rewards > 0).sum(),
+                               ssim=ssim.sum(), wrong=wrong.sum(), area=area.sum(), zero_var=zero_var,
+                               **{k: st[k] for k in ("clip_frac", "approx_kl", "ratio", "kl")}))
     n, mean, w = t["n"], t["reward"] / t["n"], ddp.world
     return dict(iter=it, reward_mean=mean, reward_std=math.sqrt(max(t["reward_sq"] / n - mean**2, 0)),
                 attack_success=t["success"] / n, ssim_local=t["ssim"] / n, wrong_fraction=t["wrong"] / n,
-                changed_area=t["area"] / n,
-                zero_var_groups=int(t["zero_var"]), clip_frac=t["clip_frac"] / w, approx_kl=t["approx_kl"] / w,
-                ratio_mean=t["ratio"] / w, kl_ref=t["kl"] / w, grad_norm=st["grad_norm"],
+                changed_area=t["area"] / n, zero_var_groups=int(t["zero_var"]), clip_frac=t["clip_frac"] / w,
+                approx_kl=t["approx_kl"] / w, ratio_mean=t["ratio"] / w, kl_ref=t["kl"] / w, grad_norm=st["grad_norm"],
                 rollout_s=t_roll, train_s=t_train, edits_per_s=n / max(t_roll, 1e-9),
                 peak_mem_gb=parallel.peak_memory_gb(ddp.device))
+
+
+def save_attacker(pipe, best, args, ddp, out: Path, ckpt_dir: Path):
+    """attacker/round_k: the last adapter, or (--select best_val) the best-validated one, named in args.json."""
+    if args.select == "best_val":
+        best.restore()
+        parallel.print0(f"[03] --select best_val: the adapter of iteration {best.step} (validation {best.score:.3f})")
+    tmp = rundir.tmp_dir_for(out)
+    editing.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
+    if ddp.master:
+        rundir.save_args(args, tmp, selected=dict(iter=best.step, val_score=best.score, of_iters=args.train_iters)
+                         if args.select == "best_val" else None)
+        rundir.commit_dir(tmp, out)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        print(f"[03] wrote {out}")
 
 
 def main(args: Args):
@@ -491,7 +492,7 @@ def main(args: Args):
     if out_lora.exists() and out_attacks.exists():
         parallel.print0(f"[03] {out_lora} and {out_attacks} exist: nothing to do")
         return
-    scenes_ds, train_scenes = load_scenes(run, args)
+    scenes_ds, train_scenes, val_scenes = load_scenes(run, args)
     init = args.init_lora or str(run / "attacker" / ("sft" if args.round == 1 else f"round_{args.round - 1}"))
     done = out_lora.exists()   # training finished earlier: only the curriculum is missing, from the saved adapter
     pipe, params, defender, processor = setup_models(args, ddp, run, str(out_lora) if done else init)
@@ -500,44 +501,43 @@ def main(args: Args):
     torch.manual_seed(args.seed + ddp.rank)
     gen = torch.Generator().manual_seed(args.seed * 100 + ddp.rank)
     rng = random.Random(args.seed * 100)   # the same on every rank: disjoint scenes, one SDE window
-    ckpt_dir = run / "attacker" / f".ckpt_round_{args.round}"
+    ckpt_dir, start = run / "attacker" / f".ckpt_round_{args.round}", args.train_iters if done else 0
     logger = rundir.JsonlLogger(run / "logs" / f"03_round_{args.round}.jsonl", ddp.master, args.report_to, vars(args))
-    start = args.train_iters if done else 0
+    best = rundir.Best(params, "[03] ")   # --select best_val: the adapter with the best validation score so far
     if not done and (resumed := rundir.load_checkpoint(ckpt_dir, pipe.transformer, opt, ddp.rank)):
         start, extra = resumed
         gen.set_state(extra["gen"])
         rng.setstate((3, tuple(extra["rng"]), None))
+        best.load(extra)
         logger.resume(lambda row: row["iter"] <= start, start)
         parallel.print0(f"[03] resumed at iteration {start}")
-    parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes, {args.train_iters} iters x "
-                    f"{args.scenes_per_step} scenes x G={args.group_size} x {ddp.world} ranks, {args.num_steps} steps, noise "
-                    f"{args.noise_level}, cfg {args.cfg}, reward {args.reward}, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA")
-    for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters,
-                              desc="[03] iterations"):
+    parallel.print0(f"[03] round {args.round}: init {init}, {len(train_scenes)} train scenes (+{len(val_scenes)} to "
+                    f"validate on), {args.train_iters} iters x {args.scenes_per_step} scenes x G={args.group_size} x "
+                    f"{ddp.world} ranks, {args.num_steps} steps, noise {args.noise_level}, cfg {args.cfg}, reward "
+                    f"{args.reward}, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA")
+    if start == 0 and val_scenes:   # the starting adapter is a candidate too
+        logger.log(dict(iter=0, val_score=best.offer(0, validate(pipe, val_scenes, defender, processor, args, ddp))))
+    for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters, desc="[03] iterations"):
         row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen, ref)
+        if val_scenes and ((it + 1) % args.val_every == 0 or it + 1 == args.train_iters):
+            row["val_score"] = best.offer(it + 1, validate(pipe, val_scenes, defender, processor, args, ddp))
         logger.log(row)
         parallel.print0(f"[03] iter {it + 1}/{args.train_iters} " + " ".join(f"{k} {row[k]:.3g}" for k in (
             "reward_mean", "reward_std", "attack_success", "ssim_local", "changed_area", "clip_frac", "approx_kl",
-            "kl_ref", "ratio_mean", "rollout_s", "train_s", "peak_mem_gb")))
+            "kl_ref", "ratio_mean", "rollout_s", "train_s", "peak_mem_gb", "val_score") if k in row))
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
-                                   dict(gen=gen.get_state(), rng=list(rng.getstate()[1])), ddp.rank)
+                                   dict(gen=gen.get_state(), rng=list(rng.getstate()[1]), **best.state()), ddp.rank)
 
     if not done:
-        tmp = rundir.tmp_dir_for(out_lora)
-        editing.save_attacker_lora(pipe, tmp, write=ddp.master)   # every rank: gathers FSDP2 shards
-        if ddp.master:
-            rundir.save_args(args, tmp)
-            rundir.commit_dir(tmp, out_lora)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            print(f"[03] wrote {out_lora}")
+        save_attacker(pipe, best, args, ddp, out_lora, ckpt_dir)
     parallel.barrier()
     if not out_attacks.exists():
         pipe.transformer.eval()
         # the defender's sampled answers in the curriculum: the same whether training ran here, resumed or ran earlier
         torch.manual_seed(args.seed * 1000 + 7 + ddp.rank)
         if args.reward == "brightness":
-            parallel.print0("[03] --reward brightness: curriculum rows carry no defender verdict (wrong fraction 0)")
+            parallel.print0("[03] --reward brightness: the curriculum's rows carry no defender verdict (wrong fraction 0)")
         write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out_attacks)
     if ddp.master and (out_attacks / "gallery.png").exists():
         from PIL import Image

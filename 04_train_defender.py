@@ -166,7 +166,7 @@ def load_prompt_pool(args, run: Path) -> tuple[list[dict], list[dict]]:
     if args.round == 0:
         if args.warmup_samples and len(clean) > args.warmup_samples:
             clean = random.Random(args.seed).sample(clean, args.warmup_samples)
-        val_ids = held_out_ids([p["id"] for p in clean], args) if held else set()
+        val_ids = rundir.held_out_ids([p["id"] for p in clean], args.val_fraction, args.seed + 1) if held else set()
         return [p for p in clean if p["id"] not in val_ids], [p for p in clean if p["id"] in val_ids]
     path = Path(args.curriculum or run / "attacks" / f"round_{args.round}")
     if not path.exists():
@@ -174,7 +174,7 @@ def load_prompt_pool(args, run: Path) -> tuple[list[dict], list[dict]]:
     attacks = load_from_disk(str(path))["train"]
     adv = [dict(id=r["id"], image=r["attacked_image"], question=r["question"], options=r["options"],
                 answer=r["answer"], source="attack") for r in attacks]
-    val_ids = held_out_ids([p["id"] for p in adv], args) if held else set()
+    val_ids = rundir.held_out_ids([p["id"] for p in adv], args.val_fraction, args.seed + 1) if held else set()
     val = [p for p in adv if p["id"] in val_ids] + [p for p in clean if p["id"] in val_ids]
     adv, clean = [p for p in adv if p["id"] not in val_ids], [p for p in clean if p["id"] not in val_ids]
     return adv + clean_share(clean, len(adv), args.clean_ratio, random.Random(args.seed)), val
@@ -193,13 +193,6 @@ def probe_scenes(run: Path, n: int = 64) -> list[dict]:
 
 def validating(args) -> bool:
     return args.val_every > 0 or args.select == "best_val"
-
-
-def held_out_ids(ids: list[str], args) -> set[str]:
-    """--val_fraction of the distinct scene ids (at least one), drawn with the run's seed."""
-    distinct = sorted(set(ids))
-    n = max(1, round(len(distinct) * args.val_fraction))
-    return set(random.Random(args.seed + 1).sample(distinct, min(n, len(distinct))))
 
 
 def clean_share(clean: list, n_attacks: int, ratio: float, rng: random.Random) -> list:

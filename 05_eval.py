@@ -412,9 +412,7 @@ def aot_sft_census(model, processor, run: Path, args, ddp) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     sft = load_from_disk(str(run / "data" / "aot_sft"))
-    judge = {"pixels": None, "judge": census.mllm_judge(model, processor)}[args.census]
-    found = census.census([(r["image"], r["edited_image"], [t["bbox"] for t in r["targets"]]) for r in sft], judge=judge)
-    kinds = [f["strategy"] for f in found]
+    kinds = census.strategies(sft, "edited_image", args.census, model, processor)
     out = {s: dict(n=kinds.count(s), share=100 * kinds.count(s) / len(kinds)) for s in sorted(set(kinds))}
     if ddp.master:
         rundir.write_json_atomic(path, out)

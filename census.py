@@ -195,3 +195,11 @@ def mllm_judge(model, processor, batch_size: int = 8):
                                            max_new_tokens=8, batch_size=batch_size)
         return answers[:mine]
     return judge
+
+
+def strategies(rows, edited: str, how: str = "pixels", model=None, processor=None) -> list[str]:
+    """Each row's strategy: its scene ("image") against its ``edited`` image, on its "targets" boxes; ``how``:
+    'pixels' decide, or 'judge' (``model``, a Qwen2.5-VL, is asked about every changed region)."""
+    judge = mllm_judge(model, processor) if how == "judge" else None
+    pairs = [(r["image"], r[edited], [t["bbox"] for t in r["targets"]]) for r in rows]
+    return [f["strategy"] for f in census(pairs, judge=judge)]

@@ -273,6 +273,17 @@ def load_attacker(name_or_path: str = ATTACKER_ID, lora: str | None = None, devi
     return pipe
 
 
+def trainable_attacker(name_or_path: str, device, dtype, lora: str | None = None, rank: int = 64, alpha: int = 128,
+                       seed: int = 0, grad_ckpt: bool = True):
+    """-> (the editor, its trainable fp32 LoRA parameters): the adapter saved at ``lora``, or a fresh one
+    (rank, alpha, seeded); gradient checkpointing on the transformer when ``grad_ckpt``."""
+    pipe = load_attacker(name_or_path, device=device, dtype=dtype)
+    params = load_attacker_lora(pipe, lora, trainable=True) if lora else add_attacker_lora(pipe, rank, alpha, seed=seed)
+    if grad_ckpt:
+        pipe.transformer.enable_gradient_checkpointing()
+    return pipe, params
+
+
 def add_attacker_lora(pipe, rank: int = 64, alpha: int = 128, targets=None, seed: int = 0):
     """Fresh LoRA on the transformer (B = 0, so the edit starts as the base model's)."""
     from peft import LoraConfig

@@ -17,7 +17,6 @@ gradient checkpointing is on by default.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -310,10 +309,7 @@ def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = N
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         common.load_processor(init).save_pretrained(tmp)
-        rundir.save_args(args, tmp)
-        if selected:
-            saved = json.loads((tmp / "args.json").read_text())
-            (tmp / "args.json").write_text(json.dumps(dict(saved, selected=selected), indent=2, default=str))
+        rundir.save_args(args, tmp, **(dict(selected=selected) if selected else {}))
         rundir.commit_dir(tmp, out)
     parallel.barrier()
 

@@ -205,7 +205,7 @@ def targets(run: Path, rounds: int = 2) -> list[tuple[str, float, str, bool]]:
                  a["changed_area"]["median"] <= 0.10),
                 (f"attacker {k} held-out attacks within the gate (%)", a["ssim_pass"], ">= 85", a["ssim_pass"] >= 85)]
         log = run / "logs" / f"03_round_{k}.jsonl"
-        rows = [json.loads(x) for x in log.read_text().splitlines() if '"iter"' in x] if log.exists() else []
+        rows = [json.loads(x) for x in log.read_text().splitlines() if '"reward_mean"' in x] if log.exists() else []
         first, last = rows[:8], rows[-8:]
         mean = lambda rs, key: sum(r[key] for r in rs) / len(rs) if rs else nan  # noqa: E731
         rise, success = (mean(last, "reward_mean") - mean(first, "reward_mean"),
@@ -222,7 +222,7 @@ def targets(run: Path, rounds: int = 2) -> list[tuple[str, float, str, bool]]:
 
 
 CURVES = [("02_sft", "loss"), ("03_round", "reward_mean"), ("03_round", "attack_success"), ("03_round", "ssim_local"),
-          ("03_round", "ratio_mean"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
+          ("03_round", "ratio_mean"), ("03_round", "val_score"), ("04_round", "gen_reward"), ("04_round", "gen_accuracy"),
           ("04_round", "kept_group_frac"), ("04_round", "gen_response_len"), ("04_round", "entropy"),
           ("04_round", "val_attack_acc"), ("04_round", "val_clean_acc")]
 
@@ -233,7 +233,8 @@ def plot_curves(logs: Path, path: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 6, figsize=(20, 6))
+    cols = -(-len(CURVES) // 2)
+    fig, axes = plt.subplots(2, cols, figsize=(20 * cols / 6, 6))
     drawn = {}
     for ax, (stage, key) in zip(axes.flat, CURVES):
         n = 0

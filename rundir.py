@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from parallel import barrier
+from parallel import barrier, print0
 
 
 def global_rng_state() -> dict:
@@ -102,6 +102,38 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, rank: int = 0) -> tu
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_rng)
     return latest["step"], extra
+
+
+class Best:
+    """The trainable values with the best validation score so far (each rank its own FSDP2 shards), kept in
+    memory and, through ``state`` and ``load``, in the checkpoints (a resumed run selects the same ones);
+    ties keep the earlier."""
+
+    def __init__(self, params, tag: str = ""):
+        self.params, self.tag, self.values, self.step, self.score = params, tag, None, None, None
+
+    def offer(self, step: int, score: float) -> float:
+        if self.score is None or score > self.score:
+            self.values, self.step, self.score = [p.detach().clone() for p in self.params], step, score
+        print0(f"{self.tag}validation at {step}: {score:.3f} (best {self.score:.3f} at {self.step})")
+        return score
+
+    def state(self) -> dict:
+        local = [v.to_local() if hasattr(v, "to_local") else v for v in self.values or []]
+        return dict(best_step=self.step, best_score=self.score, **{f"best_{i}": v for i, v in enumerate(local)})
+
+    def load(self, extra: dict):
+        self.step, self.score = extra.get("best_step"), extra.get("best_score")
+        if self.step is not None:
+            self.values = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for i, v in enumerate(self.values):
+                    (v.to_local() if hasattr(v, "to_local") else v).copy_(extra[f"best_{i}"])
+
+    def restore(self):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
 
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -211,10 +243,11 @@ def write_json_atomic(path: str | Path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def save_args(args, out_dir: str | Path):
+def save_args(args, out_dir: str | Path, **extra):
+    """args.json: the arguments that made an output, + ``extra`` (e.g. which step a best_val selection kept)."""
     from dataclasses import asdict
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "args.json").write_text(json.dumps(asdict(args), indent=2, default=str))
+    (Path(out_dir) / "args.json").write_text(json.dumps(dict(asdict(args), **extra), indent=2, default=str))
 
 
 def parse_args(args_cls, presets: dict, argv=None):
@@ -233,6 +266,14 @@ def parse_args(args_cls, presets: dict, argv=None):
             if k not in given:   # a preset may name paths inside the run directory: "{run_dir}/models/..."
                 setattr(args, k, v.format(run_dir=args.run_dir) if isinstance(v, str) else v)
     return args
+
+
+def held_out_ids(ids: list[str], fraction: float, seed: int) -> set[str]:
+    """``fraction`` of the distinct ids (at least one when fraction > 0), drawn with ``seed``: a validation split."""
+    import random
+    distinct = sorted(set(ids))
+    n = max(1, round(len(distinct) * fraction)) if fraction > 0 else 0
+    return set(random.Random(seed).sample(distinct, min(n, len(distinct))))
 
 
 def features(kind: str):
@@ -256,3 +297,31 @@ def save_rows(rows, kind, path):
     from datasets import Dataset
     keys = list(features(kind))
     Dataset.from_dict({k: [r[k] for r in rows] for k in keys}, features=features(kind)).save_to_disk(str(path))
+
+
+def gather_rows(rows: list[dict], kind: str, shard_dir: str | Path, ddp):
+    """Every rank's rows as one Dataset of ``features(kind)`` on rank 0, in rank order (None on the
+    others), through per-rank shards on disk: images do not travel through the collectives. The result
+    reads the shards, so the caller removes ``shard_dir`` once it has saved what it needs."""
+    from datasets import concatenate_datasets, load_from_disk
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    save_rows(rows, kind, shard_dir / f"rank_{ddp.rank}")
+    barrier()
+    if not ddp.master:
+        return None
+    return concatenate_datasets([load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(ddp.world)])
+
+
+def save_attacks(rows, tau: float, out: str | Path):
+    """attacks/round_k, atomically (docs: the run directory): train = the train split's attacks within the
+    local-SSIM gate (the others may have changed the true answer), test = every test attack; a gallery of
+    the first four. -> (train, test, train attacks dropped by the gate)."""
+    from datasets import DatasetDict
+    train = rows.filter(lambda s, a: s == "train" and a >= tau, input_columns=["split", "ssim_local"])
+    test = rows.filter(lambda s: s == "test", input_columns="split")
+    tmp = tmp_dir_for(out)
+    DatasetDict(train=train, test=test).save_to_disk(str(tmp))
+    save_gallery([(r["image"], r["attacked_image"]) for r in rows.select(range(min(4, len(rows))))], tmp / "gallery.png")
+    commit_dir(tmp, out)
+    return train, test, sum(s == "train" for s in rows["split"]) - len(train)

@@ -385,7 +385,8 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     global one), SIGKILL of the process tree, resume: same final LoRA, same curriculum. The KL is on: its
     reference values (the round's start, snapshotted before the restore) are swapped into the shards."""
     flags = ["--preset", "tiny", "--round", "1", "--defender", boxed_defender, "--dtype", "bf16", "--train_iters",
-             "6", "--save_every", "2", "--lr", "3e-2", "--kl_beta", "0.1"]
+             "6", "--save_every", "2", "--lr", "3e-2", "--kl_beta", "0.1",
+             "--val_fraction", "0.5", "--val_every", "2", "--select", "best_val"]
     whole, killed = _copy_run(tiny_run, tmp_path / "whole"), _copy_run(tiny_run, tmp_path / "killed")
     run_stage("03_train_attacker.py", *flags, "--run_dir", whole, nproc=2)
     proc = start_stage("03_train_attacker.py", *flags, "--run_dir", killed, nproc=2)
@@ -400,9 +401,16 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     first = load_file(str(b))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in first.items())   # it trained
     log = [json.loads(x) for x in (whole / "logs" / "03_round_1.jsonl").read_text().splitlines()]
-    assert len({r["reward_mean"] for r in log}) > 1               # the defender's verdicts moved the rewards
-    kls = [r["kl_ref"] for r in log]
+    assert len({r["reward_mean"] for r in log if "reward_mean" in r}) > 1               # the defender's verdicts moved the rewards
+    kls = [r["kl_ref"] for r in log if "kl_ref" in r]
     assert 0 < kls[0] < max(kls[1:])      # the KL to the round's start grows with the drift (iteration 1's first update: 0)
+    # validation before training and every 2 iterations; the adapter kept is the best-scoring one (ties: the earlier),
+    # the same after the kill (its values travel in the checkpoint)
+    vals = {r["iter"]: r["val_score"] for r in log if "val_score" in r}
+    assert sorted(vals) == [0, 2, 4, 6] and len(set(vals.values())) > 1
+    sel = json.loads((whole / "attacker" / "round_1" / "args.json").read_text())["selected"]
+    assert sel["iter"] == max(vals, key=lambda i: (vals[i], -i)) and sel["val_score"] == vals[sel["iter"]]
+    assert json.loads((killed / "attacker" / "round_1" / "args.json").read_text())["selected"] == sel
     x, y = (load_from_disk(str(r / "attacks" / "round_1")) for r in (killed, whole))
     for split in ("train", "test"):
         assert x[split]["defender_wrong_fraction"] == y[split]["defender_wrong_fraction"]

@@ -386,3 +386,25 @@ def test_jsonl_logger_tensorboard_scalars_and_images(tmp_path):
     assert (ev.Images("03_round_1/gallery")[0].width, ev.Images("03_round_1/gallery")[0].height) == (24, 8)
     with pytest.raises(SystemExit, match="--report_to"):
         rundir.JsonlLogger(tmp_path / "x.jsonl", True, "mlflow")
+
+
+def test_best_keeps_the_best_scoring_values_through_a_checkpoint():
+    """03's --select best_val: the values offered with the highest score (ties: the earlier) come back, also
+    from a checkpoint's state (what a resumed run restores)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    best = rundir.Best([p])
+    best.offer(0, 0.25)
+    with torch.no_grad():
+        p.add_(1.0)                  # [2, 3]
+    best.offer(2, 0.5)
+    with torch.no_grad():
+        p.add_(1.0)                  # [3, 4]: a tie, not kept
+    best.offer(4, 0.5)
+    assert (best.step, best.score) == (2, 0.5)
+    state = best.state()
+    again = rundir.Best([p])
+    again.load(state)
+    with torch.no_grad():
+        p.mul_(10)
+    again.restore()
+    assert p.tolist() == [2.0, 3.0] and (again.step, again.score) == (2, 0.5)
