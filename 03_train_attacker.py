@@ -324,10 +324,9 @@ def encode_scenes(pipe, scenes, args):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
-    """Deterministic (ODE) attacks: rows for attacks/round_k. Every scene once; with --curriculum_samples n > 1 every
-    train scene n times, each from its own initial noise (the first is the one a single-sample run draws, so the
-    held-out attacks do not depend on n). Scenes are batched by output size; every rank runs as many batches as
-    the busiest one (FSDP2), extra ones on ``filler`` (results dropped)."""
+    """Deterministic (ODE) attacks, rows for attacks/round_k: every scene once, every train scene --curriculum_samples
+    times, each from its own noise (the first a single-sample run's: held-out attacks do not depend on n). Batched by
+    output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on ``filler`` (dropped)."""
     batches, per = [], args.curriculum_batch or args.scenes_per_step
     for j in range(args.curriculum_samples):
         part = scenes if j == 0 else [s for s in scenes if s["split"] == "train"]
@@ -367,15 +366,16 @@ def write_curriculum(pipe, scenes_ds, defender, processor, args, ddp, run, out):
 
 
 @torch.no_grad()
-def validate(pipe, val_scenes, defender, processor, args, ddp) -> float:
-    """The mean reward of ODE edits of the held-out scenes (--eval_steps, the same noises every time) under the
-    defender's greedy answer, 05's reading of an attack: [local SSIM >= tau] x wrong (x the area weight if on)."""
+def validate(pipe, val_scenes, defender, processor, args, ddp, best, it: int) -> dict:
+    """val_score (offered to ``best``): the mean reward of ODE edits of the held-out scenes (the same noises each time)
+    under the defender's greedy answer, as 05 reads an attack; val_area: their mean changed area."""
     greedy = dataclasses.replace(args, defender_k=1, defender_temperature=0.0, curriculum_samples=1)
     pipe.transformer.eval()
-    rows = attack_scenes(pipe, val_scenes[ddp.rank::ddp.world], defender, processor, greedy,
-                         args.seed * 1000 + 500 + ddp.rank, val_scenes[0])
-    t = parallel.sum_dict(dict(reward=sum(r["reward"] for r in rows), n=len(rows)))
-    return t["reward"] / max(t["n"], 1)
+    rows = attack_scenes(pipe, val_scenes[ddp.rank::ddp.world], defender, processor, greedy, args.seed * 1000 + 500 + ddp.rank,
+                         val_scenes[0])
+    t = parallel.sum_dict(dict(reward=sum(r["reward"] for r in rows), n=len(rows),
+                               area=sum(common.changed_area(r["image"], r["attacked_image"]) for r in rows)))
+    return dict(val_score=best.offer(it, t["reward"] / max(t["n"], 1)), val_area=t["area"] / max(t["n"], 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,15 +516,15 @@ def main(args: Args):
                     f"{ddp.world} ranks, {args.num_steps} steps, noise {args.noise_level}, cfg {args.cfg}, reward "
                     f"{args.reward}, {sum(p.numel() for p in params) / 1e6:.2f}M LoRA")
     if start == 0 and val_scenes:   # the starting adapter is a candidate too
-        logger.log(dict(iter=0, val_score=best.offer(0, validate(pipe, val_scenes, defender, processor, args, ddp))))
+        logger.log(dict(iter=0, **validate(pipe, val_scenes, defender, processor, args, ddp, best, 0)))
     for it in common.progress(range(start, args.train_iters), initial=start, total=args.train_iters, desc="[03] iterations"):
         row = iteration(it, pipe, params, opt, train_scenes, defender, processor, args, ddp, rng, gen, ref)
         if val_scenes and ((it + 1) % args.val_every == 0 or it + 1 == args.train_iters):
-            row["val_score"] = best.offer(it + 1, validate(pipe, val_scenes, defender, processor, args, ddp))
+            row.update(validate(pipe, val_scenes, defender, processor, args, ddp, best, it + 1))
         logger.log(row)
         parallel.print0(f"[03] iter {it + 1}/{args.train_iters} " + " ".join(f"{k} {row[k]:.3g}" for k in (
             "reward_mean", "reward_std", "attack_success", "ssim_local", "changed_area", "clip_frac", "approx_kl",
-            "kl_ref", "ratio_mean", "rollout_s", "train_s", "peak_mem_gb", "val_score") if k in row))
+            "kl_ref", "ratio_mean", "rollout_s", "train_s", "peak_mem_gb", "val_score", "val_area") if k in row))
         if (it + 1) % args.save_every == 0 and it + 1 < args.train_iters:
             rundir.save_checkpoint(ckpt_dir, it + 1, pipe.transformer, opt,
                                    dict(gen=gen.get_state(), rng=list(rng.getstate()[1]), **best.state()), ddp.rank)

@@ -408,6 +408,7 @@ def test_stage03_fsdp2_two_processes_kill_resume_is_bit_identical(tiny_run, boxe
     # the same after the kill (its values travel in the checkpoint)
     vals = {r["iter"]: r["val_score"] for r in log if "val_score" in r}
     assert sorted(vals) == [0, 2, 4, 6] and len(set(vals.values())) > 1
+    assert all(0 <= r["val_area"] <= 1 for r in log if "val_score" in r)
     sel = json.loads((whole / "attacker" / "round_1" / "args.json").read_text())["selected"]
     assert sel["iter"] == max(vals, key=lambda i: (vals[i], -i)) and sel["val_score"] == vals[sel["iter"]]
     assert json.loads((killed / "attacker" / "round_1" / "args.json").read_text())["selected"] == sel
