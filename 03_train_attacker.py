@@ -323,7 +323,7 @@ def encode_scenes(pipe, scenes, args):
 # The curriculum: the trained attacker edits every scene once (ODE)
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
+def attack_scenes(pipe, scenes, defender, processor, args, seed, filler, desc="[03] curriculum"):
     """Deterministic (ODE) attacks, rows for attacks/round_k: every scene once, every train scene --curriculum_samples
     times, each from its own noise (the first a single-sample run's: held-out attacks do not depend on n). Batched by
     output size; every rank runs as many batches as the busiest one (FSDP2), extra ones on ``filler`` (dropped)."""
@@ -337,7 +337,7 @@ def attack_scenes(pipe, scenes, defender, processor, args, seed, filler):
             batches += [(seed + i + 1_000_003 * j, group) for group in by_size.values()]
     n = int(parallel.all_reduce(torch.tensor(float(len(batches))), op="max").item())
     rows = []
-    for b in common.progress(range(n), desc="[03] curriculum"):
+    for b in common.progress(range(n), desc=desc):
         noise_seed, group = batches[b] if b < len(batches) else (seed, [filler])
         ctx = encode_scenes(pipe, group, args)
         sig = editing.sigma_schedule(pipe.scheduler, args.eval_steps, ctx.target_len)
@@ -372,7 +372,7 @@ def validate(pipe, val_scenes, defender, processor, args, ddp, best, it: int) ->
     greedy = dataclasses.replace(args, defender_k=1, defender_temperature=0.0, curriculum_samples=1)
     pipe.transformer.eval()
     rows = attack_scenes(pipe, val_scenes[ddp.rank::ddp.world], defender, processor, greedy, args.seed * 1000 + 500 + ddp.rank,
-                         val_scenes[0])
+                         val_scenes[0], "[03] validation")
     t = parallel.sum_dict(dict(reward=sum(r["reward"] for r in rows), n=len(rows),
                                area=sum(common.changed_area(r["image"], r["attacked_image"]) for r in rows)))
     return dict(val_score=best.offer(it, t["reward"] / max(t["n"], 1)), val_area=t["area"] / max(t["n"], 1))

@@ -309,7 +309,7 @@ def save_final(model, out: Path, ddp, args, init: str, selected: dict | None = N
         else:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         common.load_processor(init).save_pretrained(tmp)
-        rundir.save_args(args, tmp, **(dict(selected=selected) if selected else {}))
+        rundir.save_args(args, tmp, selected=selected)
         rundir.commit_dir(tmp, out)
     parallel.barrier()
 
