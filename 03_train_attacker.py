@@ -77,7 +77,7 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
                               group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # four attacks per train scene, 32 scenes a curriculum batch (faster than 8 on CPU);
+                              # 48 iterations at 3e-4, 4 attacks per train scene, 32 scenes a curriculum batch (bench/tiny_world.md)
                               curriculum_samples=4, curriculum_batch=32,
                               # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere; the gate at 0.7:
                               # the world editor's "keep" passes 96% of scenes, an erased target ~32% (bench/world_gate.py)
