@@ -84,11 +84,11 @@ class Args:
     seed_data: str = field(default="synthetic", metadata={"help": "'synthetic', 'tiny_world' (_fixed), a seed JSONL, or "
                                                                    "coco:ANNOTATIONS.json:IMAGE_DIR (docs/seeds.md)"})
     coco_min_area: float = field(default=0.01, metadata={"help": "COCO: min object box area, as a share of the image"})
-    coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap between two boxes along the asked "
-                                                                "axis, as a share of the image side"})
+    coco_min_gap: float = field(default=0.02, metadata={"help": "COCO: min gap of two boxes on the asked axis, share of the side"})
     coco_per_image: int = field(default=4, metadata={"help": "COCO: max questions per image"})
     num_seed_rows: int = field(default=0, metadata={"help": "COCO: max seed rows in all (0 = no cap)"})
     num_synthetic: int = field(default=2000, metadata={"help": "synthetic / tiny_world seed items"})
+    num_test_extra: int = field(default=0, metadata={"help": "synthetic / tiny_world: more items after those, all test ones"})
     check_inputs: bool = field(default=False, metadata={"help": "only check that --seed_data can be read, then exit"})
     synthetic_size: int = field(default=512, metadata={"help": "synthetic image side (pixels)"})
     test_fraction: float = field(default=0.2, metadata={"help": "synthetic items in the test split"})
@@ -129,8 +129,7 @@ class Args:
 
 
 def extend_canvas(image: Image.Image, targets, pad_ratio: float, resolution: int):
-    """Pad (edge colours, blurred) -> canvas, border mask, boxes in canvas coords, all resized
-    to the edit size."""
+    """Pad (edge colours, blurred) -> canvas, border mask, boxes in canvas coords, all resized to the edit size."""
     w, h = image.size
     px, py = int(round(w * pad_ratio)), int(round(h * pad_ratio))
     cw, ch = w + 2 * px, h + 2 * py
@@ -149,8 +148,7 @@ def extend_canvas(image: Image.Image, targets, pad_ratio: float, resolution: int
 # The three checks, proposals and their validation
 # ---------------------------------------------------------------------------------------------
 CHECKS = {
-    "composition": "Does this image show one coherent scene in which this question can still be "
-                   "answered: \"{question}\"?",
+    "composition": "Does this image show one coherent scene in which this question can still be answered: \"{question}\"?",
     "duplication": "Is there more than one {name} in this image?",
     "realism": "Does this image look like a single natural photograph rather than a collage or an edit?",
 }
@@ -429,9 +427,11 @@ def read_seeds(args, ddp, data: Path):
     """-> (seed rows, skipped items by name, rejected question candidates by reason). Every rank reads them
     identically; rank 0 writes data/seed for generated seeds."""
     if args.seed_data in ("synthetic", "tiny_world", "tiny_world_fixed"):      # the last: A = left / above
-        rows = [seeds.synthetic_item(i, args.synthetic_size, args.test_fraction, args.seed) if args.seed_data == "synthetic"
-                else world.seed_item(i, args.test_fraction, args.seed, "fixed" if args.seed_data.endswith("_fixed") else "random")
-                for i in common.progress(range(args.num_synthetic), desc=f"[01] {args.seed_data} seeds", lines=True)]
+        order, n = "fixed" if args.seed_data.endswith("_fixed") else "random", args.num_synthetic
+        rows = [seeds.synthetic_item(i, args.synthetic_size, f, args.seed) if args.seed_data == "synthetic"
+                else world.seed_item(i, f, args.seed, order) for i, f in common.progress(
+                [(i, args.test_fraction if i < n else 1.0) for i in range(n + args.num_test_extra)],
+                desc=f"[01] {args.seed_data} seeds", lines=True)]
         skipped, rejected = [], {}
         if ddp.master and not (data / "seed").exists():
             rundir.save_rows(rows, "seed", rundir.tmp_dir_for(data / "seed"))

@@ -122,6 +122,19 @@ def test_stage01_several_implants_keep_one_triple_per_scene(tmp_path):
     assert bad.returncode != 0 and "--implants_per_scene 3: needs 1 <= it <= --num_proposals (2)" in bad.stderr
 
 
+def test_stage01_extra_test_items_leave_the_rest_as_it_was(tiny_run, tmp_path):
+    """--num_test_extra: a larger held-out set whose train side (scenes, AOT-SFT) is the run without it, bit for bit."""
+    run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, "--num_test_extra", "8")
+    old = [load_from_disk(str(tiny_run / "data" / d)) for d in ("scenes", "aot_sft")]
+    new = [load_from_disk(str(tmp_path / "data" / d)) for d in ("scenes", "aot_sft")]
+    assert len(new[0]) == len(old[0]) + 8 and new[0]["id"][-8:] == [f"syn{i:06d}" for i in range(32, 40)]
+    assert set(new[0]["split"][-8:]) == {"test"} and new[0]["split"][:-8] == old[0]["split"]
+    for a, b in zip(old, new):
+        for col in ("image", "edited_image") if "edited_image" in a.column_names else ("image",):
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a[col], b[col]))
+    assert new[1]["id"] == old[1]["id"] and _funnel(tmp_path)["counts"]["seed_rows"] == 40
+
+
 @pytest.mark.slow
 def test_stage01_torchrun_same_rows(tiny_run, tmp_path):
     run_stage("01_build_sft_data.py", "--preset", "tiny", "--run_dir", tmp_path, nproc=2)
