@@ -12,16 +12,14 @@ Reads seed VQA items with target boxes and writes, under the run directory:
   python 01_build_sft_data.py --run_dir runs/aot --seed_data coco:coco/annotations/instances_train2017.json:coco/train2017
   torchrun --nproc_per_node 8 01_build_sft_data.py --run_dir runs/aot --seed_data seeds.jsonl
 
-Seeds: --seed_data synthetic (coloured shapes), coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances:
-the paper's kind of spatial and existence questions derived from the boxes), or a JSONL (seeds.py; the
-formats: docs/seeds.md).
+Seeds: --seed_data synthetic (coloured shapes), coco:ANNOTATIONS.json:IMAGE_DIR (COCO-format instances: the paper's kind
+of spatial and existence questions derived from the boxes), or a JSONL (seeds.py; the formats: docs/seeds.md).
 
 Mechanism (docs/paper_notes.md, "Stage 01"):
-  1. scene extension: pad the canvas by --pad_ratio per side, outpaint the border with the editor
-     (masked flow sampling: outside the mask the latents are re-noised from the original at every
-     step, as diffusers' inpaint pipelines do), paste the original pixels back, then three judge
-     checks asked as yes/no questions and decided from P(Yes) at the answer position:
-     composition, duplication (one question per target category), realism;
+  1. scene extension: pad the canvas by --pad_ratio per side, outpaint the border with the editor (masked flow
+     sampling: outside the mask the latents are re-noised from the original at every step, as diffusers' inpaint
+     pipelines do), paste the original pixels back, then three judge checks asked as yes/no questions and decided
+     from P(Yes) at the answer position: composition, duplication (one question per target category), realism;
   2. distractor proposal (MLLM JSON or random), validated: inside the image, no overlap with a
      target box (IoU and cover), not a target category or synonym, not named in the question;
   3. implantation: masked edit inside the distractor box, the instruction naming the object and the
@@ -34,7 +32,8 @@ Our choices where the paper is silent:
      so composition only has to judge coherence, not preservation;
   2. the extended scene is stored at the edit resolution (--resolution), boxes rescaled, so every
      later edit and SSIM compares images of one size;
-  3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker;
+  3. AOT-SFT is built from train-split scenes only: test scenes stay unseen by the attacker; --num_test_extra adds
+     test-only items after the others (a larger held-out set: the train side stays as it was, bit for bit);
   4. one distractor per scene in AOT-SFT: of the first --implants_per_scene valid proposals (default 1;
      up to --num_proposals are checked), each implanted on its own, the first that fools the target.
 Memory (bench/paper_scale.py): the editor and the judge do not fit one 80 GB GPU together; with --offload
@@ -68,7 +67,8 @@ PRESETS = {
     # tiny_world.py's models and scenes; its judge knows the world's questions only: the checks cannot fail
     "tiny_world": dict(judge="{run_dir}/models/defender", target="{run_dir}/models/defender",
                        editor="{run_dir}/models/editor", seed_data="tiny_world",
-                       num_synthetic=600, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
+                       # 500 more test scenes: a take's 90% interval +-4 points, not +-10 (bench/tiny_world.md)
+                       num_synthetic=600, num_test_extra=500, resolution=112, cond_resolution=0, outpaint_steps=8, inpaint_steps=8,
                        chunk_size=100, batch_size=50, proposer="random", min_box_frac=0.18, max_box_frac=0.26,
                        distractors="red triangle,blue triangle,orange triangle,purple triangle",
                        # up to four implants per scene: one keeps too few effective distractors (bench/tiny_world.md)
