@@ -124,6 +124,22 @@ def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     assert c[0]["by_answer_after"] == {"A": 75.0, "B": pytest.approx(500 / 6)} and "by_answer_before" not in c[1]
 
 
+def test_target_noise_interval_on_hand_cases():
+    """bench/target_noise.py: the value is the statistic of the means (a take of 50 points, by hand); a paired
+    difference the same on every scene leaves every resampling the same (a zero-width interval)."""
+    import sys
+
+    import numpy as np
+    sys.path.insert(0, str(ROOT / "bench"))
+    import target_noise
+    take = lambda m: 100 * (m["clean"] - m["before"])  # noqa: E731
+    rng = np.random.default_rng(0)
+    text = target_noise.interval(take, dict(clean=np.array([1.0, 1, 1, 0]), before=np.array([0.0, 1, 0, 0])), 500, rng)
+    value, lo, hi = (float(x.strip("(),")) for x in text.split())
+    assert value == 50.0 and 0.0 <= lo < 50.0 < hi <= 100.0
+    assert target_noise.interval(take, dict(clean=np.ones(5), before=np.zeros(5)), 100, rng) == "100.0 (100.0, 100.0)"
+
+
 def test_coevolution_line_when_the_attacker_took_nothing(tmp_path):
     """No drop (the random tiny preset): the share won back is undefined, and the summary says so."""
     for rnd, acc in ((0, 80.0), (1, 85.0)):
