@@ -5,10 +5,13 @@
 # from the saved adapter (its curriculum step: one sample per scene gives the same held-out attacks), then 05
 # scores every defender.
 #
-#   bash bench/rescore.sh RUN SCENES OUT [ROUNDS=2] [SEED=0]
-#   bash bench/rescore.sh runs/s0 runs/s0_more_tests/data/scenes runs/s0_rescored 2 0
+# The seed (03's curriculum noises) is the run's own, read from attacker/round_1/args.json.
+#
+#   bash bench/rescore.sh RUN SCENES OUT [ROUNDS=2]
+#   bash bench/rescore.sh runs/s0 runs/s0_more_tests/data/scenes runs/s0_rescored 2
 set -euo pipefail
-RUN=$1 SCENES=$2 OUT=$3 ROUNDS=${4:-2} SEED=${5:-0}
+RUN=$(realpath "$1") SCENES=$(realpath "$2") OUT=$(realpath -m "$3") ROUNDS=${4:-2}   # absolute: the stages run from the repository
+SEED=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['seed'])" "$RUN/attacker/round_1/args.json")
 cd "$(dirname "$0")/.."
 [ -e "$OUT" ] && { echo "$OUT exists: choose a new directory" >&2; exit 1; }
 mkdir -p "$OUT/data"

@@ -27,7 +27,8 @@ def gated(run: Path, k: int) -> list[str]:
     """The ids of attacker k's held-out attacks that pass the gate it was trained with (as 05 counts them)."""
     from datasets import load_from_disk
     test = load_from_disk(str(run / "attacks" / f"round_{k}"))["test"].select_columns(["id", "ssim_local"])
-    tau = json.loads((run / "attacker" / f"round_{k}" / "args.json").read_text())["tau"]
+    saved = run / "attacker" / f"round_{k}" / "args.json"    # 05's reading: 0.85 where a run did not save it
+    tau = json.loads(saved.read_text()).get("tau", 0.85) if saved.exists() else 0.85
     return [i for i, s in zip(test["id"], test["ssim_local"]) if s >= tau]
 
 
