@@ -71,8 +71,10 @@ def write_summary(eval_dir: Path, paper_table: bool):
             lines.append(f"| *paper: {PAPER_ROW.get(row_label(r), row_label(r))}* | " +
                          " | ".join("" if math.isnan(v) else f"*{v:.1f}*" for v in pv) +
                          f" | *{sum(known) / len(known):.1f}* |" + " |" * (1 + len(attackers)))
-    for a in attackers:   # the held-out attacks themselves (the same rows for every defender)
-        x = next((r["robustness"][a] for r in rounds if "ssim_pass" in r["robustness"].get(a, {})), None)
+    for a in attackers:   # the held-out attacks themselves (the same rows for every defender), and the defender they attacked
+        scored = [r for r in rounds if "ssim_pass" in r["robustness"].get(a, {})]
+        k = int(a.rsplit("_", 1)[1])
+        x = next((r["robustness"][a] for r in sorted(scored, key=lambda r: r.get("round") != k - 1)), None)
         if x:
             n_all = x.get("all", x)["n"]
             line = (f"\n{a.replace('attacker_round_', 'Attacker ')}: {n_all} held-out attacks, local SSIM on the "

@@ -83,6 +83,17 @@ def test_curves_from_the_logs(tmp_path):
     assert drawn["04_round:entropy"] == 0 and drawn["03_round:ssim_local"] == 0   # None and absent: not drawn
 
 
+def test_summary_reads_all_attacks_from_the_defender_attacked(tmp_path):
+    """'on all N, the defender it attacked scores': attacker k's row in defender k-1's results, also when the base
+    defender (round -1, listed first) was scored on the same attacks."""
+    for rnd, acc_all in ((-1, 40.0), (0, 62.5), (1, 80.0)):
+        x = dict(acc=50.0, attack_success=10.0, n=8, ssim_local=0.8, ssim_pass=80.0, tau=0.7,
+                 all=dict(acc=acc_all, attack_success=5.0, n=10))
+        (tmp_path / f"r{rnd}.json").write_text(json.dumps(dict(round=rnd, benchmarks={},
+                                                              robustness=dict(clean_acc=90.0, attacker_round_1=x))))
+    assert "on all 10, the defender it attacked scores 62.5 (5.0 attack success)" in report.write_summary(tmp_path, False)
+
+
 def test_coevolution_drop_and_recovery_hand_computed(tmp_path):
     def res(rnd, clean, **attacks):
         rob = dict(clean_acc=clean, **{f"attacker_round_{k[1:]}": dict(acc=v[0], attack_success=0.0, n=10, ssim_local=0.7,
