@@ -47,7 +47,7 @@ Our choices where the paper is silent:
      edit could add the asked object and change the true answer (the tiny world's attacker did); --attack_targetless
      attacks them too, gated by the whole image's SSIM.
   6. not the paper's, off by default: --max_area a, an edit changing more than a share a of the image (pixels whose
-     summed |RGB| difference exceeds 60, as 05 reports) earns 0; --area_scale s, the reward x max(0, 1 - area / s).
+     summed |RGB| difference exceeds 60, as 05 reports) earns 0; --area_scale s (tiny_world: 0.5), reward x max(0, 1 - area / s).
   7. --val_fraction f holds f of the train scenes out of the rollouts, to validate on before the first iteration and
      every --val_every: ODE edits (the same noises each time), the reward under the defender's greedy answer (05's
      reading); --select best_val keeps the best-scoring adapter (04 does so for the defender; flow_grpo keeps the last).
@@ -75,10 +75,10 @@ PRESETS = {"tiny": dict(model="tiny", resolution=64, cond_resolution=0, num_step
                         train_iters=4, lora_rank=8, lora_alpha=16, lr=1e-3, defender_k=2,
                         defender_max_new_tokens=8, save_every=2, micro_batch=8, tau=0.3, census="pixels"),
            "tiny_world": dict(model="{run_dir}/models/editor", resolution=112, cond_resolution=0, num_steps=6, eval_steps=8,
-                              group_size=8, scenes_per_step=8, train_iters=48, lr=3e-4, defender_k=2,
+                              group_size=8, scenes_per_step=8, train_iters=128, lr=3e-4, defender_k=2, area_scale=0.5,
                               defender_max_new_tokens=8, save_every=4, micro_batch=16, grad_ckpt=False,
-                              # 48 iterations at 3e-4, 4 attacks per train scene, 32 scenes a curriculum batch (bench/tiny_world.md)
-                              curriculum_samples=4, curriculum_batch=32,
+                              # 128 iterations, the area term (choice 6), the best-validated adapter (7): bench/tiny_world.md
+                              val_fraction=0.25, val_every=8, select="best_val", curriculum_samples=4, curriculum_batch=32,
                               # Flow-GRPO-Fast: SDE and training on a window of 2 steps, ODE elsewhere; the gate at 0.7:
                               # the world editor's "keep" passes 96% of scenes, an erased target ~32% (bench/world_gate.py)
                               sde_window=2, tau=0.7, census="pixels")}
