@@ -8,7 +8,6 @@ percentiles: typical attacks, not picked by eye. The map is the summed |RGB| dif
     python bench/attack_picture.py runs/tiny_world docs/tiny_world_attacks.png [--round 1] [--n 2]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from target_noise import gated  # noqa: E402   (bench/: the gate as 05 reads it)
+
 import common  # noqa: E402
 
 
@@ -29,10 +30,10 @@ def main():
     from datasets import load_from_disk
     run = Path(a.run)
     test = load_from_disk(str(run / "attacks" / f"round_{a.round}"))["test"]
-    tau = json.loads((run / "attacker" / f"round_{a.round}" / "args.json").read_text()).get("tau", 0.85)
+    passing = set(gated(run, a.round))
     area = np.array([common.changed_area(r["image"], r["attacked_image"]) for r in test])
     lo, hi = np.percentile(area, [25, 75])
-    rows = [r for r, ar in zip(test, area) if r["ssim_local"] >= tau and r["defender_wrong_fraction"] >= 0.5 and lo <= ar <= hi]
+    rows = [r for r, ar in zip(test, area) if r["id"] in passing and r["defender_wrong_fraction"] >= 0.5 and lo <= ar <= hi]
     if len(rows) < a.n:
         raise SystemExit(f"only {len(rows)} typical, gate-passing, fooling attacks in {run}: fewer than --n {a.n}")
     jet, panels = colormaps["jet"], []
